@@ -1,0 +1,22 @@
+"""Test setup. Triton runs in interpreter mode on CPU-only machines: the variable must be set before
+triton is imported anywhere, so it is set here, at the top of the first file pytest loads."""
+import os
+import shutil
+
+if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip cleanly where no CUDA device is usable (queried lazily, after collection)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu_items:
+            item.add_marker(skip)
