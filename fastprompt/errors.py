@@ -1,0 +1,29 @@
+"""Typed errors. Each carries one line a user can act on; the CLI prints it and exits with code 2."""
+
+
+class FastpromptError(Exception):
+    """Base class: an input problem the user can fix (not a bug in fastprompt)."""
+
+
+class TemplateError(FastpromptError, ValueError):
+    """The template is malformed or does not fit the data or the model."""
+
+
+class DataError(FastpromptError, ValueError):
+    """A dataset file or an example is malformed."""
+
+
+class ModelError(FastpromptError, OSError):
+    """A model or tokenizer could not be loaded."""
+
+
+class PromptFileError(FastpromptError, ValueError):
+    """A saved prompt or checkpoint is unreadable or was made for another model."""
+
+
+class ConfigError(FastpromptError, ValueError):
+    """An option has an unknown or out-of-range value."""
+
+
+class NonFiniteError(FastpromptError, FloatingPointError):
+    """Training produced NaN/inf losses or gradients several steps in a row."""

@@ -1,0 +1,140 @@
+"""Loading frozen causal LMs and their tokenizers.
+
+``load_model`` accepts a hub name (``gpt2`` ... ``gpt2-xl``, ``openai-community/*``, any causal LM)
+through transformers' normal loading and cache, a local directory, ``"tiny"`` (a seeded random 2-layer
+GPT-2 with the real GPT-2 tokenizer, offline) and ``"random:gpt2-large"`` (a GPT-2 family architecture
+with seeded random weights, for benchmarks where no weights can be downloaded). The returned model is in
+eval mode with every parameter frozen.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .errors import ModelError
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# GPT-2 family architectures, so that random-weight models need no download.
+GPT2_ARCHS = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+}
+TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128)
+
+
+def gpt2_tokenizer():
+    """The GPT-2 BPE tokenizer from the files shipped in fastprompt/assets (no network)."""
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(os.path.join(ASSETS, "gpt2"))  # reads vocab.json + merges.txt
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def random_gpt2(arch: str | dict = "gpt2", seed: int = 0, **overrides):
+    """A GPT-2 with seeded random weights (the architecture by name or as config keywords)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config_kwargs = dict(GPT2_ARCHS[arch]) if isinstance(arch, str) else dict(arch)
+    config_kwargs.update(overrides)
+    config = GPT2Config(vocab_size=50257, **config_kwargs)
+    with _seeded(seed):
+        model = GPT2LMHeadModel(config)
+    model.config._name_or_path = arch if isinstance(arch, str) else "tiny"
+    return model
+
+
+def load_model(name: str = "gpt2-large", *, seed: int = 0, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, **kwargs):
+    """``(model, tokenizer)``, the model frozen and in eval mode. See the module docstring for names."""
+    if not isinstance(name, str) or not name:
+        raise ModelError("give a model name: a hub name such as gpt2-large, a local directory, or 'tiny'")
+    if name == "tiny":
+        model, tokenizer = random_gpt2(TINY, seed=seed), gpt2_tokenizer()
+        model.config._name_or_path = "tiny"
+    elif name.startswith("random:"):
+        arch = name.split(":", 1)[1]
+        if arch not in GPT2_ARCHS:
+            raise ModelError(f"unknown architecture {arch!r} for random weights (known: {', '.join(GPT2_ARCHS)})")
+        model, tokenizer = random_gpt2(arch, seed=seed), gpt2_tokenizer()
+        model.config._name_or_path = name
+    else:
+        model, tokenizer = _from_pretrained(name, dtype=dtype, **kwargs)
+    model.eval()
+    model.requires_grad_(False)
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def _from_pretrained(name: str, dtype=None, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.isdir(name)
+    if not local and (os.sep in name and os.path.exists(os.path.dirname(name) or ".") and name.startswith((".", "/"))):
+        raise ModelError(f"no model directory at {name}: give a directory written by save_pretrained(), or --model tiny")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
+    except Exception as e:  # transformers raises OSError, ValueError, HTTP errors ... for unreachable models
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the directory" if local else "the Hugging Face hub (or its local cache)"
+        raise ModelError(
+            f"could not load model {name!r} from {where}: {reason[:200]}. Give a local directory with a saved "
+            "model (save_pretrained), or use --model tiny for a random small GPT-2"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+    except Exception:
+        if getattr(model.config, "model_type", None) != "gpt2":
+            raise ModelError(f"could not load the tokenizer of {name!r}; save it next to the model") from None
+        tokenizer = gpt2_tokenizer()  # the hub can't be reached: GPT-2's BPE ships with fastprompt
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def is_gpt2_family(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "gpt2" and hasattr(model, "transformer")
+
+
+def max_positions(model) -> int | None:
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def embedding_table(model) -> torch.Tensor:
+    """The (vocab, d) table in the space of the embedding module's output (Gemma scales its embeddings)."""
+    module = model.get_input_embeddings()
+    scale = getattr(module, "embed_scale", None)
+    weight = module.weight
+    return weight * scale.to(weight.dtype) if torch.is_tensor(scale) else (weight * scale if scale else weight)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run in eval mode (no dropout), then restore each module's previous training flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag

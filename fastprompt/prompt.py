@@ -1,0 +1,93 @@
+"""Prompt initialisation and safe (safetensors) storage."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+from .errors import ConfigError, PromptFileError
+from .models import embedding_table
+
+FORMAT_VERSION = "1"
+
+
+def init_prompt(model, tokenizer, prompt_len: int, init: str = "random", seed: int = 1337,
+                absorb_space: bool = True) -> torch.Tensor:
+    """An fp32 ``(prompt_len, d)`` prompt on the CPU.
+
+    ``random``: the post's in-distribution init, normal with the embedding table's per-dimension mean and
+    std. ``text:WORDS``: the embeddings of WORDS (with the space the slot absorbs), cut or repeated to
+    length. ``vocab``: embeddings of random vocabulary tokens.
+    """
+    table = embedding_table(model).detach().float().cpu()  # (V, d)
+    generator = torch.Generator().manual_seed(seed)
+    if init == "random":
+        mean, std = table.mean(0), table.std(0)
+        return mean + std * torch.randn(prompt_len, table.shape[1], generator=generator)
+    if init == "vocab":
+        ids = torch.randint(0, table.shape[0], (prompt_len,), generator=generator)
+        return table[ids].clone()
+    if init.startswith("text:"):
+        words = init[len("text:"):]
+        if not words.strip():
+            raise ConfigError("--init text: needs words after the colon, e.g. text:antonyms")
+        text = (" " + words.lstrip()) if absorb_space else words
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"--init {init!r} tokenises to nothing")
+        ids = (ids * prompt_len)[:prompt_len]
+        return table[torch.tensor(ids)].clone()
+    raise ConfigError(f"unknown prompt init {init!r}: use random, vocab or text:WORDS")
+
+
+def save_prompt(path: str, prompt: torch.Tensor, metadata: dict[str, object]) -> None:
+    """Write ``prompt`` and string metadata to a safetensors file atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    meta["format"] = f"fastprompt-prompt-{FORMAT_VERSION}"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"prompt": prompt.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_prompt(path: str) -> tuple[torch.Tensor, dict[str, str]]:
+    """``(prompt, metadata)`` from a safetensors file, or from a legacy ``torch.save(tensor)`` .pt file
+    (loaded with ``weights_only=True``: nothing is unpickled beyond plain tensors)."""
+    if not os.path.isfile(path):
+        raise PromptFileError(f"no prompt file at {path}")
+    if path.endswith((".pt", ".pth", ".bin")):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PromptFileError(f"{path} is not a loadable tensor file ({type(e).__name__}); "
+                                  "only plain tensors are accepted") from None
+        if isinstance(obj, dict) and "prompt" in obj:
+            obj = obj["prompt"]
+        if not torch.is_tensor(obj) or obj.dim() != 2:
+            raise PromptFileError(f"{path} does not hold a (prompt_len, hidden) tensor")
+        return obj.float(), {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            if "prompt" not in f.keys():
+                raise PromptFileError(f"{path} has no 'prompt' tensor")
+            prompt = f.get_tensor("prompt")
+    except PromptFileError:
+        raise
+    except Exception as e:
+        raise PromptFileError(f"{path} is not a valid safetensors prompt file ({str(e)[:120]})") from None
+    if prompt.dim() != 2 or not torch.isfinite(prompt).all():
+        raise PromptFileError(f"{path}: the prompt must be a finite (prompt_len, hidden) tensor")
+    return prompt.float(), metadata

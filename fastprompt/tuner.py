@@ -1,0 +1,203 @@
+"""``PromptTuner``: learn a soft prompt for a template through a frozen causal LM (ARCHITECTURE.md §5)."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import __version__
+from .engines import make_engine
+from .errors import ConfigError, DataError, PromptFileError
+from .generate import greedy_words
+from .models import max_positions
+from .prompt import init_prompt, read_prompt, save_prompt
+from .template import Encoded, Template, TemplateEncoder
+
+
+class PromptTuner:
+    """A trainable ``(prompt_len, d)`` fp32 prompt for ``template``, the model frozen.
+
+    ``engine``: ``auto`` (fused for GPT-2, generic otherwise), ``naive`` (the post's loop), ``generic``,
+    ``fused``. ``precision``: ``fp32``, ``bf16`` (frozen weights cast once, prompt kept in fp32) or
+    ``autocast`` (the post's bf16 autocast). The model is never modified.
+    """
+
+    def __init__(self, model, tokenizer, template: Template | str = "Here are two {prompt} {input} and {target}",
+                 prompt_len: int = 4, *, engine: str = "auto", precision: str = "fp32", init: str = "random",
+                 seed: int = 1337, prompt: torch.Tensor | None = None, **engine_options):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template if isinstance(template, Template) else Template(template)
+        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 1:
+            raise ConfigError(f"prompt length must be a positive integer, got {prompt_len!r}")
+        limit = max_positions(model)
+        if limit is not None and prompt_len >= limit:
+            raise ConfigError(f"prompt length {prompt_len} leaves no room in the model's context of {limit} tokens")
+        self.encoder = TemplateEncoder(self.template, tokenizer, prompt_len, max_len=limit)
+        self.seed = seed
+        self.device = next(model.parameters()).device
+        if prompt is None:
+            absorb = any(p.kind == "prompt" for p in self.template.pieces[1:2]) or not self.template.text.startswith("{prompt}")
+            prompt = init_prompt(model, tokenizer, prompt_len, init, seed, absorb_space=absorb)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        if prompt.shape != (prompt_len, hidden):
+            raise PromptFileError(f"prompt shape {tuple(prompt.shape)} does not fit prompt_len {prompt_len} and "
+                                  f"the model's hidden size {hidden}")
+        self.prompt = torch.nn.Parameter(prompt.detach().float().to(self.device).clone())
+        self.engine = make_engine(engine, model, self.encoder, precision, **engine_options)
+        self.precision = precision
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------------------- loss
+    @property
+    def prompt_len(self) -> int:
+        return self.encoder.prompt_len
+
+    def encode(self, examples: Sequence[Any]) -> list[Encoded]:
+        """Tokenise and check every example (template/data/context errors surface here, before training)."""
+        return self.encoder.encode_all(examples)
+
+    def loss(self, examples: Sequence[Any]) -> torch.Tensor:
+        """Token-weighted mean target cross-entropy over ``examples``, differentiable w.r.t. ``prompt``."""
+        batch = examples if examples and isinstance(examples[0], Encoded) else self.encode(examples)
+        ce_sum, n_tokens = self.engine.loss_terms(self.prompt, batch)
+        return ce_sum / n_tokens
+
+    # ------------------------------------------------------------------------------------- training
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.prompt], lr=lr)
+
+    def train_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        """One Adam step on ``batch``; returns the batch's summed CE (detached, on the device)."""
+        ce_sum, n_tokens = self.engine.loss_terms(self.prompt, batch)
+        (grad,) = torch.autograd.grad(ce_sum / n_tokens, self.prompt)
+        self.prompt.grad = grad
+        self.optimizer.step()
+        self.prompt.grad = None
+        return ce_sum.detach()
+
+    def batches(self, encoded: Sequence[Encoded], batch_size: int, epoch: int) -> list[list[Encoded]]:
+        """The epoch's shuffled batches (seeded by ``seed`` and ``epoch``; the last one may be partial)."""
+        order = list(range(len(encoded)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return [[encoded[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+
+    def fit(self, train: Sequence[Any], epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
+            eval_data: Sequence[Any] | None = None, progress: bool = True,
+            callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Train for ``epochs``; returns the history, one dict an epoch (train/test loss, exact match, seconds)."""
+        if epochs < 0 or batch_size < 1 or not lr > 0:
+            raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        encoded = self.encode(train)
+        if eval_data:
+            self.encode(eval_data)  # check the evaluation data before training starts
+        if self.optimizer is None:
+            self.optimizer = self.make_optimizer(lr)
+        from tqdm.auto import tqdm
+
+        start_epoch = len(self.history)
+        for epoch in range(start_epoch, start_epoch + epochs):
+            t0 = time.perf_counter()
+            batches = self.batches(encoded, batch_size, epoch)
+            total = torch.zeros((), device=self.device)
+            n_tokens = 0
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False)
+            for step, batch in enumerate(bar):
+                total += self.train_step(batch)
+                n_tokens += sum(e.target_len for e in batch)
+                if progress and (step % 10 == 0 or step == len(batches) - 1):  # reading the loss syncs the host
+                    seen = sum(len(b) for b in batches[: step + 1])
+                    bar.set_postfix(loss=f"{total.item() / n_tokens:.4f}",
+                                    ex_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total.item() / n_tokens}
+            record["train_seconds"] = time.perf_counter() - t0
+            if eval_data:
+                record.update({f"test_{k}": v for k, v in self.evaluate(eval_data).items()})
+            record["seconds"] = time.perf_counter() - t0
+            self.history.append(record)
+            if callback is not None:
+                callback(record)
+        return self.history
+
+    # ----------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, examples: Sequence[Any], batch_size: int = 64) -> dict[str, float]:
+        """``loss`` (token-weighted), ``exact_match`` (greedy word == target) and ``parrot_rate``
+        (greedy word == an input field's value, the failure the post observed)."""
+        encoded = self.encode(examples)
+        total, n_tokens = 0.0, 0
+        for i in range(0, len(encoded), batch_size):
+            ce_sum, n = self.engine.loss_terms(self.prompt.detach(), encoded[i : i + batch_size])
+            total += ce_sum.item()
+            n_tokens += n
+        words = self._greedy(encoded)
+        exact = parrot = 0
+        for word, example in zip(words, examples):
+            values = self.template.as_fields(example)
+            exact += word == values["target"].strip()
+            parrot += any(word == values[f].strip() for f in self.template.input_fields)
+        n = len(encoded)
+        return {"loss": total / n_tokens, "exact_match": exact / n, "parrot_rate": parrot / n}
+
+    def _greedy(self, encoded: Sequence[Encoded], max_new_tokens: int = 6) -> list[str]:
+        prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
+        autocast = self.precision != "fp32" and self.device.type == "cuda"
+        return greedy_words(self.model, self.tokenizer, prefixes, self.prompt.detach(), max_new_tokens, autocast)
+
+    def generate(self, inputs: Sequence[Any], max_new_tokens: int = 6) -> list[str]:
+        """Greedy target words for ``inputs``: strings (for a one-input-field template) or field mappings."""
+        fields = self.template.input_fields
+        encoded = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, str):
+                if len(fields) != 1:
+                    raise DataError(f"the template has fields {', '.join(fields)}: give mappings, not strings")
+                x = {fields[0]: x}
+            encoded.append(self.encoder.encode({**dict(x), "target": "x"}, i))  # the target is cut off below
+        return self._greedy(encoded, max_new_tokens)
+
+    # ----------------------------------------------------------------------------------------- I/O
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "model": str(getattr(self.model.config, "_name_or_path", "") or ""),
+            "model_type": str(getattr(self.model.config, "model_type", "")),
+            "hidden_size": int(self.prompt.shape[1]),
+            "prompt_len": self.prompt_len,
+            "template": self.template.text,
+            "fastprompt_version": __version__,
+        }
+
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """The prompt as safetensors with metadata (model, template, prompt length, hidden size)."""
+        save_prompt(path, self.prompt, {**self.metadata(), **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str, model, tokenizer, template: Template | str | None = None, strict: bool = True,
+             **kwargs) -> "PromptTuner":
+        """A tuner holding the prompt saved at ``path``. Refuses a prompt made for another hidden size, or
+        (with ``strict``) for another model name."""
+        prompt, meta = read_prompt(path)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        if prompt.shape[1] != hidden:
+            raise PromptFileError(f"{path} was made for hidden size {prompt.shape[1]}, this model has {hidden}")
+        saved_model = meta.get("model", "")
+        this_model = str(getattr(model.config, "_name_or_path", "") or "")
+        if strict and saved_model and this_model and _short(saved_model) != _short(this_model):
+            raise PromptFileError(f"{path} was made for model {saved_model!r}, not {this_model!r} "
+                                  "(pass strict=False to load it anyway)")
+        if template is None:
+            template = meta.get("template") or "Here are two {prompt} {input} and {target}"
+        return cls(model, tokenizer, template, prompt.shape[0], prompt=prompt, **kwargs)
+
+
+def _short(name: str) -> str:
+    """Model names compared without the hub organisation ('openai-community/gpt2' == 'gpt2')."""
+    return name.rstrip("/").split("/")[-1]
+
+
+def metadata_json(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True)

@@ -1,0 +1,199 @@
+"""Fused residual-add + LayerNorm with an input-gradient-only backward.
+
+    h = x + residual            (h = x when residual is None)
+    y = (h - mean(h)) * rstd(h) * weight + bias,   rstd = 1 / sqrt(var(h) + eps)
+
+One program per row; the whole row (d <= 8192) sits in one block. weight/bias are frozen: no
+dgamma/dbeta, so the backward is a per-row map with no cross-row reduction.
+"""
+import torch
+
+from ._common import check_float, next_power_of_2, require_triton, tl, triton
+
+
+@triton.jit
+def _add_ln_fwd_kernel(
+    X,  # (rows, d) input
+    R,  # (rows, d) residual (unused when HAS_RESIDUAL is False)
+    W,  # (d,) LayerNorm weight
+    B,  # (d,) LayerNorm bias
+    Y,  # (rows, d) output y
+    H,  # (rows, d) output h = x + residual (unused when HAS_RESIDUAL is False)
+    MEAN,  # (rows,) fp32 mean of h, saved for backward
+    RSTD,  # (rows,) fp32 1/sqrt(var + eps), saved for backward
+    stride_x,  # elements between rows of X
+    stride_r,  # elements between rows of R
+    stride_y,  # elements between rows of Y
+    stride_h,  # elements between rows of H
+    d,  # row length
+    eps,  # variance epsilon
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= d
+):
+    row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: rows * d may exceed 2**31
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < d
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        h += tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
+    mean = tl.sum(h, axis=0) / d
+    hc = tl.where(mask, h - mean, 0.0)
+    var = tl.sum(hc * hc, axis=0) / d
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = hc * rstd * w + b
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+# Backward (per row, n = d, xhat = (h - mean) * rstd, g = weight * dy):
+#     dL/dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh
+# where dh is the gradient arriving through the h output (the residual stream). Since h = x + residual,
+# dx = dresidual = dL/dh. weight and bias are frozen, so dgamma = sum(dy * xhat) and dbeta = sum(dy)
+# (cross-row reductions) are never computed.
+@triton.jit
+def _add_ln_bwd_kernel(
+    DY,  # (rows, d) upstream gradient of y
+    DH,  # (rows, d) upstream gradient of h (unused when HAS_DH is False)
+    H,  # (rows, d) saved h
+    W,  # (d,) LayerNorm weight
+    MEAN,  # (rows,) fp32 saved mean
+    RSTD,  # (rows,) fp32 saved rstd
+    DX,  # (rows, d) output dx
+    DR,  # (rows, d) output dresidual (unused when STORE_DR is False)
+    stride_dy,  # elements between rows of DY
+    stride_dh,  # elements between rows of DH
+    stride_h,  # elements between rows of H
+    stride_dx,  # elements between rows of DX
+    stride_dr,  # elements between rows of DR
+    d,  # row length
+    HAS_DH: tl.constexpr,
+    STORE_DX: tl.constexpr,
+    STORE_DR: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < d
+    h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + row)
+    rstd = tl.load(RSTD + row)
+    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+    g = dy * w
+    c_g = tl.sum(g, axis=0) / d
+    c_gx = tl.sum(g * xhat, axis=0) / d
+    dh = rstd * (g - c_g - xhat * c_gx)
+    if HAS_DH:
+        dh += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(tl.float32)
+    if STORE_DX:
+        tl.store(DX + row * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)
+    if STORE_DR:
+        tl.store(DR + row * stride_dr + cols, dh.to(DR.dtype.element_ty), mask=mask)
+
+
+def _rows(t, d):
+    t = t.reshape(-1, d)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _num_warps(block_d):
+    return min(16, max(1, block_d // 256))
+
+
+def add_ln_fwd(x, residual, weight, bias, eps):
+    """x, residual: (..., d); returns y (..., d), h (..., d) or None, mean (rows,), rstd (rows,)."""
+    require_triton(x, residual, weight, bias)
+    check_float(x, "x")
+    shape, d = x.shape, x.shape[-1]
+    x2 = _rows(x, d)  # (rows, d)
+    r2 = _rows(residual.to(x.dtype), d) if residual is not None else None
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else None
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    block_d = next_power_of_2(d)
+    if block_d > 8192:
+        raise ValueError(f"add_layer_norm supports d <= 8192, got {d}")
+    if rows > 0:
+        _add_ln_fwd_kernel[(rows,)](
+            x2, r2 if r2 is not None else x2, weight.contiguous(), bias.contiguous(), y,
+            h if h is not None else y, mean, rstd,
+            x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0),
+            h.stride(0) if h is not None else 0, d, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+    return y.view(shape), (h.view(shape) if h is not None else None), mean, rstd
+
+
+def add_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
+    """Returns (dx, dresidual), each (..., d) in h's dtype or None where not needed."""
+    shape, d = h.shape, h.shape[-1]
+    h2 = _rows(h, d)
+    dy2 = _rows(dy, d)
+    dh2 = _rows(dh, d) if dh is not None else None
+    rows = h2.shape[0]
+    dx = torch.empty_like(h2) if need_dx else None
+    dr = torch.empty_like(h2) if need_dr else None
+    block_d = next_power_of_2(d)
+    if rows > 0 and (need_dx or need_dr):
+        out0 = dx if dx is not None else dr
+        _add_ln_bwd_kernel[(rows,)](
+            dy2, dh2 if dh2 is not None else dy2, h2, weight.contiguous(), mean, rstd,
+            dx if dx is not None else out0, dr if dr is not None else out0,
+            dy2.stride(0), dh2.stride(0) if dh2 is not None else 0, h2.stride(0),
+            out0.stride(0), out0.stride(0), d,
+            HAS_DH=dh2 is not None, STORE_DX=need_dx, STORE_DR=need_dr, BLOCK_D=block_d,
+            num_warps=_num_warps(block_d),
+        )
+    return (dx.view(shape) if dx is not None else None), (dr.view(shape) if dr is not None else None)
+
+
+class AddLayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, h, mean, rstd = add_ln_fwd(x, residual, weight, bias, eps)
+        if h is None:
+            h = x  # only saved, never returned from here (see add_layer_norm)
+        ctx.has_residual = residual is not None
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero reads
+        ctx.save_for_backward(h, weight, mean, rstd)
+        if residual is None:
+            return y
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        h, weight, mean, rstd = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dr = ctx.has_residual and ctx.needs_input_grad[1]
+        if dy is None:  # y unused: only the identity path through h remains
+            dy = torch.zeros_like(h)
+        dx, dr = add_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr)
+        return dx, dr, None, None, None  # weight, bias frozen; eps not a tensor
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    """(y, h): h = x + residual (h = x when residual is None), y = LayerNorm(h) * weight + bias.
+
+    x, residual: (..., d) fp32/bf16; weight, bias: (d,) frozen (never get gradients). Statistics in
+    fp32; outputs in x's dtype. Backward: dx = dresidual = dh + LayerNorm-backward(dy).
+    """
+    if residual is None:
+        return AddLayerNormFn.apply(x, None, weight, bias, eps), x
+    return AddLayerNormFn.apply(x, residual, weight, bias, eps)
+
+
+def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5, upcast=False):
+    """Plain torch. upcast=True computes everything in fp32 and returns fp32."""
+    if upcast:
+        x, weight, bias = x.float(), weight.float(), bias.float()
+        residual = residual.float() if residual is not None else None
+    h = x + residual if residual is not None else x
+    y = torch.nn.functional.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps)
+    return y, h
