@@ -1,0 +1,203 @@
+"""LM head + cross-entropy + dH in one streaming pass over the vocabulary.
+
+    logits = h @ weight^T          (rows, V), never materialised
+    loss_r = logsumexp(logits_r) - logits_r[target_r]
+    dloss_r / dh_r = sum_v softmax(logits_r)_v * weight_v - weight_{target_r}
+
+weight is the tied embedding matrix (V, d) and frozen: no dW (that would be a (V, d) GEMM).
+
+Design. A program owns a block of BLOCK_M rows and a contiguous slice of the vocabulary (a "split");
+it walks its slice in blocks of BLOCK_V columns, building each logits tile (BLOCK_M, BLOCK_V) from
+d-chunks of h and W, and keeps an online log-sum-exp (running max m, running sum s, rescaled by
+exp(m_old - m_new) whenever the max grows). In the same pass it accumulates
+    A = sum_v exp(logit_v - m) * W_v        (BLOCK_M, d), rescaled together with s,
+so that dH = A / s - W_target. A lives in a per-split fp32 scratch in global memory (read-modify-write
+per vocabulary block; it is small and stays in L2), because (BLOCK_M, d) fp32 does not fit registers
+for d = 1280. Splitting the vocabulary gives ~one wave of programs even for a few hundred rows; the
+splits' (m, s, A, target logit) are merged afterwards with a log-sum-exp rescale (a small einsum).
+
+Why dH in forward rather than recomputing it in backward: in training the loss is always
+backpropagated, and a second pass would read the whole (V, d) weight again (128 MB in bf16 for
+GPT-2 Large) and redo the logits GEMM. Saving dH costs rows * d * 4 bytes (1.7 MB at 330 rows) and
+backward becomes one elementwise scale by the upstream per-row gradient. When no gradient is needed
+(torch.no_grad, or h not requiring grad) the kernel skips the dH accumulation.
+
+Targets < 0 (e.g. -100) are ignored: loss 0 and zero gradient, as F.cross_entropy(reduction='none').
+Targets >= V are not checked (that would need a host sync).
+"""
+import torch
+
+from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
+
+
+@triton.jit
+def _lm_head_ce_fwd_kernel(
+    H,  # (rows, d) hidden states
+    W,  # (V, d) tied embedding / LM-head weight
+    T,  # (rows,) int64 targets
+    M_PART,  # (n_splits, rows) fp32 out: running max of each split
+    S_PART,  # (n_splits, rows) fp32 out: sum exp(logit - m) of each split
+    TGT_PART,  # (n_splits, rows) fp32 out: the target logit if it falls in this split, else 0
+    A_PART,  # (n_splits, rows, d) fp32 out/scratch: sum exp(logit - m) * W_v of each split
+    stride_h,  # elements between rows of H
+    stride_w,  # elements between rows of W
+    rows,  # number of rows
+    V,  # vocabulary size
+    d,  # hidden size
+    blocks_per_split,  # vocabulary blocks (of BLOCK_V) per split
+    COMPUTE_DH: tl.constexpr,  # accumulate A (skip when no gradient is needed)
+    LOWP_DOT: tl.constexpr,  # tl.dot on 16-bit operands (GPU); else upcast to fp32 and dot in IEEE fp32
+    BLOCK_M: tl.constexpr,  # rows per program (>= 16 for tl.dot)
+    BLOCK_V: tl.constexpr,  # vocabulary columns per step
+    BLOCK_D: tl.constexpr,  # hidden chunk per dot
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < rows
+    row_off = offs_m.to(tl.int64)  # 64-bit offsets
+    tgt = tl.load(T + row_off, mask=row_mask, other=-1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    s_i = tl.zeros([BLOCK_M], tl.float32)
+    t_i = tl.zeros([BLOCK_M], tl.float32)
+    v_begin = pid_s * blocks_per_split * BLOCK_V
+    v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, V)
+    a_base = A_PART + pid_s * rows * d
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < V
+        # logits tile (BLOCK_M, BLOCK_V) = h (BLOCK_M, d) @ W_blk^T (d, BLOCK_V), in d-chunks
+        logits = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d
+            h = tl.load(H + row_off[:, None] * stride_h + offs_d[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            wt = tl.load(W + offs_v.to(tl.int64)[None, :] * stride_w + offs_d[:, None],
+                         mask=v_mask[None, :] & d_mask[:, None], other=0.0)  # (BLOCK_D, BLOCK_V)
+            if LOWP_DOT:
+                logits = tl.dot(h, wt, logits)
+            else:
+                logits = tl.dot(h.to(tl.float32), wt.to(tl.float32), logits, input_precision="ieee")
+        logits = tl.where(v_mask[None, :], logits, float("-inf"))
+        t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], logits, 0.0), axis=1)
+        # online log-sum-exp; every block has >= 1 valid column, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        alpha = tl.exp(m_i - m_new)  # 0 on the first block (m_i = -inf)
+        p = tl.exp(logits - m_new[:, None])  # (BLOCK_M, BLOCK_V), 0 on masked columns
+        s_i = s_i * alpha + tl.sum(p, axis=1)
+        if COMPUTE_DH:
+            not_first = (offs_m.to(tl.int64) * 0 + v0) > v_begin  # (BLOCK_M,) bool
+            for d0 in range(0, d, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_mask = offs_d < d
+                w = tl.load(W + offs_v.to(tl.int64)[:, None] * stride_w + offs_d[None, :],
+                            mask=v_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_V, BLOCK_D)
+                a_ptr = a_base + row_off[:, None] * d + offs_d[None, :]
+                a_mask = row_mask[:, None] & d_mask[None, :]
+                # first block: nothing accumulated yet (scratch is uninitialised): read nothing
+                acc = tl.load(a_ptr, mask=a_mask & not_first[:, None], other=0.0) * alpha[:, None]
+                if LOWP_DOT:
+                    acc = tl.dot(p.to(w.dtype), w, acc)
+                else:
+                    acc = tl.dot(p, w.to(tl.float32), acc, input_precision="ieee")
+                tl.store(a_ptr, acc, mask=a_mask)
+        m_i = m_new
+    part = pid_s * rows + row_off
+    tl.store(M_PART + part, m_i, mask=row_mask)
+    tl.store(S_PART + part, s_i, mask=row_mask)
+    tl.store(TGT_PART + part, t_i, mask=row_mask)
+
+
+_SM_COUNT = {}
+
+
+def _num_programs_target(device):
+    """About one wave of programs on the GPU; a few splits in the interpreter (exercises the merge)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def lm_head_ce_fwd(h, weight, targets, compute_dh):
+    """h: (rows, d); weight: (V, d); targets: (rows,) int -> loss (rows,) fp32, dH (rows, d) fp32 or None."""
+    require_triton(h, weight, targets)
+    check_float(h, "h")
+    rows, d = h.shape
+    V = weight.shape[0]
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    targets = targets.to(torch.int64).contiguous()
+    lowp = use_lowp_dot(h, weight) and h.dtype == weight.dtype
+    if interpreting():
+        block_m, block_v, block_d, warps = 16, min(1024, next_power_of_2(V)), 64, 4
+    else:
+        block_m = 64 if rows > 32 else (32 if rows > 16 else 16)
+        block_v, block_d, warps = 128, 64, 8
+    n_vblocks = triton.cdiv(V, block_v)
+    row_blocks = triton.cdiv(rows, block_m)
+    n_splits = max(1, min(n_vblocks, triton.cdiv(_num_programs_target(h.device), row_blocks)))
+    blocks_per_split = triton.cdiv(n_vblocks, n_splits)
+    n_splits = triton.cdiv(n_vblocks, blocks_per_split)  # every split gets >= 1 block
+    f32 = dict(device=h.device, dtype=torch.float32)
+    m_part = torch.empty(n_splits, rows, **f32)
+    s_part = torch.empty(n_splits, rows, **f32)
+    t_part = torch.empty(n_splits, rows, **f32)
+    a_part = torch.empty(n_splits, rows, d, **f32) if compute_dh else m_part  # scratch, no memset
+    if rows > 0:
+        _lm_head_ce_fwd_kernel[(row_blocks, n_splits)](
+            h, weight, targets, m_part, s_part, t_part, a_part,
+            h.stride(0), weight.stride(0), rows, V, d, blocks_per_split,
+            COMPUTE_DH=compute_dh, LOWP_DOT=lowp, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_D=block_d,
+            num_warps=warps,
+        )
+    # merge the splits: lse = m + log(sum_s s_s * exp(m_s - m))
+    m = m_part.amax(dim=0)  # (rows,)
+    scale = torch.exp(m_part - m)  # (n_splits, rows)
+    s = (s_part * scale).sum(dim=0)
+    valid = targets >= 0
+    loss = torch.where(valid, m + torch.log(s) - t_part.sum(dim=0), 0.0)
+    dh = None
+    if compute_dh:
+        dh = torch.einsum("srd,sr->rd", a_part, scale / s)  # softmax-weighted sum of W rows
+        dh -= weight[targets.clamp(min=0)].float()
+        dh *= valid[:, None]
+    return loss, dh
+
+
+class LMHeadCEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        compute_dh = ctx.needs_input_grad[0]
+        loss, dh = lm_head_ce_fwd(h, weight, targets, compute_dh)
+        ctx.h_dtype = h.dtype
+        if compute_dh:
+            ctx.save_for_backward(dh)
+        return loss
+
+    # Backward: dh_r = g_r * (sum_v softmax_v W_v - W_target), with g the upstream per-row gradient;
+    # the bracket was computed in forward, so this is one scale. No dW (weight frozen), no dtargets.
+    @staticmethod
+    def backward(ctx, dloss):
+        (dh,) = ctx.saved_tensors
+        return (dh * dloss[:, None]).to(ctx.h_dtype), None, None
+
+
+def lm_head_ce(h, weight, targets):
+    """Per-row cross-entropy of logits = h @ weight^T against targets, fp32, shape targets.shape.
+
+    h: (..., d) fp32/bf16; weight: (V, d) frozen; targets: (...) int. Never materialises the logits.
+    """
+    d = h.shape[-1]
+    loss = LMHeadCEFn.apply(h.reshape(-1, d), weight, targets.reshape(-1))
+    return loss.view(targets.shape)
+
+
+def lm_head_ce_ref(h, weight, targets, upcast=False):
+    """Plain torch: full logits, F.cross_entropy(reduction='none'), returned in fp32."""
+    if upcast:
+        h, weight = h.float(), weight.float()
+    logits = h @ weight.to(h.dtype).t()
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
