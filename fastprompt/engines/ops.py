@@ -1,0 +1,179 @@
+"""The five ops of the fused engine, in plain torch, and the registry that picks an implementation.
+
+The fused engine calls its ops only through an ``Ops`` object, so the Triton kernels (``fastprompt.kernels``)
+and the CUDA extension (``fastprompt.cuda_ops``) plug in behind the same signatures:
+
+    add_layer_norm(x, residual, weight, bias, eps) -> (y, h)   h = x + residual (or x); y = LN(h)
+    linear(x, weight, bias=None)                               x @ weight + bias; weight (in, out) (Conv1D)
+    bias_gelu(x, bias)                                         gelu_tanh(x + bias)
+    tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None)   attention over a packed prefix tree
+    lm_head_ce(h, weight, targets) -> (rows,) fp32             CE of h @ weight^T (weight (V, d)) vs targets
+
+Every weight is frozen: the torch versions read ``.detach()``ed views, so autograd records only the
+input-gradient path (``dX = dY @ W^T``; no ``dW``, no ``dgamma``/``dbeta``, no bias reduction), whatever
+the caller's parameters' ``requires_grad`` says.
+
+Tree attention (ARCHITECTURE.md §2.6). Query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with
+``Nk >= Nq``; query row ``r`` is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are a constant
+precomputed prefix without queries. Key rows ``[0, n_trunk)`` are the causal trunk (prefix + shared rows);
+``cu_seqlens`` ``(B + 1,)`` holds the key-row offsets of the examples' segments (``cu[0] = n_trunk``,
+``cu[-1] = Nk``; empty segments allowed). A trunk query sees the trunk keys up to itself; a segment query
+sees every trunk key and its own segment's keys up to itself:
+
+    allowed[i, j] = j <= key(i)  and  (j < n_trunk  or  segment(j) == segment(key(i)))
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+KERNELS = ("auto", "torch", "triton", "cuda")
+OP_NAMES = ("add_layer_norm", "linear", "bias_gelu", "tree_attention", "lm_head_ce")
+
+
+# ------------------------------------------------------------------------------------------ torch ops
+def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    """(y, h): h = x + residual (h = x when residual is None), y = LayerNorm(h) * weight + bias."""
+    h = x if residual is None else x + residual
+    y = F.layer_norm(h, (h.shape[-1],), weight.detach().to(h.dtype), bias.detach().to(h.dtype), eps)
+    return y, h
+
+
+def linear(x, weight, bias=None):
+    """x @ weight + bias with GPT-2's Conv1D layout: weight (in, out). x: (..., in) -> (..., out)."""
+    w = weight.detach()
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    y = x2 @ w if bias is None else torch.addmm(bias.detach(), x2, w)  # as HF's Conv1D computes it
+    return y.view(*x.shape[:-1], w.shape[1])
+
+
+def bias_gelu(x, bias):
+    """gelu_tanh(x + bias) (GPT-2's gelu_new)."""
+    return F.gelu(x + bias.detach(), approximate="tanh")
+
+
+def tree_mask(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The dense (Nq, Nk) boolean mask of the module docstring (True = may attend)."""
+    device = cu_seqlens.device
+    keys = torch.arange(n_keys, device=device)  # (Nk,) key row index
+    query_keys = keys[n_keys - n_queries :]  # (Nq,) the key row of each query row
+    # segment of each key row: -1 in the trunk, else s with cu[s] <= j < cu[s + 1] (right=True skips empty ones)
+    segment = torch.searchsorted(cu_seqlens.to(torch.long), keys, right=True) - 1
+    segment = torch.where(keys < n_trunk, torch.full_like(segment, -1), segment)  # (Nk,)
+    query_segment = segment[n_keys - n_queries :]  # (Nq,)
+    causal = keys[None, :] <= query_keys[:, None]
+    same_branch = (segment[None, :] == -1) | (segment[None, :] == query_segment[:, None])
+    return causal & same_branch  # (Nq, Nk)
+
+
+def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
+    """softmax(q k^T * scale + tree mask) v. q: (Nq, H, D); k, v: (Nk, H, D) -> (Nq, H, D) in q's dtype.
+
+    On CPU: explicit fp32 math (exact reference). On CUDA: ``scaled_dot_product_attention`` with the
+    boolean mask (memory-efficient backend), in the inputs' dtype.
+    """
+    n_queries, n_keys = q.shape[0], k.shape[0]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
+    if q.is_cuda:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, H, N, D)
+            attn_mask=mask, scale=scale,
+        )
+        return out[0].transpose(0, 1)  # (Nq, H, D)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale  # (H, Nq, Nk)
+        scores = scores.masked_fill(~mask, float("-inf"))  # every query sees itself: no all-masked row
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.einsum("hqk,khd->qhd", probs, v.float())  # (Nq, H, D)
+    return out.to(q.dtype)
+
+
+def lm_head_ce(h, weight, targets):
+    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32. h: (rows, d) — only the rows
+    that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,) fp32."""
+    logits = h.reshape(-1, h.shape[-1]) @ weight.detach().to(h.dtype).t()  # (rows, V)
+    loss = F.cross_entropy(logits.float(), targets.reshape(-1), reduction="none")
+    return loss.view(targets.shape)
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Ops:
+    """One implementation of each op; ``sources`` says where each came from (for describe/logs)."""
+
+    add_layer_norm: object
+    linear: object
+    bias_gelu: object
+    tree_attention: object
+    lm_head_ce: object
+    name: str = "torch"
+    sources: dict = field(default_factory=dict, compare=False)
+
+
+TORCH_OPS = Ops(add_layer_norm, linear, bias_gelu, tree_attention, lm_head_ce, "torch",
+                {name: "torch" for name in OP_NAMES})
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _import_ops(module_name: str, names, hint: str) -> dict:
+    """``{name: function}`` from ``module_name``; a clear ConfigError when the module or a name is missing."""
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or triton/CUDA failing inside the module's own imports
+        raise ConfigError(f"kernels unavailable: cannot import {module_name} ({type(e).__name__}: {e}); {hint}") from None
+    missing = [n for n in names if not callable(getattr(module, n, None))]
+    if missing:
+        raise ConfigError(f"kernels unavailable: {module_name} has no {', '.join(missing)}; {hint}")
+    return {n: getattr(module, n) for n in names}
+
+
+def get_ops(kernels: str = "auto", device: torch.device | str | None = None) -> Ops:
+    """The ops for ``kernels`` in ``auto|torch|triton|cuda`` on ``device``.
+
+    ``torch``: the plain-torch ops above. ``triton``: all five from ``fastprompt.kernels``. ``cuda``: the
+    Triton ops with ``add_layer_norm`` from the CUDA extension (``fastprompt.cuda_ops``). ``auto``: Triton
+    on CUDA devices where triton imports (an op ``fastprompt.kernels`` does not provide yet stays torch),
+    torch otherwise.
+    """
+    if kernels not in KERNELS:
+        raise ConfigError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if kernels == "torch" or (kernels == "auto" and (device.type != "cuda" or not _triton_available())):
+        return TORCH_OPS
+    hint = "install triton (pip install triton) on a CUDA machine, or pass kernels='torch'"
+    if kernels == "auto":
+        chosen, sources = {}, {}
+        try:
+            import fastprompt.kernels as module
+        except Exception:
+            return TORCH_OPS
+        for name in OP_NAMES:
+            fn = getattr(module, name, None)
+            chosen[name] = fn if callable(fn) else getattr(TORCH_OPS, name)
+            sources[name] = "triton" if callable(fn) else "torch"
+        return Ops(**chosen, name="auto", sources=sources)
+    chosen = _import_ops("fastprompt.kernels", OP_NAMES, hint)
+    sources = {name: "triton" for name in OP_NAMES}
+    if kernels == "cuda":
+        cuda_hint = ("build the CUDA extension (pip install -e . with a CUDA torch and nvcc, "
+                     "FASTPROMPT_BUILD_CUDA=1), or pass kernels='triton'")
+        chosen.update(_import_ops("fastprompt.cuda_ops", ("add_layer_norm",), cuda_hint))
+        sources["add_layer_norm"] = "cuda"
+    return Ops(**chosen, name=kernels, sources=sources)
