@@ -91,6 +91,8 @@ def _from_pretrained(name: str, dtype=None, **kwargs):
         ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
+        if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+            raise ValueError("the tokenizer found there is empty")  # transformers 5 builds one from nothing
     except Exception:
         if getattr(model.config, "model_type", None) != "gpt2":
             raise ModelError(f"could not load the tokenizer of {name!r}; save it next to the model") from None

@@ -6,6 +6,8 @@ import shutil
 if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
 import pytest  # noqa: E402
 
 

@@ -1,0 +1,265 @@
+"""The generic engine: any Hugging Face causal LM through its own forward, sharing what the batch shares.
+
+One step, for a template whose tokens split as ``prefix | head | suffix_b`` (ARCHITECTURE.md §2, 2-5):
+
+    prefix   ids[:n_prefix]          fixed text before both prompt and first field: run once per engine,
+                                     no grad, its KV cache kept (a constant of the frozen model)
+    head     ids[n_prefix:n_shared]  the prompt and the fixed text up to the first field: run once per step
+                                     at batch 1 against a copy of the prefix cache, with grad
+    suffix_b ids[n_shared:n_b - 1]   example b from its first field to the token before its last target
+                                     token: run at batch B against the (prefix + head) cache expanded over
+                                     the batch (a view: no copy, no recomputation; autograd sums the B
+                                     gradients of the shared K/V), right-padded, with an attention mask over
+                                     cache + suffix and position ids n_shared + t
+
+Where a field stands before the prompt the head is empty and the prompt is written into each example's
+suffix embeddings at its own offset. Tokens after the last input row are never computed.
+
+Logits only at target rows: the decoder's last hidden state (``model.base_model``, i.e. after the final
+norm) is gathered at the rows that predict target tokens, then the model's output embeddings (LM head)
+run on those rows only, followed by the logit transform of the model's own ``forward``. Known transforms:
+``final_logit_softcapping`` (Gemma 2/3/4, nanochat: ``cap * tanh(logits / cap)``), Cohere's ``logit_scale``
+(multiply) and Granite's ``logits_scaling`` (divide). On first use the engine checks, at batch 1 without
+grad, that this reproduces ``model(input_ids).logits`` for one example and raises a ``ConfigError``
+naming the naive engine where it does not (an output transform it does not know).
+
+Cache API: a ``DynamicCache(config=...)`` built by the engine and passed under the name the decoder's
+``forward`` takes (``past_key_values`` up to transformers ~5.17, ``cache`` after the rename; read from
+its signature); per-step copies of the prefix cache by ``copy.deepcopy`` (keeps sliding-window
+bookkeeping); expansion over the batch by ``expand`` of each ``DynamicLayer``'s ``keys``/``values`` (other
+layer types fall back to ``Cache.batch_repeat_interleave``). Checked against transformers 5.17 and 5.24.
+
+precision: ``fp32``; ``autocast`` (``torch.autocast(bfloat16)`` around every forward, as the post);
+``bf16`` (the model itself where its weights are bf16, else a bf16 copy made once; the prompt stays fp32
+and is cast where it is written into the embeddings; logits and loss in fp32). The user's model is never
+changed (dtype, device, requires_grad, training flags).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models import eval_mode
+from ..template import Encoded
+from .base import Engine, target_count
+
+
+class GenericEngine(Engine):
+    name = "generic"
+
+    def __init__(self, model, encoder, precision: str = "fp32", **options):
+        # options such as kernels= or cuda_graphs= belong to the fused engine: accepted and ignored here
+        super().__init__(model, encoder, precision)
+        self.runner = _bf16_runner(model) if precision == "bf16" else model  # the module whose forward runs
+        self.decoder = self.runner.base_model  # GPT2Model, LlamaModel, Gemma3TextModel ...: last hidden state
+        self.lm_head = self.runner.get_output_embeddings()
+        if self.decoder is self.runner or self.lm_head is None:
+            raise ConfigError(f"the generic engine needs a causal LM with a base model and an LM head; "
+                              f"{type(model).__name__} has none: use engine='naive'")
+        self.logit_transform = _logit_transform(self.runner)
+        self.cache_kwarg = _cache_kwarg(self.decoder)
+        self._prefix_cache = None  # (key, DynamicCache or None), built lazily
+        self._checked = False
+
+    # --------------------------------------------------------------------------------------- layout
+    @property
+    def head_len(self) -> int:
+        return self.encoder.n_shared - self.encoder.n_prefix
+
+    def suffix_lens(self, batch: Sequence[Encoded]) -> list[int]:
+        """Per example: rows from the first field to the token before the last target token."""
+        return [len(e.ids) - 1 - self.encoder.n_shared for e in batch]
+
+    def rows_per_example(self, batch: Sequence[Encoded]) -> float:
+        """Transformer rows computed per example in one step: the padded suffix block plus the batch-1 head,
+        amortised over the batch (the prefix is computed once per engine and not counted)."""
+        T = max(self.suffix_lens(batch))
+        return (self.head_len + len(batch) * T) / len(batch)
+
+    # ------------------------------------------------------------------------------------- forwards
+    def _forward(self, embeds, position_ids, attention_mask=None, cache=None):
+        """The decoder's last hidden state ``(B, T, d)``; ``cache`` is extended in place."""
+        kwargs = {self.cache_kwarg: cache} if cache is not None else {}
+        out = self.decoder(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                           use_cache=cache is not None, **kwargs)
+        return out.last_hidden_state
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.runner.config)
+
+    def _prefix(self):
+        """A fresh cache holding the constant prefix's K/V (computed once, copied per step), or None."""
+        n_prefix = self.encoder.n_prefix
+        if n_prefix == 0:
+            return None
+        weight = self.lm_head.weight
+        key = (weight.device, weight.dtype)
+        if self._prefix_cache is None or self._prefix_cache[0] != key:
+            ids = torch.tensor([self.encoder.head_ids[:n_prefix]], device=self.device)  # (1, n_prefix)
+            cache = self._new_cache()
+            with torch.no_grad():
+                embeds = self.runner.get_input_embeddings()(ids)
+                self._forward(embeds, torch.arange(n_prefix, device=self.device)[None], cache=cache)
+            self._prefix_cache = (key, cache)
+        return copy.deepcopy(self._prefix_cache[1])  # the forwards below extend it; the constant stays
+
+    def _check_logits(self, example: Encoded):
+        """Once: the LM head on our hidden state must give the model's own logits (see module docstring)."""
+        ids = torch.tensor([example.ids[:-1]], device=self.device)
+        with torch.no_grad():
+            full = self.runner(input_ids=ids, use_cache=False).logits[0, -1].float()
+            hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[0, -1:]
+            ours = self.logit_transform(self.lm_head(hidden))[0].float()
+        tol = 1e-4 if self.precision == "fp32" and full.dtype == torch.float32 else 3e-2
+        err = (full - ours).abs().max().item()
+        if not err <= tol * (1.0 + full.abs().max().item()):
+            raise ConfigError(
+                f"the generic engine cannot reproduce the logits of {type(self.runner).__name__} from its last "
+                f"hidden state (max difference {err:.3g}: an output transform it does not know); use engine='naive'")
+        self._checked = True
+
+    # ----------------------------------------------------------------------------------------- loss
+    def loss_terms(self, prompt, batch):
+        enc, dev = self.encoder, self.device
+        n_prefix, n_shared, L = enc.n_prefix, enc.n_shared, enc.prompt_len
+        B = len(batch)
+        embed = self.runner.get_input_embeddings()
+        with eval_mode(self.runner), self.autocast():
+            if not self._checked:
+                self._check_logits(batch[0])
+            cache = self._prefix()
+
+            # head: the prompt and the fixed text up to the first field, once, batch 1, with grad
+            head_h = None
+            if self.head_len > 0:
+                ids = torch.tensor([enc.head_ids[n_prefix:]], device=dev)  # (1, H)
+                embeds = embed(ids)  # (1, H, d)
+                at = enc.prompt_start - n_prefix  # the prompt opens the head (n_prefix == prompt_start)
+                embeds = torch.cat([embeds[:, :at], prompt.to(embeds.dtype)[None], embeds[:, at + L:]], dim=1)
+                if cache is None:
+                    cache = self._new_cache()
+                head_h = self._forward(embeds, torch.arange(n_prefix, n_shared, device=dev)[None], cache=cache)
+
+            # suffix: every example from its first field on, batch B, against the expanded shared cache
+            lens = self.suffix_lens(batch)
+            T = max(lens)
+            suffix_h = None
+            if T > 0:
+                ids, mask, slot = self._suffix_tensors(batch, lens, T)
+                embeds = embed(ids)  # (B, T, d)
+                if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
+                    in_prompt = (slot >= 0).unsqueeze(-1)
+                    embeds = torch.where(in_prompt, prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+                if cache is not None:
+                    _expand_batch(cache, B)
+                positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
+                suffix_h = self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
+
+            # target rows: row p predicts token p + 1; p >= n_shared lies in the suffix, p = n_shared - 1 in the head
+            hidden, labels = self._target_rows(batch, head_h, suffix_h)  # (R, d), (R,)
+            logits = self.logit_transform(self.lm_head(hidden))  # (R, V)
+        ce_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        return ce_sum, target_count(batch)
+
+    def _suffix_tensors(self, batch, lens, T):
+        """``ids`` (B, T) right-padded; ``mask`` (B, n_shared + T) over cache + suffix; ``slot`` (B, T) prompt row or -1."""
+        n_shared, L = self.encoder.n_shared, self.encoder.prompt_len
+        B = len(batch)
+        ids = torch.zeros((B, T), dtype=torch.long)
+        mask = torch.zeros((B, n_shared + T), dtype=torch.long)
+        mask[:, :n_shared] = 1
+        slot = torch.full((B, T), -1, dtype=torch.long)
+        for b, (e, n) in enumerate(zip(batch, lens)):
+            ids[b, :n] = torch.tensor(e.ids[n_shared : n_shared + n])
+            mask[b, n_shared : n_shared + n] = 1
+            if e.prompt_start >= n_shared:
+                at = e.prompt_start - n_shared
+                slot[b, at : at + L] = torch.arange(L)
+        return [t.to(self.device, non_blocking=True) for t in (ids, mask, slot)]
+
+    def _target_rows(self, batch, head_h, suffix_h):
+        n_shared = self.encoder.n_shared
+        b_idx, t_idx, n_head_rows, labels = [], [], 0, []
+        head_labels = []
+        for b, e in enumerate(batch):
+            for p in range(e.target_start - 1, len(e.ids) - 1):
+                if p >= n_shared:
+                    b_idx.append(b)
+                    t_idx.append(p - n_shared)
+                    labels.append(e.ids[p + 1])
+                else:  # only p = n_shared - 1 (the first field is the target), the head's last row
+                    if head_h is None or p != n_shared - 1:
+                        raise AssertionError("a target row before the head's last row")
+                    n_head_rows += 1
+                    head_labels.append(e.ids[p + 1])
+        parts = []
+        if n_head_rows:
+            parts.append(head_h[0, -1:].expand(n_head_rows, -1))
+        if b_idx:
+            parts.append(suffix_h[torch.tensor(b_idx, device=self.device), torch.tensor(t_idx, device=self.device)])
+        hidden = torch.cat(parts) if len(parts) > 1 else parts[0]
+        labels = torch.tensor(head_labels + labels, device=self.device)
+        return hidden, labels
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _bf16_runner(model):
+    """The model itself where its floating weights are bf16 already, else a bf16 copy (made once, frozen)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes == {torch.bfloat16}:
+        return model
+    runner = copy.deepcopy(model).to(torch.bfloat16)
+    runner.requires_grad_(False)
+    runner.eval()
+    return runner
+
+
+def _cache_kwarg(decoder) -> str:
+    """The name the decoder's forward takes its KV cache under (renamed past_key_values -> cache in 5.x)."""
+    params = inspect.signature(decoder.forward).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise ConfigError(f"{type(decoder).__name__}.forward takes no KV cache; use engine='naive'")
+
+
+def _expand_batch(cache, B: int) -> None:
+    """Make a batch-1 cache serve B examples: a view (``expand``) of each dynamic layer's K/V, no copy."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
+        cache.batch_repeat_interleave(B)  # other layer kinds: their own (copying) batch expansion
+        return
+    for layer in layers:
+        if torch.is_tensor(layer.keys) and layer.keys.dim() == 4:  # (1, heads, S, head_dim)
+            layer.keys = layer.keys.expand(B, -1, -1, -1)
+            layer.values = layer.values.expand(B, -1, -1, -1)
+
+
+def _logit_transform(model):
+    """What the causal LM's forward does to ``lm_head(hidden)`` (see the module docstring)."""
+    config = model.config
+    model_type = str(getattr(config, "model_type", ""))
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None) if model_type.startswith("cohere") else None
+    divide = getattr(config, "logits_scaling", None) if model_type.startswith("granite") else None
+
+    def transform(logits):
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform

@@ -1,0 +1,193 @@
+"""Train a soft prompt: the post's experiment by default, any template, dataset or model on request.
+
+    python -m fastprompt.train --model gpt2-large --epochs 100 --out runs/antonyms
+    python -m fastprompt.train --model tiny --epochs 2 --train-size 256 --out /tmp/run   # a quick check
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, FastpromptError
+from .template import DEFAULT_TEMPLATE
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt2-large"
+    data: str = "antonyms"
+    template: str = DEFAULT_TEMPLATE
+    prompt_len: int = 4
+    init: str = "random"
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    engine: str = "auto"
+    precision: str = "fp32"
+    kernels: str = "auto"
+    cuda_graphs: str = "auto"
+    train_size: int | None = None
+    test_size: float = 0.2
+    seed: int = 1337
+    device: str = "auto"
+    out: str | None = None
+    samples: int = 20
+    progress: bool = True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m fastprompt.train",
+                                description="Learn a soft prompt by backpropagation through a frozen causal LM.")
+    p.add_argument("--model", default=d.model, help="hub name, local directory, or 'tiny' (default: %(default)s)")
+    p.add_argument("--data", default=d.data, help="'antonyms' or a .csv/.jsonl file (default: %(default)s)")
+    p.add_argument("--template", default=d.template, help="template with {prompt} and a final {target}")
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="trainable prompt vectors (default: 4)")
+    p.add_argument("--init", default=d.init, help="random | vocab | text:WORDS (default: random)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--engine", default=d.engine, help="auto | naive | generic | fused (default: auto)")
+    p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | autocast (default: fp32)")
+    p.add_argument("--kernels", default=d.kernels, help="fused engine kernels: auto | triton | cuda | torch")
+    p.add_argument("--cuda-graphs", default=d.cuda_graphs, help="auto | on | off (fused engine on CUDA)")
+    p.add_argument("--train-size", type=int, default=None, help="subsample the training split to N examples")
+    p.add_argument("--test-size", type=float, default=d.test_size, help="test share of the data (default: 0.2)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<date-time>)")
+    p.add_argument("--samples", type=int, default=d.samples, help="test examples written to samples.txt")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def parse_config(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def run_info(config: TrainConfig, device: torch.device) -> dict:
+    import transformers
+
+    from . import __version__
+
+    info = {"event": "start", "config": dataclasses.asdict(config), "seed": config.seed, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+            or platform.machine(), "versions": {"fastprompt": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}}
+    return info
+
+
+def run(config: TrainConfig) -> dict:
+    """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
+    from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
+    from .interpret import format_nearest
+
+    if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0:
+        raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    if config.prompt_len < 1 or config.prompt_len > 4096:
+        raise ConfigError(f"--prompt-len must be between 1 and 4096, got {config.prompt_len}")
+    device = resolve_device(config.device)
+    out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    examples = load_pairs(config.data)
+    train, test = train_test_split(examples, test_size=config.test_size, seed=config.seed)
+    train = subsample(train, config.train_size, seed=config.seed)
+    model, tokenizer = load_model(config.model, seed=config.seed, device=device)
+    tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=config.engine,
+                        precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
+                        cuda_graphs=config.cuda_graphs)
+    tuner.encode(train)  # every template, data and context error surfaces here, before training
+    if test:
+        tuner.encode(test)
+    os.makedirs(out, exist_ok=True)
+    print(f"model {config.model} on {device} | engine {tuner.engine.describe()} | {len(train)} train, "
+          f"{len(test)} test examples | output {out}", flush=True)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    with open(metrics_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(run_info(config, device)) + "\n")
+
+    def log(record: dict) -> None:
+        test_part = (f"  test {record['test_loss']:.4f}  exact {100 * record['test_exact_match']:.1f}%  "
+                     f"parrot {100 * record['test_parrot_rate']:.1f}%") if "test_loss" in record else ""
+        print(f"epoch {record['epoch']}/{config.epochs}  train {record['train_loss']:.4f}{test_part}  "
+              f"{record['seconds']:.1f}s", flush=True)
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        tuner.save(os.path.join(out, "prompt.safetensors"))
+
+    tuner.fit(train, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, eval_data=test or None,
+              progress=config.progress, callback=log)
+    tuner.save(os.path.join(out, "prompt.safetensors"))
+    write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
+    with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
+        f.write(format_nearest(tuner.prompt, model, tokenizer, k=5, metric="cosine"))
+    plot_losses(os.path.join(out, "loss.png"), tuner.history)
+    return tuner.history[-1] if tuner.history else {}
+
+
+def write_samples(path: str, tuner, examples) -> None:
+    """Greedy predictions as "Actual / Predicted" pairs, the post's format."""
+    words = tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"}
+                            for ex in examples]) if examples else []
+    with open(path, "w", encoding="utf-8") as f:
+        for ex, word in zip(examples, words):
+            fields = tuner.template.as_fields(ex)
+            f.write(f"Actual: {tuner.template.render(fields)}\n")
+            f.write(f"Predicted: {tuner.template.render({**fields, 'target': word or '?'})}\n\n")
+
+
+def plot_losses(path: str, history: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, loss.png skipped (pip install 'fastprompt[plot]')")
+        return
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["train_loss"] for r in history], label="train")
+    if history and "test_loss" in history[0]:
+        ax.plot(epochs, [r["test_loss"] for r in history], label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("target cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    config = parse_config(argv)
+    try:
+        run(config)
+    except FastpromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
