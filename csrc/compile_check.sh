@@ -71,7 +71,7 @@ EOF
   # CUDA's headers (cuda_runtime_api.h): $CUDA_HOME, else where nvcc says its toolkit is (TOP).
   cuda_root="${CUDA_HOME:-}"
   if [ -z "$cuda_root" ]; then
-    cuda_root="$("$nvcc_bin" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+    cuda_root="$("$nvcc_bin" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1 || true)"
   fi
   # A CPU build of torch ships c10/cuda's headers but not the generated cuda_cmake_macros.h: stub it.
   mkdir -p "$work_dir/stub/c10/cuda/impl"
