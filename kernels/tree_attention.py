@@ -162,7 +162,7 @@ def _dq_block(dq, q, do, lse2, delta, K, V, k_head, v_head, stride_kr, stride_vr
         dp = tl.dot(do, vt)
     vis = (n_ok[None, :] & row_mask[:, None] & (offs_n[None, :] <= qi[:, None])
            & ((offs_n[None, :] < n_trunk) | (offs_n[None, :] >= seg_lo[:, None])))
-    p = tl.where(vis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    p = tl.exp2(tl.where(vis, s * qk_scale - lse2[:, None], float("-inf")))  # 0 where invisible, no overflow
     ds = p * (dp - delta[:, None])
     if LOWP_DOT:
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -269,7 +269,7 @@ def _tree_attn_dkdv_kernel(
             dpt = tl.dot(v, tl.trans(do), input_precision="ieee")
         vis = (n_mask[:, None] & i_mask[None, :] & (offs_n[:, None] <= offs_i[None, :])
                & ((offs_n[:, None] < n_trunk) | (offs_n[:, None] >= seg_lo[None, :])))
-        pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)  # P^T (BLOCK_N, BLOCK_M)
+        pt = tl.exp2(tl.where(vis, st * qk_scale - lse2[None, :], float("-inf")))  # P^T (BLOCK_N, BLOCK_M)
         dst = pt * (dpt - delta[None, :])
         if LOWP_DOT:
             dv = tl.dot(pt.to(do.dtype), do, dv)

@@ -6,7 +6,7 @@ reference of the same (bf16-rounded) inputs, error at most 2x plain torch bf16's
 of the output's scale). Backward always driven by a random upstream gradient; NaN never passes.
 `gpu` tests repeat the bf16 checks on CUDA (compiled kernels, 16-bit tensor-core dots).
 """
-import math
+import os
 import subprocess
 import sys
 
@@ -18,6 +18,7 @@ from fastprompt import kernels as K
 pytestmark = pytest.mark.skipif(not K.TRITON_AVAILABLE, reason="needs triton")
 
 DTYPES = [torch.float32, torch.bfloat16]
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _grads(outs, ins, gouts):
@@ -40,7 +41,9 @@ def _check(out, ref_hi, base=None, name=""):
         assert err <= 1e-5 * scale + 1e-6, f"{name}: max error {err:.3g} (scale {scale:.3g})"
     else:
         base_err = (base.double() - ref_hi).abs().max().item()
-        tol = 2.0 * base_err + 2.0**-8 * scale
+        # + the output's own rounding: half a bf16 ulp of its largest value on the GPU (round to
+        # nearest); a whole ulp in the interpreter, whose fp32 -> bf16 conversion truncates.
+        tol = 2.0 * base_err + (2.0**-7 if _INTERPRET else 2.0**-8) * scale
         assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (torch bf16: {base_err:.3g})"
 
 
