@@ -11,9 +11,9 @@ import torch
 from . import __version__
 from .engines import make_engine
 from .errors import ConfigError, DataError, PromptFileError
-from .generate import greedy_words
+from .methods import load_tuner, make_method, save_method_file, saved_method
 from .models import max_positions
-from .prompt import init_prompt, read_prompt, save_prompt
+from .prompt import read_prompt, save_prompt
 from .template import Encoded, Template, TemplateEncoder
 
 
@@ -23,11 +23,17 @@ class PromptTuner:
     ``engine``: ``auto`` (fused for GPT-2, generic otherwise), ``naive`` (the post's loop), ``generic``,
     ``fused``. ``precision``: ``fp32``, ``bf16`` (frozen weights cast once, prompt kept in fp32) or
     ``autocast`` (the post's bf16 autocast). The model is never modified.
+
+    ``method``: how the trained tensor ``prompt`` becomes the prompt (``fastprompt/methods.py``): ``soft``
+    (``prompt`` is the ``(prompt_len, d)`` prompt), ``relaxed`` (``prompt``: ``(prompt_len, V)`` vocabulary
+    logits), ``hard`` (PEZ: ``prompt`` continuous, the forward uses its nearest tokens), ``prefix``
+    (``prompt``: per-layer K/V, ``(n_layer, 2, prompt_len, heads, head_dim)``); ``method_options``: its options.
     """
 
     def __init__(self, model, tokenizer, template: Template | str = "Here are two {prompt} {input} and {target}",
                  prompt_len: int = 4, *, engine: str = "auto", precision: str = "fp32", init: str = "random",
-                 seed: int = 1337, prompt: torch.Tensor | None = None, **engine_options):
+                 seed: int = 1337, prompt: torch.Tensor | None = None, method: str = "soft",
+                 method_options: dict[str, Any] | None = None, **engine_options):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template if isinstance(template, Template) else Template(template)
@@ -39,15 +45,13 @@ class PromptTuner:
         self.encoder = TemplateEncoder(self.template, tokenizer, prompt_len, max_len=limit)
         self.seed = seed
         self.device = next(model.parameters()).device
+        self.method = make_method(method, model, tokenizer, self.encoder, **(method_options or {}))
         if prompt is None:
             absorb = any(p.kind == "prompt" for p in self.template.pieces[1:2]) or not self.template.text.startswith("{prompt}")
-            prompt = init_prompt(model, tokenizer, prompt_len, init, seed, absorb_space=absorb)
-        hidden = model.get_input_embeddings().weight.shape[1]
-        if prompt.shape != (prompt_len, hidden):
-            raise PromptFileError(f"prompt shape {tuple(prompt.shape)} does not fit prompt_len {prompt_len} and "
-                                  f"the model's hidden size {hidden}")
+            prompt = self.method.init(init, seed, absorb_space=absorb)
+        self.method.check(prompt)
         self.prompt = torch.nn.Parameter(prompt.detach().float().to(self.device).clone())
-        self.engine = make_engine(engine, model, self.encoder, precision, **engine_options)
+        self.engine = self.method.make_engine(engine, precision, **engine_options)
         self.precision = precision
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict[str, Any]] = []
@@ -64,20 +68,21 @@ class PromptTuner:
     def loss(self, examples: Sequence[Any]) -> torch.Tensor:
         """Token-weighted mean target cross-entropy over ``examples``, differentiable w.r.t. ``prompt``."""
         batch = examples if examples and isinstance(examples[0], Encoded) else self.encode(examples)
-        ce_sum, n_tokens = self.engine.loss_terms(self.prompt, batch)
+        ce_sum, n_tokens = self.engine.loss_terms(self.method.embeddings(self.prompt), batch)
         return ce_sum / n_tokens
 
     # ------------------------------------------------------------------------------------- training
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.prompt], lr=lr)
+        return torch.optim.Adam(self.method.param_groups(self.prompt, lr), lr=lr)
 
     def train_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
         """One Adam step on ``batch``; returns the batch's summed CE (detached, on the device)."""
-        ce_sum, n_tokens = self.engine.loss_terms(self.prompt, batch)
+        ce_sum, n_tokens = self.engine.loss_terms(self.method.embeddings(self.prompt, train=True), batch)
         (grad,) = torch.autograd.grad(ce_sum / n_tokens, self.prompt)
         self.prompt.grad = grad
         self.optimizer.step()
         self.prompt.grad = None
+        self.method.after_step(self.prompt)
         return ce_sum.detach()
 
     def batches(self, encoded: Sequence[Encoded], batch_size: int, epoch: int) -> list[list[Encoded]]:
@@ -100,6 +105,7 @@ class PromptTuner:
         from tqdm.auto import tqdm
 
         start_epoch = len(self.history)
+        self.method.plan(epochs * -(-len(encoded) // batch_size))  # schedules (relaxed: temperature)
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             batches = self.batches(encoded, batch_size, epoch)
@@ -131,7 +137,7 @@ class PromptTuner:
         encoded = self.encode(examples)
         total, n_tokens = 0.0, 0
         for i in range(0, len(encoded), batch_size):
-            ce_sum, n = self.engine.loss_terms(self.prompt.detach(), encoded[i : i + batch_size])
+            ce_sum, n = self.engine.loss_terms(self.method.embeddings(self.prompt.detach()), encoded[i : i + batch_size])
             total += ce_sum.item()
             n_tokens += n
         words = self._greedy(encoded)
@@ -146,7 +152,7 @@ class PromptTuner:
     def _greedy(self, encoded: Sequence[Encoded], max_new_tokens: int = 6) -> list[str]:
         prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
         autocast = self.precision != "fp32" and self.device.type == "cuda"
-        return greedy_words(self.model, self.tokenizer, prefixes, self.prompt.detach(), max_new_tokens, autocast)
+        return self.method.greedy(self.prompt, prefixes, max_new_tokens, autocast)
 
     def generate(self, inputs: Sequence[Any], max_new_tokens: int = 6) -> list[str]:
         """Greedy target words for ``inputs``: strings (for a one-input-field template) or field mappings."""
@@ -169,17 +175,23 @@ class PromptTuner:
             "prompt_len": self.prompt_len,
             "template": self.template.text,
             "fastprompt_version": __version__,
+            **self.method.metadata(self.prompt),
         }
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """The prompt as safetensors with metadata (model, template, prompt length, hidden size)."""
-        save_prompt(path, self.prompt, {**self.metadata(), **(extra or {})})
+        if self.method.name == "soft":
+            save_prompt(path, self.prompt, {**self.metadata(), **(extra or {})})
+        else:
+            save_method_file(path, self.method.tensors(self.prompt), {**self.metadata(), **(extra or {})})
 
     @classmethod
     def load(cls, path: str, model, tokenizer, template: Template | str | None = None, strict: bool = True,
              **kwargs) -> "PromptTuner":
         """A tuner holding the prompt saved at ``path``. Refuses a prompt made for another hidden size, or
         (with ``strict``) for another model name."""
+        if saved_method(path) != "soft":  # relaxed, hard, prefix: their own tensors and options
+            return load_tuner(cls, path, model, tokenizer, template, strict, **kwargs)
         prompt, meta = read_prompt(path)
         hidden = model.get_input_embeddings().weight.shape[1]
         if prompt.shape[1] != hidden:
