@@ -171,7 +171,7 @@ class PromptTuner:
         return {
             "model": str(getattr(self.model.config, "_name_or_path", "") or ""),
             "model_type": str(getattr(self.model.config, "model_type", "")),
-            "hidden_size": int(self.prompt.shape[1]),
+            "hidden_size": int(self.model.get_input_embeddings().weight.shape[1]),
             "prompt_len": self.prompt_len,
             "template": self.template.text,
             "fastprompt_version": __version__,

@@ -1,0 +1,244 @@
+"""Prefix-tuning (Li & Liang 2021; the post's closing edit): trainable key/value vectors at every layer.
+
+Instead of ``L`` input embeddings, the prompt is ``L`` key/value rows at every attention layer,
+``prefix_kv`` (n_layer, 2, L, n_head, head_dim), standing where ``{prompt}`` stands: the positions
+``prompt_start .. prompt_start + L - 1`` of the sequence hold no token, only these K/V, and later tokens
+keep their positions (as they would after an ``L``-token soft prompt). The prefix rows have no queries,
+so nothing is ever predicted from them: a template whose ``{target}`` directly follows ``{prompt}`` is
+refused.
+
+GPT-2 family only (learned absolute positions: keys carry no rotary phase, so a key vector means the
+same wherever it stands). Two engines, exact against each other in fp32:
+
+    naive ("naive")   ``gpt2_prefix_forward``: our own GPT-2 forward (nanoGPT-style, reading the HF
+                      weights) over whole right-padded sequences, the prefix K/V written over each
+                      layer's K/V at the prompt slot, logits at every position; any prompt position.
+    fast (auto, generic)  ``fastprompt.engines.prefix.PrefixEngine``: the generic engine's machinery —
+                      constant text before the prompt cached once, the prefix K/V appended to that
+                      cache (the shared head), the rest of the head once per step, every example's
+                      suffix against the cache expanded over the batch, logits at target rows only.
+
+Initialisation (``init``): the K/V a soft prompt of the same ``init`` (random / vocab / text:WORDS)
+produces at the slot, in its fixed context. So ``init="text:antonyms"`` starts exactly at the
+hand-written prompt (a test checks it). Li & Liang reparametrise the prefix through an MLP for stability;
+here it is trained directly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .engines.base import Engine
+from .errors import ConfigError, PromptFileError
+from .methods import Method
+from .models import eval_mode, is_gpt2_family
+from .prompt import init_prompt
+
+
+def prefix_shape(model, prompt_len: int) -> tuple[int, int, int, int, int]:
+    c = model.config
+    return (c.n_layer, 2, prompt_len, c.n_head, c.n_embd // c.n_head)
+
+
+# ---------------------------------------------------------------------------------- own forward
+def gpt2_prefix_forward(model, embeds, position_ids, key_mask, slot=None, prefix_kv=None, capture=False):
+    """GPT-2's forward over ``embeds`` (B, T, d) token embeddings, returning the final hidden state
+    (B, T, d) (after ``ln_f``), or with ``capture`` also each layer's ``(k, v)`` (B, H, T, hd).
+
+    ``position_ids`` (B, T); ``key_mask`` (B, T) bool, the real rows; ``slot`` (B, T) long, the prefix row
+    a position holds or -1; ``prefix_kv`` (n_layer, 2, L, H, hd): written over K/V where ``slot >= 0``.
+    Causal attention over real keys; every row also sees itself, so padded rows stay finite.
+    """
+    tr, c = model.transformer, model.config
+    B, T, d = embeds.shape
+    H = c.n_head
+    hd = d // H
+    x = embeds + tr.wpe(position_ids)  # (B, T, d)
+    eye = torch.eye(T, dtype=torch.bool, device=embeds.device)
+    allowed = (torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril() & key_mask[:, None, :]) | eye
+    allowed = allowed[:, None]  # (B, 1, Tq, Tk)
+    in_slot = None if slot is None else (slot >= 0)[..., None, None]  # (B, T, 1, 1)
+    scale = 1.0 / math.sqrt(hd) if getattr(c, "scale_attn_weights", True) else 1.0
+    captured = []
+    for layer, block in enumerate(tr.h):
+        h = block.ln_1(x)
+        q, k, v = block.attn.c_attn(h).split(d, dim=-1)
+        q, k, v = (t.view(B, T, H, hd) for t in (q, k, v))  # (B, T, H, hd)
+        if prefix_kv is not None:
+            rows = slot.clamp(min=0)
+            k = torch.where(in_slot, prefix_kv[layer, 0].to(k.dtype)[rows], k)
+            v = torch.where(in_slot, prefix_kv[layer, 1].to(v.dtype)[rows], v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if capture:
+            captured.append((k, v))
+        layer_scale = scale / (layer + 1) if getattr(c, "scale_attn_by_inverse_layer_idx", False) else scale
+        att = (q @ k.transpose(-1, -2)).float() * layer_scale  # (B, H, T, T)
+        att = att.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        y = (att @ v).transpose(1, 2).reshape(B, T, d)
+        x = x + block.attn.c_proj(y)
+        x = x + block.mlp(block.ln_2(x))
+    x = tr.ln_f(x)
+    return (x, captured) if capture else x
+
+
+# ---------------------------------------------------------------------------------- naive engine
+class NaivePrefixEngine(Engine):
+    """Whole right-padded sequences through ``gpt2_prefix_forward``, logits everywhere (the reference)."""
+
+    name = "naive"
+
+    def __init__(self, model, encoder, precision="fp32"):
+        if precision not in ("fp32", "autocast"):
+            raise ConfigError("the naive prefix engine runs in fp32 or autocast")
+        super().__init__(model, encoder, precision)
+
+    def describe(self) -> str:
+        return f"prefix-naive ({self.precision})"
+
+    def batch_tensors(self, batch):
+        B, T, L = len(batch), max(len(e.ids) for e in batch), self.encoder.prompt_len
+        ids = torch.zeros((B, T), dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.bool)
+        labels = torch.full((B, T), -100, dtype=torch.long)
+        slot = torch.full((B, T), -1, dtype=torch.long)
+        for b, e in enumerate(batch):
+            n = len(e.ids)
+            ids[b, :n] = torch.tensor(e.ids)
+            mask[b, :n] = True
+            labels[b, e.target_start - 1 : n - 1] = ids[b, e.target_start : n]
+            slot[b, e.prompt_start : e.prompt_start + L] = torch.arange(L)
+        positions = torch.arange(T).expand(B, T)
+        return [t.to(self.device) for t in (ids, mask, labels, slot, positions)]
+
+    def loss_terms(self, prefix_kv, batch):
+        ids, mask, labels, slot, positions = self.batch_tensors(batch)
+        with eval_mode(self.model), self.autocast():
+            embeds = self.model.transformer.wte(ids)
+            hidden = gpt2_prefix_forward(self.model, embeds, positions, mask, slot, prefix_kv)
+            logits = self.model.lm_head(hidden)  # (B, T, V)
+        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return ce_sum, sum(e.target_len for e in batch)
+
+
+# ------------------------------------------------------------------------------------- method
+class PrefixMethod(Method):
+    """``prompt`` is the per-layer prefix K/V, (n_layer, 2, L, n_head, head_dim); see the module docstring."""
+
+    name = "prefix"
+
+    def __init__(self, model, tokenizer, encoder):
+        super().__init__(model, tokenizer, encoder)
+        if not is_gpt2_family(model):
+            raise ConfigError(f"--method prefix supports the GPT-2 family only (got model type "
+                              f"{getattr(model.config, 'model_type', '?')!r})")
+        for e_piece, nxt in zip(encoder.template.pieces, encoder.template.pieces[1:]):
+            if e_piece.kind == "prompt" and nxt.kind == "field" and nxt.name == "target":
+                raise ConfigError("--method prefix: the prefix rows have no queries, so {target} cannot directly "
+                                  "follow {prompt}; put text or a field between them")
+
+    def param_shape(self):
+        return prefix_shape(self.model, self.prompt_len)
+
+    @torch.no_grad()
+    def init(self, init, seed, absorb_space):
+        """The K/V of a soft prompt with the same ``init`` at the slot, in its fixed context."""
+        prompt = init_prompt(self.model, self.tokenizer, self.prompt_len, init, seed, absorb_space=absorb_space)
+        enc, L = self.encoder, self.prompt_len
+        dev = next(self.model.parameters()).device
+        if enc.prompt_start is not None:  # the fixed text before the prompt, then the prompt
+            start = enc.prompt_start
+            ids = torch.tensor([enc.head_ids[: start + L]], device=dev)
+        else:  # a field precedes the prompt: no fixed context; the prompt alone at its first position
+            start, ids = 0, torch.zeros((1, L), dtype=torch.long, device=dev)
+        with eval_mode(self.model):
+            embeds = self.model.transformer.wte(ids).float().clone()
+            embeds[0, start : start + L] = prompt.to(dev, embeds.dtype)
+            T = ids.shape[1]
+            _, kv = gpt2_prefix_forward(self.model, embeds, torch.arange(T, device=dev)[None],
+                                        torch.ones((1, T), dtype=torch.bool, device=dev), capture=True)
+        out = torch.stack([torch.stack([k[0, :, start : start + L].transpose(0, 1),
+                                        v[0, :, start : start + L].transpose(0, 1)]) for k, v in kv])
+        return out.float().cpu()  # (n_layer, 2, L, H, hd)
+
+    def embeddings(self, params, train=False):
+        return params  # the prefix engines take the K/V themselves
+
+    def make_engine(self, engine, precision, **options):
+        if engine == "naive":
+            return NaivePrefixEngine(self.model, self.encoder, precision)
+        if engine not in ("auto", "generic"):
+            raise ConfigError(f"--method prefix runs on engine auto/generic (fast) or naive, not {engine!r}")
+        from .engines.prefix import PrefixEngine
+
+        return PrefixEngine(self.model, self.encoder, precision, **options)
+
+    def readout(self, params, k=5):
+        kv = params.detach().float()
+        norms = kv.flatten(3).norm(dim=-1).mean(-1)  # (n_layer, 2)
+        lines = [f"prefix K/V {tuple(kv.shape)} (n_layer, K/V, prompt_len, heads, head_dim): no vocabulary "
+                 "readout (they are attention keys and values, not input embeddings)"]
+        lines += [f"  layer {i}: mean |K| {n[0]:.4f}, mean |V| {n[1]:.4f}" for i, n in enumerate(norms.tolist())]
+        return "\n".join(lines) + "\n"
+
+    @torch.no_grad()
+    def greedy(self, params, prefixes, max_new_tokens, autocast):
+        out = []
+        for i in range(0, len(prefixes), 64):
+            out += self._greedy_batch(params.detach(), prefixes[i : i + 64], max_new_tokens, autocast)
+        return out
+
+    def _greedy_batch(self, kv, prefixes, max_new_tokens, autocast):
+        """Left-padded greedy decoding through ``gpt2_prefix_forward`` (recomputed each token: small models)."""
+        model, tok, L = self.model, self.tokenizer, self.prompt_len
+        dev = next(model.parameters()).device
+        B, T = len(prefixes), max(len(ids) for ids, _ in prefixes)
+        ids = torch.zeros((B, T), dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.bool)
+        slot = torch.full((B, T), -1, dtype=torch.long)
+        for b, (seq, prompt_start) in enumerate(prefixes):
+            ids[b, T - len(seq):] = torch.tensor(seq)
+            mask[b, T - len(seq):] = True
+            start = T - len(seq) + prompt_start
+            slot[b, start : start + L] = torch.arange(L)
+        ids, mask, slot = ids.to(dev), mask.to(dev), slot.to(dev)
+        generated, done = [[] for _ in range(B)], [False] * B
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else torch.autocast(dev.type, enabled=False)
+        with eval_mode(model), ctx:
+            for _ in range(max_new_tokens):
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                hidden = gpt2_prefix_forward(model, model.transformer.wte(ids), positions, mask, slot, kv.to(dev))
+                next_ids = model.lm_head(hidden[:, -1]).float().argmax(-1)
+                for b, t in enumerate(next_ids.tolist()):
+                    if done[b]:
+                        continue
+                    piece = tok.decode([t])
+                    if t == tok.eos_token_id or "\n" in piece or (generated[b] and piece[:1].isspace()):
+                        done[b] = True
+                    else:
+                        generated[b].append(t)
+                if all(done):
+                    break
+                ids = torch.cat([ids, next_ids[:, None]], 1)
+                mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=dev)], 1)
+                slot = torch.cat([slot, torch.full((B, 1), -1, dtype=torch.long, device=dev)], 1)
+        return [tok.decode(g).strip() for g in generated]
+
+    def options(self):
+        return {}
+
+    def metadata(self, params):
+        c = self.model.config
+        meta = super().metadata(params)
+        meta.update({"n_layer": c.n_layer, "n_head": c.n_head, "head_dim": c.n_embd // c.n_head})
+        return meta
+
+    def tensors(self, params):
+        return {"prefix": params.detach().float().cpu()}
+
+    @classmethod
+    def params_from(cls, tensors):
+        if "prefix" not in tensors:
+            raise PromptFileError("a prefix prompt file must hold the 'prefix' tensor")
+        return tensors["prefix"]
