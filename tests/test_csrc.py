@@ -106,6 +106,7 @@ def _host_build_tools_present():
     return all(shutil.which(tool) for tool in tools) and python_h.exists()
 
 
+@pytest.mark.slow  # ~70 s of g++ on 2 cores; CI runs csrc/compile_check.sh --bindings directly
 @pytest.mark.skipif(not _host_build_tools_present(), reason="needs nvcc, a C++ compiler and Python.h")
 def test_bindings_compile_against_torch_headers():
     env = dict(os.environ, PYTHON=sys.executable)
