@@ -40,6 +40,8 @@ class TrainConfig:
     device: str = "auto"
     out: str | None = None
     samples: int = 20
+    method: str = "soft"
+    method_opt: list | None = None
     progress: bool = True
 
 
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--out", default=None, help="output directory (default: runs/<date-time>)")
     p.add_argument("--samples", type=int, default=d.samples, help="test examples written to samples.txt")
+    p.add_argument("--method", default=d.method, help="soft | relaxed | hard | prefix (default: soft)")
+    p.add_argument("--method-opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="a method option, repeatable (relaxed: tau_start, tau_end, init_std, lr_scale, gumbel; "
+                   "hard: metric, lr_scale)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -99,7 +105,7 @@ def run_info(config: TrainConfig, device: torch.device) -> dict:
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
-    from .interpret import format_nearest
+    from .methods import parse_options, write_outputs
 
     if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0:
         raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
@@ -113,7 +119,8 @@ def run(config: TrainConfig) -> dict:
     model, tokenizer = load_model(config.model, seed=config.seed, device=device)
     tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=config.engine,
                         precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
-                        cuda_graphs=config.cuda_graphs)
+                        cuda_graphs=config.cuda_graphs, method=config.method,
+                        method_options=parse_options(config.method_opt))
     tuner.encode(train)  # every template, data and context error surfaces here, before training
     if test:
         tuner.encode(test)
@@ -136,11 +143,27 @@ def run(config: TrainConfig) -> dict:
     tuner.fit(train, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, eval_data=test or None,
               progress=config.progress, callback=log)
     tuner.save(os.path.join(out, "prompt.safetensors"))
+    final = write_outputs(out, tuner, test)  # test metrics (also at --epochs 0), hard_prompt.txt
+    log_final(final, metrics_path)
     write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
     with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
-        f.write(format_nearest(tuner.prompt, model, tokenizer, k=5, metric="cosine"))
+        f.write(tuner.method.readout(tuner.prompt, k=5))
     plot_losses(os.path.join(out, "loss.png"), tuner.history)
-    return tuner.history[-1] if tuner.history else {}
+    return tuner.history[-1] if tuner.history else final
+
+
+def log_final(final: dict, metrics_path: str) -> None:
+    with open(metrics_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(final) + "\n")
+    parts = [f"final ({final['method']})"]
+    if "test_loss" in final:
+        parts.append(f"test {final['test_loss']:.4f}  exact {100 * final['test_exact_match']:.1f}%")
+    if "token_text" in final:
+        parts.append(f"tokens {final['token_text']!r}")
+    if "argmax_test_loss" in final:
+        parts.append(f"argmax tokens: test {final['argmax_test_loss']:.4f}  "
+                     f"exact {100 * final['argmax_test_exact_match']:.1f}%")
+    print("  ".join(parts), flush=True)
 
 
 def write_samples(path: str, tuner, examples) -> None:
