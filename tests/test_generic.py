@@ -1,0 +1,281 @@
+"""The generic engine against the naive reference: same loss, same prompt gradient, same training run.
+
+Tiny random models (GPT-2, Llama, Qwen2, Gemma3 with a sliding window shorter than the sequences and logit
+soft-capping) with the GPT-2 tokenizer. fp32 tolerance 1e-5 (relative, norm): fp32 alone explains a few
+1e-6 here, because CPU BLAS reduces the LM-head backward's 50,257-long sum less accurately for fewer than
+~16 rows (the generic engine multiplies only target rows); in float64 both engines agree to ~1e-15.
+"""
+import functools
+import random
+
+import pytest
+import torch
+
+from fastprompt.engines import make_engine
+from fastprompt.engines.generic import GenericEngine, _cache_kwarg
+from fastprompt.engines.naive import NaiveEngine
+from fastprompt.errors import ConfigError
+from fastprompt.models import gpt2_tokenizer, random_gpt2
+from fastprompt.template import TemplateEncoder
+from fastprompt.tuner import PromptTuner
+
+START = "{prompt} {input} and {target}"
+MIDDLE = "Here are two {prompt} {input} and {target}"
+END = "Word: {input}. Opposite {prompt} {target}"  # a field before the prompt: empty head
+TWO_FIELDS = "{first} {prompt} {second} gives {target}"  # the prompt between two fields
+HEAD_ROW = "Here are two {prompt} {target}"  # the head's last row predicts the first target token
+
+# short words; some targets are 2-3 GPT-2 tokens (" gregarious", " ephemeral", " nadir" ...)
+PAIRS = [("hot", "cold"), ("up", "down"), ("big", "small"), ("fast", "slow"), ("wet", "dry"), ("old", "new"),
+         ("verbose", "laconic"), ("taciturn", "gregarious"), ("symmetric", "asymmetric"), ("zenith", "nadir"),
+         ("perennial", "ephemeral"), ("frugal", "extravagant"), ("benevolent", "malevolent"),
+         ("timid", "audacious"), ("dense", "sparse"), ("underestimate", "overestimate"), ("win", "lose")]
+WORDS = sorted({w for pair in PAIRS for w in pair})
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(kind: str):
+    """A tiny random causal LM with GPT-2's vocabulary (50,257), eval mode, frozen."""
+    if kind == "gpt2":
+        return random_gpt2(dict(n_layer=2, n_embd=64, n_head=4, n_positions=128), seed=0).requires_grad_(False)
+    import transformers as tf
+
+    common = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "llama":
+        config, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        config, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
+    else:  # gemma3: window 4 < sequence length, so the cache of the sliding layer is cut; soft-capped logits
+        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=4, final_logit_softcapping=30.0,
+                                     layer_types=["sliding_attention", "full_attention"])
+        cls = tf.Gemma3ForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config)
+    return model.eval().requires_grad_(False)
+
+
+def examples(template: str, n: int, seed: int = 0):
+    """``n`` examples with mixed lengths and multi-token targets (pairs first, then random word pairs)."""
+    rng = random.Random(seed)
+    pairs = [PAIRS[i % len(PAIRS)] if i < len(PAIRS) else (rng.choice(WORDS), rng.choice(WORDS)) for i in range(n)]
+    rng.shuffle(pairs)
+    if "{first}" in template:
+        return [{"first": a, "second": rng.choice(WORDS), "target": b} for a, b in pairs]
+    if "{input}" not in template:
+        return [{"target": b} for _, b in pairs]
+    return pairs
+
+
+def encode(model, template, prompt_len, n, seed=0):
+    encoder = TemplateEncoder(template, tokenizer(), prompt_len)
+    return encoder, encoder.encode_all(examples(template, n, seed))
+
+
+def loss_and_grad(engine, prompt, batch):
+    prompt = prompt.detach().clone().requires_grad_(True)
+    ce_sum, n_tokens = engine.loss_terms(prompt, batch)
+    loss = ce_sum / n_tokens
+    (grad,) = torch.autograd.grad(loss, prompt)
+    return loss.detach(), grad
+
+
+def random_prompt(model, prompt_len, seed=1, dtype=torch.float32):
+    d = model.get_input_embeddings().weight.shape[1]
+    return torch.randn(prompt_len, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def compare(model, template, prompt_len, n, precision="fp32", seed=0):
+    encoder, batch = encode(model, template, prompt_len, n, seed)
+    prompt = random_prompt(model, prompt_len)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+    loss, grad = loss_and_grad(GenericEngine(model, encoder, precision), prompt, batch)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    return rel(loss, ref_loss), rel(grad, ref_grad)
+
+
+def test_data_is_awkward():
+    """Multi-token targets and suffixes of several lengths, in every template."""
+    for template in (START, MIDDLE, END, TWO_FIELDS, HEAD_ROW):
+        encoder, batch = encode(tiny("gpt2"), template, 5, 7)
+        assert any(e.target_len > 1 for e in batch)
+        assert len({len(e.ids) for e in batch}) > 1
+
+
+# ---------------------------------------------------------------------------------- exactness, fp32
+@pytest.mark.parametrize("template", [START, MIDDLE, END, TWO_FIELDS, HEAD_ROW])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma3"])
+def test_matches_naive(kind, template):
+    loss_err, grad_err = compare(tiny(kind), template, prompt_len=5, n=7)
+    assert loss_err <= 1e-5 and grad_err <= 1e-5, (loss_err, grad_err)
+
+
+@pytest.mark.parametrize("template,prompt_len,batch_size", [
+    (END, 1, 64), (MIDDLE, 5, 1), (MIDDLE, 5, 64), (END, 64, 1), (MIDDLE, 64, 7)])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_prompt_lengths_and_batch_sizes(kind, template, prompt_len, batch_size):
+    loss_err, grad_err = compare(tiny(kind), template, prompt_len, batch_size, seed=batch_size)
+    assert loss_err <= 1e-5 and grad_err <= 1e-5, (loss_err, grad_err)
+
+
+@pytest.mark.parametrize("kind,template", [("gpt2", MIDDLE), ("gpt2", TWO_FIELDS), ("gemma3", END)])
+def test_exact_in_float64(kind, template):
+    """The same computation, not an approximation: float64 models agree far below fp32 rounding. Both
+    engines take the cross-entropy in fp32 by contract (``logits.float()``), which bounds the agreement: ~1e-16
+    for GPT-2, ~1e-7 with Gemma's soft-capped logits."""
+    model = tiny(kind).to(torch.float64)
+    try:
+        encoder, batch = encode(model, template, 5, 7)
+        prompt = random_prompt(model, 5, dtype=torch.float64)
+        ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+        loss, grad = loss_and_grad(GenericEngine(model, encoder), prompt, batch)
+    finally:
+        model.to(torch.float32)
+    assert rel(loss, ref_loss) <= 1e-6 and rel(grad, ref_grad) <= 1e-6, (rel(loss, ref_loss), rel(grad, ref_grad))
+
+
+def test_fit_matches_naive():
+    """Two epochs of PromptTuner.fit end at the same prompt (within fp32 rounding) with either engine."""
+    model = tiny("gpt2")
+    train = examples(MIDDLE, 24, seed=3)
+    prompts, histories = [], []
+    for engine in ("naive", "generic"):
+        tuner = PromptTuner(model, tokenizer(), MIDDLE, prompt_len=4, engine=engine, seed=7)
+        start = tuner.prompt.detach().clone()
+        histories.append(tuner.fit(train, epochs=2, batch_size=8, lr=1e-2, progress=False))
+        prompts.append(tuner.prompt.detach().clone())
+    moved = (prompts[0] - start).norm()
+    assert moved > 0
+    assert ((prompts[1] - prompts[0]).norm() / moved).item() <= 1e-4
+    for a, b in zip(*histories):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ bf16, autocast
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_reduced_precision(kind):
+    """bf16 (a bf16 copy of the weights, fp32 prompt and loss) and autocast, against naive fp32."""
+    model = tiny(kind)
+    encoder, batch = encode(model, MIDDLE, 5, 16)
+    prompt = random_prompt(model, 5)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+    base_loss, base_grad = loss_and_grad(NaiveEngine(model, encoder, "autocast"), prompt, batch)
+    baseline = rel(base_grad, ref_grad)  # plain torch bf16 against fp32: the error budget's unit
+    for precision in ("bf16", "autocast"):
+        loss, grad = loss_and_grad(GenericEngine(model, encoder, precision), prompt, batch)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert grad.dtype == torch.float32
+        assert rel(loss, ref_loss) < 2e-2
+        assert rel(grad, ref_grad) < max(2e-2, 2 * baseline), (precision, rel(grad, ref_grad), baseline)
+
+
+def test_bf16_model_is_used_as_is():
+    """A model already in bf16 runs itself (no copy); the prompt stays fp32 and gets an fp32 gradient."""
+    model = random_gpt2(dict(n_layer=2, n_embd=64, n_head=4, n_positions=128), seed=0).to(torch.bfloat16)
+    encoder, batch = encode(model, MIDDLE, 5, 7)
+    engine = GenericEngine(model, encoder, "bf16")
+    assert engine.runner is model
+    loss, grad = loss_and_grad(engine, random_prompt(model, 5), batch)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- the user's model
+def _state(model):
+    return ([(n, p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()],
+            [m.training for m in model.modules()], {n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "autocast", "bf16"])
+def test_model_unchanged(precision):
+    model = random_gpt2(dict(n_layer=2, n_embd=64, n_head=4, n_positions=128), seed=1)
+    model.train()  # a user's model in train mode with trainable weights: all of it must stay as it was
+    model.transformer.h[1].eval()
+    model.lm_head.requires_grad_(False)
+    before = _state(model)
+    encoder, batch = encode(model, MIDDLE, 5, 7)
+    loss_and_grad(GenericEngine(model, encoder, precision), random_prompt(model, 5), batch)
+    after = _state(model)
+    assert after[0] == before[0] and after[1] == before[1]
+    assert all(torch.equal(after[2][n], before[2][n]) for n in before[2])
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------- what is computed
+@pytest.mark.parametrize("template", [MIDDLE, END])
+def test_shared_work_runs_once(template):
+    """After the first step: the head once at batch 1, the suffix at batch B against an expanded (not copied)
+    cache, no prefix recomputation, no row after the last input token."""
+    model = tiny("llama")
+    encoder, batch = encode(model, template, 5, 7)
+    engine = GenericEngine(model, encoder)
+    prompt = random_prompt(model, 5)
+    loss_and_grad(engine, prompt, batch)  # first step: prefix cache and logit check
+    calls = []
+
+    def record(module, args, kwargs):
+        cache = kwargs.get(engine.cache_kwarg)
+        strides = [layer.keys.stride(0) for layer in cache.layers] if cache is not None and cache.layers else []
+        calls.append((tuple(kwargs["inputs_embeds"].shape[:2]), strides))
+
+    handle = engine.decoder.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        loss_and_grad(engine, prompt, batch)
+    finally:
+        handle.remove()
+    T = max(len(e.ids) - 1 - encoder.n_shared for e in batch)
+    if template == MIDDLE:
+        head, suffix = calls
+        assert head[0] == (1, encoder.n_shared - encoder.n_prefix)
+    else:
+        (suffix,) = calls
+    assert suffix[0] == (len(batch), T)
+    assert suffix[1] and all(s == 0 for s in suffix[1])  # batch stride 0: a view of the batch-1 cache
+    assert engine.rows_per_example(batch) == pytest.approx((encoder.n_shared - encoder.n_prefix + len(batch) * T) / len(batch))
+
+
+def test_options_for_fused_are_accepted():
+    model = tiny("gpt2")
+    encoder, batch = encode(model, MIDDLE, 4, 3)
+    engine = make_engine("generic", model, encoder, "fp32", kernels="torch", cuda_graphs="off")
+    assert isinstance(engine, GenericEngine)
+    loss_and_grad(engine, random_prompt(model, 4), batch)
+
+
+def test_unknown_logit_transform_is_refused():
+    from transformers import GPT2LMHeadModel
+
+    class Scaled(GPT2LMHeadModel):  # a model whose forward changes the logits in a way we do not know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    model = Scaled(tiny("gpt2").config).eval()
+    encoder, batch = encode(model, MIDDLE, 4, 3)
+    with pytest.raises(ConfigError, match="naive"):
+        GenericEngine(model, encoder).loss_terms(random_prompt(model, 4), batch)
+
+
+def test_cache_keyword_follows_the_signature():
+    """transformers renamed the decoder's past_key_values argument to cache within 5.x: both are found."""
+
+    class Old(torch.nn.Module):
+        def forward(self, inputs_embeds=None, past_key_values=None):
+            return inputs_embeds
+
+    class New(torch.nn.Module):
+        def forward(self, inputs_embeds=None, cache=None):
+            return inputs_embeds
+
+    assert _cache_kwarg(Old()) == "past_key_values"
+    assert _cache_kwarg(New()) == "cache"
