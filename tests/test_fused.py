@@ -104,6 +104,22 @@ def test_fused_matches_naive_odd_width(template):
     assert loss_err <= FP32_TOL and grad_err <= FP32_TOL, (loss_err, grad_err)
 
 
+@pytest.mark.parametrize("template,prompt_len,batch_size", [("start", 1, 1), ("json", 5, 7)])
+def test_fused_fp32_as_accurate_as_naive(template, prompt_len, batch_size):
+    """Against float64 truth, the fused fp32 gradient errs no more than ~2x the naive fp32 one (few target
+    rows: the LM head's vocabulary reduction must not lose precision)."""
+    model = model_for(seed=1)
+    model64 = copy.deepcopy(model).double()
+    enc = TemplateEncoder(TEMPLATES[template], tokenizer(), prompt_len, max_len=128)
+    batch = enc.encode_all(examples(batch_size, 0))
+    prompt = fresh_prompt(model, prompt_len, 0)
+    prompt64 = prompt.detach().double().requires_grad_(True)
+    _, truth, _ = loss_and_grad(NaiveEngine(model64, enc), prompt64, batch)
+    _, naive, _ = loss_and_grad(NaiveEngine(model, enc), prompt, batch)
+    _, fused, _ = loss_and_grad(FusedEngine(model, enc), prompt, batch)
+    assert rel_err(fused, truth) <= 2 * rel_err(naive, truth) + 1e-7, (rel_err(fused, truth), rel_err(naive, truth))
+
+
 def test_target_right_after_prompt():
     """No field before the target: the first target token is predicted by a shared trunk row."""
     model, tok = model_for(seed=1), tokenizer()
@@ -318,7 +334,7 @@ def test_lm_head_ce_against_cross_entropy(rows, vocab):
     upstream = torch.rand(rows)
     dh, dw = torch.autograd.grad(loss, (h, weight), upstream, allow_unused=True)
     (dh_ref,) = torch.autograd.grad(ref, h, upstream.double())
-    assert dw is None and rel_err(dh, dh_ref) < 1e-5
+    assert dw is None and rel_err(dh, dh_ref) < 2e-6  # a plain fp32 vocab-long dot product errs ~6e-6
 
 
 def test_dense_ops_against_hf_modules():
@@ -392,18 +408,19 @@ def test_fused_with_triton_kernels_matches_naive(all_triton):
         engine.ops = dataclasses.replace(engine.ops, lm_head_ce=ops_mod.lm_head_ce)
     ref = loss_and_grad(NaiveEngine(model, enc), prompt, batch)
     got = loss_and_grad(engine, prompt, batch)
-    assert rel_err(got[0], ref[0]) <= FP32_TOL and rel_err(got[1], ref[1]) <= FP32_TOL
+    tol = FP32_TOL if device == "cpu" else 1e-4  # GPU: other reduction orders (cuBLAS, SDPA) in the reference
+    assert rel_err(got[0], ref[0]) <= tol and rel_err(got[1], ref[1]) <= tol
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", ["torch", "auto"])
 @pytest.mark.parametrize("template", ["middle", "end"])
-def test_fused_matches_naive_on_gpu(kernels, template):
+def test_fused_matches_naive_on_gpu(kernels, template, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 means fp32 here
     model = tiny_gpt2(seed=12).cuda()
     enc = TemplateEncoder(TEMPLATES[template], tokenizer(), 5, max_len=128)
     batch = enc.encode_all(examples(64, 5))
     prompt = fresh_prompt(model, 5, 5).detach().cuda().requires_grad_(True)
-    torch.backends.cuda.matmul.allow_tf32 = False
     ref = loss_and_grad(NaiveEngine(model, enc), prompt, batch)
     got = loss_and_grad(FusedEngine(model, enc, kernels=kernels), prompt, batch)
     assert rel_err(got[0], ref[0]) <= 1e-4 and rel_err(got[1], ref[1]) <= 1e-4

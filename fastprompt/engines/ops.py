@@ -96,11 +96,45 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     return out.to(q.dtype)
 
 
+VOCAB_CHUNK = 4096  # vocabulary rows per partial product in the backward's reduction
+
+
+class _LMHeadCE(torch.autograd.Function):
+    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits; h: (rows, d), W: (V, d) frozen).
+
+    Backward: dz_rv = g_r (softmax_v(z_r) - [v == y_r]); dh = dz W. No dW. The product dz W reduces over
+    the whole vocabulary; for the few rows the engine sends (one per target token) BLAS takes a
+    matrix-vector path that sums 50k terms in one fp32 accumulator (~6e-6 relative error, 10x a GEMM's),
+    so the reduction is split into vocabulary chunks, summed in a second level.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        logits = (h @ weight.to(h.dtype).t()).float()  # (rows, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (rows,)
+        loss = lse - logits.gather(1, targets[:, None])[:, 0]
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits, lse, weight, targets)
+        ctx.h_dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits, lse, weight, targets = ctx.saved_tensors
+        dlogits = torch.exp(logits - lse[:, None])  # softmax (rows, V)
+        dlogits[torch.arange(dlogits.shape[0], device=dlogits.device), targets] -= 1.0
+        dlogits = (dlogits * dloss[:, None]).to(weight.dtype)
+        dh = None
+        for start in range(0, weight.shape[0], VOCAB_CHUNK):
+            part = dlogits[:, start : start + VOCAB_CHUNK] @ weight[start : start + VOCAB_CHUNK]  # (rows, d)
+            dh = part if dh is None else dh + part
+        return dh.to(ctx.h_dtype), None, None
+
+
 def lm_head_ce(h, weight, targets):
     """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32. h: (rows, d) — only the rows
     that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,) fp32."""
-    logits = h.reshape(-1, h.shape[-1]) @ weight.detach().to(h.dtype).t()  # (rows, V)
-    loss = F.cross_entropy(logits.float(), targets.reshape(-1), reduction="none")
+    loss = _LMHeadCE.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1))
     return loss.view(targets.shape)
 
 
