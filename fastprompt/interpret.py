@@ -1,10 +1,15 @@
 """Read a prompt back as vocabulary tokens: the nearest embedding-table rows to each prompt vector.
 
     python -m fastprompt.interpret PROMPT.safetensors [--model tiny] [--k 5] [--metric cosine|euclidean]
+
+Any method's file: soft (nearest tokens), hard (its token ids and text, then nearest tokens: each vector
+is a vocabulary row, cosine 1.0, distance 0), relaxed (the most probable tokens per position, then the
+nearest tokens to the mixture), prefix (per-layer K/V: shapes and norms; no token readout exists).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -40,19 +45,58 @@ def format_nearest(prompt, model, tokenizer, k: int = 5, metric: str = "cosine")
     return "\n".join(lines) + "\n"
 
 
+def _relaxed_readout(logits, meta, tokenizer, k):
+    tau = 1.0
+    options = json.loads(meta.get("method_options", "{}"))
+    if options:
+        from .methods import RelaxedMethod
+
+        probe = RelaxedMethod.__new__(RelaxedMethod)  # only the temperature schedule is needed
+        probe.tau_start, probe.tau_end = options["tau_start"], options["tau_end"]
+        probe.step, probe.total_steps = int(meta.get("method_step", 0)), int(meta.get("method_total_steps", 0))
+        tau = probe.tau
+    values, ids = torch.softmax(logits / tau, dim=-1).topk(k, dim=-1)
+    lines = [f"# most probable tokens (softmax(logits / tau), tau {tau:.4g})"]
+    for position, (row_ids, row_values) in enumerate(zip(ids.tolist(), values.tolist())):
+        lines.append(f"prompt position {position}:")
+        lines += [f"  token_id: {i}, token: {tokenizer.decode([i])!r}, probability: {v:.4f}"
+                  for i, v in zip(row_ids, row_values)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastprompt.interpret", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="a prompt.safetensors written by fastprompt")
     parser.add_argument("--model", default=None, help="model name or path (default: the one in the file)")
     parser.add_argument("--k", type=int, default=5, help="tokens per prompt position")
     parser.add_argument("--metric", choices=["cosine", "euclidean", "both"], default="both")
+    parser.add_argument("--seed", type=int, default=1337,
+                        help="weights seed of a random model (tiny, random:*): the training run's --seed (default 1337)")
     args = parser.parse_args(argv)
     try:
+        from .methods import read_method_file, saved_method
         from .models import load_model
         from .prompt import read_prompt
 
-        prompt, meta = read_prompt(args.prompt)
-        model, tokenizer = load_model(args.model or meta.get("model") or "gpt2-large")
+        method = saved_method(args.prompt)
+        if method == "soft":
+            prompt, meta = read_prompt(args.prompt)
+        else:
+            tensors, meta = read_method_file(args.prompt)
+            prompt = tensors.get("prompt")
+        model, tokenizer = load_model(args.model or meta.get("model") or "gpt2-large", seed=args.seed)
+        if method != "soft":
+            print(f"# method: {method}")
+            if "token_ids" in meta:
+                ids = json.loads(meta["token_ids"])
+                print(f"tokens: {tokenizer.decode(ids)!r}\nids: {ids}\n")
+            if method == "relaxed":
+                print(_relaxed_readout(tensors["logits"], meta, tokenizer, args.k))
+            if method == "prefix":
+                kv = tensors["prefix"]
+                print(f"prefix K/V {tuple(kv.shape)} (n_layer, K/V, prompt_len, heads, head_dim): attention keys "
+                      "and values at every layer, not input embeddings; no vocabulary readout")
+                return 0
         hidden = model.get_input_embeddings().weight.shape[1]
         if prompt.shape[1] != hidden:
             raise FastpromptError(f"{args.prompt} has hidden size {prompt.shape[1]}, the model has {hidden}")
