@@ -28,8 +28,10 @@ def nearest_tokens(prompt: torch.Tensor, model, tokenizer, k: int = 5, metric: s
         scores = torch.nn.functional.normalize(p, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
         values, ids = scores.topk(k, dim=-1)
     elif metric == "euclidean":
-        scores = torch.cdist(p, table)
-        values, ids = scores.topk(k, dim=-1, largest=False)
+        candidates = torch.cdist(p, table).topk(k + 8, dim=-1, largest=False).indices  # (L, k + 8)
+        exact = (p[:, None] - table[candidates]).norm(dim=-1)  # direct differences: 0 for a vocabulary row
+        values, order = exact.topk(k, dim=-1, largest=False)  # (cdist's matmul form rounds to ~1e-4)
+        ids = candidates.gather(-1, order)
     else:
         raise FastpromptError(f"unknown metric {metric!r}: use cosine or euclidean")
     return [[(int(i), tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_values)]

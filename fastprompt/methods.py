@@ -309,7 +309,8 @@ class HardMethod(Method):
         return {"metric": self.metric, "lr_scale": self.lr_scale}
 
     def tensors(self, P):
-        return {"prompt": self.embeddings(P.detach()).float().cpu(), "continuous": P.detach().float().cpu()}
+        proj = self.table()[self.nearest(P)]  # exactly the vocabulary rows
+        return {"prompt": proj.float().cpu(), "continuous": P.detach().float().cpu()}
 
     @classmethod
     def params_from(cls, tensors):
