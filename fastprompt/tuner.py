@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from .engines import make_engine
 from .errors import ConfigError, DataError, PromptFileError
+from .guard import NonFiniteGuard
 from .methods import load_tuner, make_method, save_method_file, saved_method
 from .models import max_positions
 from .prompt import read_prompt, save_prompt
@@ -55,6 +56,8 @@ class PromptTuner:
         self.precision = precision
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict[str, Any]] = []
+        self.nonfinite = NonFiniteGuard(limit=3)  # NaN/inf steps are not applied; 3 in a row stop fit
+        self.resume_at: dict[str, Any] | None = None  # an epoch in progress, set by fastprompt.checkpoint
 
     # ----------------------------------------------------------------------------------------- loss
     @property
@@ -79,6 +82,8 @@ class PromptTuner:
         """One Adam step on ``batch``; returns the batch's summed CE (detached, on the device)."""
         ce_sum, n_tokens = self.engine.loss_terms(self.method.embeddings(self.prompt, train=True), batch)
         (grad,) = torch.autograd.grad(ce_sum / n_tokens, self.prompt)
+        if not self.nonfinite.check(ce_sum, grad):  # NaN/inf loss or gradient: the step is not applied
+            return ce_sum.detach()
         self.prompt.grad = grad
         self.optimizer.step()
         self.prompt.grad = None
@@ -93,8 +98,13 @@ class PromptTuner:
 
     def fit(self, train: Sequence[Any], epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
             eval_data: Sequence[Any] | None = None, progress: bool = True,
-            callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Train for ``epochs``; returns the history, one dict an epoch (train/test loss, exact match, seconds)."""
+            callback: Callable[[dict[str, Any]], None] | None = None,
+            step_callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Train for ``epochs``; returns the history, one dict an epoch (train/test loss, exact match, seconds).
+
+        ``step_callback`` gets ``{"epoch", "step", "steps", "ce_sum", "n_tokens"}`` after every step (epoch from
+        0, step = batches done in it). With ``resume_at`` set (``fastprompt.checkpoint``), the first epoch
+        skips the batches already done and carries their summed loss."""
         if epochs < 0 or batch_size < 1 or not lr > 0:
             raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
         encoded = self.encode(train)
@@ -105,21 +115,32 @@ class PromptTuner:
         from tqdm.auto import tqdm
 
         start_epoch = len(self.history)
-        self.method.plan(epochs * -(-len(encoded) // batch_size))  # schedules (relaxed: temperature)
+        resume, self.resume_at = self.resume_at, None
+        skip = resume["step"] if resume else 0
+        self.method.plan(max(0, epochs * -(-len(encoded) // batch_size) - skip))  # schedules (relaxed: temperature)
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             batches = self.batches(encoded, batch_size, epoch)
-            total = torch.zeros((), device=self.device)
-            n_tokens = 0
-            bar = tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False)
-            for step, batch in enumerate(bar):
-                total += self.train_step(batch)
-                n_tokens += sum(e.target_len for e in batch)
+            done = skip if epoch == start_epoch else 0  # batches already done (resumed mid-epoch)
+            total = torch.full((), resume["ce_sum"] if done else 0.0, device=self.device)
+            n_tokens = resume["n_tokens"] if done else 0
+            bar = tqdm(batches[done:], desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False,
+                       initial=done, total=len(batches))
+            for step, batch in enumerate(bar, start=done):
+                ce_sum = self.train_step(batch)
+                if self.nonfinite.streak == 0:  # a skipped step adds nothing to the epoch's loss
+                    total += ce_sum
+                    n_tokens += sum(e.target_len for e in batch)
+                self.nonfinite.raise_if_stuck(epoch + 1, step + 1)
                 if progress and (step % 10 == 0 or step == len(batches) - 1):  # reading the loss syncs the host
                     seen = sum(len(b) for b in batches[: step + 1])
-                    bar.set_postfix(loss=f"{total.item() / n_tokens:.4f}",
+                    bar.set_postfix(loss=f"{total.item() / max(n_tokens, 1):.4f}",
                                     ex_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": total.item() / n_tokens}
+                if step_callback is not None:
+                    step_callback({"epoch": epoch, "step": step + 1, "steps": len(batches), "ce_sum": total,
+                                   "n_tokens": n_tokens})
+            record: dict[str, Any] = {"epoch": epoch + 1,
+                                      "train_loss": total.item() / n_tokens if n_tokens else float("nan")}
             record["train_seconds"] = time.perf_counter() - t0
             if eval_data:
                 record.update({f"test_{k}": v for k, v in self.evaluate(eval_data).items()})
