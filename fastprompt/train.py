@@ -2,12 +2,18 @@
 
     python -m fastprompt.train --model gpt2-large --epochs 100 --out runs/antonyms
     python -m fastprompt.train --model tiny --epochs 2 --train-size 256 --out /tmp/run   # a quick check
+    python -m fastprompt.train ... --out runs/x --resume          # continue its last checkpoint
+    torchrun --nproc_per_node 2 -m fastprompt.train ...             # data parallel (fastprompt/distributed.py)
+
+Exit codes: 0 done; 2 bad input or options (one ``error:`` line); 3 NaN/inf losses or gradients stopped
+training (``NonFiniteError``); 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, FastpromptError
+from .errors import ConfigError, FastpromptError, NonFiniteError
 from .template import DEFAULT_TEMPLATE
 
 
@@ -43,17 +49,25 @@ class TrainConfig:
     method: str = "soft"
     method_opt: list | None = None
     progress: bool = True
+    checkpoint_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a usage error is one line and exit code 2, like every other input error
+        raise ConfigError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m fastprompt.train",
+    p = _Parser(prog="python -m fastprompt.train",
                                 description="Learn a soft prompt by backpropagation through a frozen causal LM.")
     p.add_argument("--model", default=d.model, help="hub name, local directory, or 'tiny' (default: %(default)s)")
     p.add_argument("--data", default=d.data, help="'antonyms' or a .csv/.jsonl file (default: %(default)s)")
     p.add_argument("--template", default=d.template, help="template with {prompt} and a final {target}")
     p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="trainable prompt vectors (default: 4)")
-    p.add_argument("--init", default=d.init, help="random | vocab | text:WORDS (default: random)")
+    p.add_argument("--init", default=d.init, help="random | vocab | text:WORDS | file:PROMPT.safetensors (default: random)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -72,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a method option, repeatable (relaxed: tau_start, tau_end, init_std, lr_scale, gumbel; "
                    "hard: metric, lr_scale)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
+                   help="also checkpoint every N steps (default: epoch ends and SIGINT/SIGTERM only)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out without --resume")
     return p
 
 
@@ -106,13 +124,16 @@ def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
     from .methods import parse_options, write_outputs
+    from .session import Session
 
-    if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0:
-        raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0 or not math.isfinite(config.lr):
+        raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0 (finite)")
     if config.prompt_len < 1 or config.prompt_len > 4096:
         raise ConfigError(f"--prompt-len must be between 1 and 4096, got {config.prompt_len}")
     device = resolve_device(config.device)
     out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    session = Session(config, out, device)  # --out / --resume checks; torchrun's process group
+    device = session.device
     examples = load_pairs(config.data)
     train, test = train_test_split(examples, test_size=config.test_size, seed=config.seed)
     train = subsample(train, config.train_size, seed=config.seed)
@@ -124,12 +145,13 @@ def run(config: TrainConfig) -> dict:
     tuner.encode(train)  # every template, data and context error surfaces here, before training
     if test:
         tuner.encode(test)
-    os.makedirs(out, exist_ok=True)
-    print(f"model {config.model} on {device} | engine {tuner.engine.describe()} | {len(train)} train, "
-          f"{len(test)} test examples | output {out}", flush=True)
+    session.prepare(tuner)  # --resume: checkpoint restored; torchrun: engine sharded. Nothing written so far
     metrics_path = os.path.join(out, "metrics.jsonl")
-    with open(metrics_path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(run_info(config, device)) + "\n")
+    if session.is_main:
+        os.makedirs(out, exist_ok=True)
+        print(f"model {config.model} on {device} | engine {tuner.engine.describe()} | {len(train)} train, "
+              f"{len(test)} test examples | output {out}", flush=True)
+        session.write_header(metrics_path, run_info(config, device), tuner)
 
     def log(record: dict) -> None:
         test_part = (f"  test {record['test_loss']:.4f}  exact {100 * record['test_exact_match']:.1f}%  "
@@ -140,8 +162,9 @@ def run(config: TrainConfig) -> dict:
             f.write(json.dumps(record) + "\n")
         tuner.save(os.path.join(out, "prompt.safetensors"))
 
-    tuner.fit(train, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, eval_data=test or None,
-              progress=config.progress, callback=log)
+    session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
+    if not session.is_main:
+        return tuner.history[-1] if tuner.history else {}
     tuner.save(os.path.join(out, "prompt.safetensors"))
     final = write_outputs(out, tuner, test)  # test metrics (also at --epochs 0), hard_prompt.txt
     log_final(final, metrics_path)
@@ -200,12 +223,22 @@ def plot_losses(path: str, history: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    config = parse_config(argv)
+    from .guard import Interrupted
+
+    quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports for all
     try:
-        run(config)
-    except FastpromptError as e:
+        run(parse_config(argv))
+    except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 3
+    except FastpromptError as e:
+        if not quiet:
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if not quiet:
+            print(str(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

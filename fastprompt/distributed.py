@@ -1,0 +1,156 @@
+"""Multi-process data parallel training: ``torchrun --nproc_per_node N -m fastprompt.train ...``.
+
+Every process holds the frozen model and the prompt; each global batch (the same on every rank: batches
+are a function of seed and epoch) is cut into ``N`` contiguous shards, one a rank. The loss of a batch is
+
+    loss = sum_r ce_r / n,    ce_r: the summed target cross-entropy of rank r's shard, n: the batch's tokens
+
+``n`` is known on every rank without communication (it is the whole batch's target count), so rank r
+backpropagates ``ce_r / n`` and the prompt's gradient is the all-reduced sum over ranks: exactly the
+single-process gradient of the token-weighted mean (only the order of float additions differs). Both
+reductions are autograd functions around the engine, so ``train_step``, ``loss`` and ``evaluate`` are
+unchanged: ``_SumForward`` all-reduces ``ce_r`` (backward: identity, every rank's upstream is ``1/n``),
+``_SumBackward`` is the identity on the prompt whose backward all-reduces the gradient. Every rank then
+takes the same Adam step on the same numbers. gloo on CPU, nccl on CUDA; rank 0 alone logs and writes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .engines.base import target_count
+from .errors import ConfigError
+
+
+class _SumForward(torch.autograd.Function):
+    """``sum_r x_r`` over the group; backward passes the gradient through (each rank's own term)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        y = x.detach().clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumBackward(torch.autograd.Function):
+    """Identity; backward all-reduces the gradient (the prompt's gradient summed over the ranks' shards)."""
+
+    @staticmethod
+    def forward(ctx, prompt, group):
+        ctx.group = group
+        return prompt.view_as(prompt)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class DataParallelEngine:
+    """Wraps an engine: ``loss_terms`` on this rank's shard, summed over ranks (see the module docstring)."""
+
+    def __init__(self, inner, rank: int, world_size: int, group=None):
+        self.inner, self.rank, self.world_size, self.group = inner, rank, world_size, group
+
+    def shard(self, batch: Sequence[Any]) -> Sequence[Any]:
+        n = len(batch)
+        return batch[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
+
+    def loss_terms(self, prompt: torch.Tensor, batch):
+        shard = self.shard(batch)
+        prompt = _SumBackward.apply(prompt, self.group)
+        if shard:
+            ce_local, _ = self.inner.loss_terms(prompt, shard)
+        else:  # fewer examples than ranks: this rank adds 0 but still joins both all-reduces
+            ce_local = (prompt * 0).sum().float()
+        return _SumForward.apply(ce_local, self.group), target_count(batch)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} x {self.world_size} processes"
+
+    def __getattr__(self, name):  # name, device, precision, ... of the wrapped engine
+        return getattr(self.inner, name)
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, tuner) -> None:
+        if self.active and not isinstance(tuner.engine, DataParallelEngine):
+            tuner.engine = DataParallelEngine(tuner.engine, self.rank, self.world_size)
+
+    def unwrap(self, tuner) -> None:
+        if isinstance(tuner.engine, DataParallelEngine):
+            tuner.engine = tuner.engine.inner
+
+    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """True on every rank when ``flag`` is true on any rank."""
+        if not self.active:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def info(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "backend": self.backend}
+
+
+def setup(device: torch.device) -> tuple[Context, torch.device]:
+    """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+    and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Context(), device
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return Context(rank, world, local_rank, backend), device
