@@ -19,8 +19,12 @@ def init_prompt(model, tokenizer, prompt_len: int, init: str = "random", seed: i
 
     ``random``: the post's in-distribution init, normal with the embedding table's per-dimension mean and
     std. ``text:WORDS``: the embeddings of WORDS (with the space the slot absorbs), cut or repeated to
-    length. ``vocab``: embeddings of random vocabulary tokens.
+    length. ``vocab``: embeddings of random vocabulary tokens. ``file:PATH``: the prompt saved at PATH
+    (safetensors, or a legacy ``torch.save(tensor)`` .pt), refused when made for another hidden size, model
+    or prompt length.
     """
+    if init.startswith("file:"):
+        return prompt_from_file(init[len("file:"):], model, prompt_len)
     table = embedding_table(model).detach().float().cpu()  # (V, d)
     generator = torch.Generator().manual_seed(seed)
     if init == "random":
@@ -39,7 +43,24 @@ def init_prompt(model, tokenizer, prompt_len: int, init: str = "random", seed: i
             raise ConfigError(f"--init {init!r} tokenises to nothing")
         ids = (ids * prompt_len)[:prompt_len]
         return table[torch.tensor(ids)].clone()
-    raise ConfigError(f"unknown prompt init {init!r}: use random, vocab or text:WORDS")
+    raise ConfigError(f"unknown prompt init {init!r}: use random, vocab, text:WORDS or file:PROMPT.safetensors")
+
+
+def prompt_from_file(path: str, model, prompt_len: int) -> torch.Tensor:
+    """A saved prompt to start from (``--init file:PATH``), checked against ``model`` and ``prompt_len``."""
+    if not path:
+        raise ConfigError("--init file: needs a path, e.g. file:runs/x/prompt.safetensors")
+    prompt, meta = read_prompt(path)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    if prompt.shape[1] != hidden:
+        raise PromptFileError(f"{path} was made for hidden size {prompt.shape[1]}, this model has {hidden}")
+    saved = str(meta.get("model", "") or "").rstrip("/").split("/")[-1]
+    this = str(getattr(model.config, "_name_or_path", "") or "").rstrip("/").split("/")[-1]
+    if saved and this and saved != this:
+        raise PromptFileError(f"{path} was made for model {saved!r}, not {this!r}")
+    if prompt.shape[0] != prompt_len:
+        raise PromptFileError(f"{path} holds a prompt of length {prompt.shape[0]}; pass --prompt-len {prompt.shape[0]}")
+    return prompt.clone()
 
 
 def save_prompt(path: str, prompt: torch.Tensor, metadata: dict[str, object]) -> None:
