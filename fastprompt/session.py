@@ -32,6 +32,10 @@ class Session:
         self.overwrite = bool(getattr(config, "overwrite", False))
         if self.every < 0:
             raise ConfigError(f"--checkpoint-every must be >= 0 (0: epoch ends only), got {self.every}")
+        if getattr(config, "cuda_graphs", "auto") not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown --cuda-graphs {config.cuda_graphs!r}: use auto, on or off")
+        if config.samples < 0:
+            raise ConfigError(f"--samples must be >= 0, got {config.samples}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.resume and not config.out:
@@ -111,6 +115,7 @@ class Session:
         def after_step(info: dict[str, Any]) -> None:
             stop = self.ctx.any(self.signals.requested, self.device)
             due = self.every and info["step"] % self.every == 0 and info["step"] < info["steps"]
+            due = due and tuner.nonfinite.streak == 0  # the last good checkpoint stays during a NaN streak
             if stop or due:
                 self.save(tuner, epoch=info["epoch"], step=info["step"], ce_sum=float(info["ce_sum"]),
                           n_tokens=info["n_tokens"])
