@@ -230,6 +230,24 @@ def test_rejects_other_activation():
         FusedEngine(model, TemplateEncoder(TEMPLATES["middle"], tokenizer(), 4))
 
 
+def test_refuses_a_model_whose_forward_differs():
+    """A GPT-2 whose own forward changes the logits: the once-per-engine check catches it."""
+    model = copy.copy(model_for(seed=1))  # shares the modules
+    plain_forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    model.forward = scaled_forward
+    enc = TemplateEncoder(TEMPLATES["middle"], tokenizer(), 4)
+    batch = enc.encode_all(examples(2, 0))
+    with pytest.raises(ConfigError, match="generic"):
+        FusedEngine(model, enc).loss_terms(fresh_prompt(model, 4, 0), batch)
+    FusedEngine(model, enc, self_check=False).loss_terms(fresh_prompt(model, 4, 0), batch)  # opt-out
+
+
 # --------------------------------------------------------------------------------- low precision
 @pytest.mark.parametrize("template", ["middle", "end"])
 @pytest.mark.parametrize("precision", ["bf16", "autocast"])

@@ -26,6 +26,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
+from ..models import eval_mode
 from ..template import Encoded, TemplateEncoder
 from .base import Engine
 from .ops import get_ops
@@ -170,7 +171,7 @@ class FusedEngine(Engine):
     name = "fused"
 
     def __init__(self, model, encoder: TemplateEncoder, precision: str = "fp32", kernels: str = "auto",
-                 cuda_graphs: str = "auto", **ignored_future_options):
+                 cuda_graphs: str = "auto", self_check: bool = True, **ignored_future_options):
         super().__init__(model, encoder, precision)
         self.kernels = kernels
         self.cuda_graphs = cuda_graphs  # stored for the CUDA-graph issue; unused here
@@ -178,6 +179,7 @@ class FusedEngine(Engine):
         self.ops = get_ops(kernels, self.device)
         self.weights = read_gpt2_weights(model, torch.bfloat16 if precision == "bf16" else None)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._checked = not self_check
 
     def describe(self) -> str:
         return f"{self.name} ({self.precision}, kernels={self.ops.name})"
@@ -194,12 +196,38 @@ class FusedEngine(Engine):
 
     def loss_terms(self, prompt: torch.Tensor, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         packed = self.pack(batch)
+        if not self._checked:
+            self.check_against_model(prompt, batch[0])
         with self.autocast():
             prefix_kv = self.prefix_kv()
             x = self.embed(prompt, packed)  # (rows, d)
             h = self.blocks(x, prefix_kv, packed)  # (n_targets, d) after ln_f
             loss = self.ops.lm_head_ce(h, self.weights.lm_head, packed.target_ids)  # (n_targets,) fp32
         return loss.float().sum(), packed.n_targets
+
+    def check_against_model(self, prompt: torch.Tensor, example: Encoded) -> None:
+        """Once per engine: our logits at one example's target rows must be the model's own (its forward
+        may differ from vanilla GPT-2: a subclass, an output transform). One unbatched forward, no grad."""
+        packed = self.pack([example])
+        L, start = self.encoder.prompt_len, example.prompt_start
+        with torch.no_grad(), self.autocast():
+            h = self.blocks(self.embed(prompt.detach(), packed), self.prefix_kv(), packed)  # (n_targets, d)
+            ours = (h @ self.weights.lm_head.to(h.dtype).t()).float()  # (n_targets, V)
+            wte = self.model.get_input_embeddings()
+            embeds = wte(torch.tensor([example.ids], device=self.device))  # (1, T, d)
+            embeds[0, start : start + L] = prompt.detach().to(embeds.dtype)
+            with eval_mode(self.model):
+                full = self.model(inputs_embeds=embeds, use_cache=False).logits[0].float()
+        full = full[example.target_start - 1 : len(example.ids) - 1]  # (n_targets, V)
+        exact = (self.precision == "fp32" and full.dtype == ours.dtype == torch.float32
+                 and (self.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"))
+        tol = 1e-3 if exact else 5e-2  # loose enough for TF32/bf16 rounding, far below a real transform
+        err = (full - ours).abs().max().item()
+        if not err <= tol * (1.0 + full.abs().max().item()):
+            raise ConfigError(
+                f"the fused engine's GPT-2 forward does not reproduce the logits of {type(self.model).__name__} "
+                f"(max difference {err:.3g}): the model is not a plain GPT-2; use engine='generic' or 'naive'")
+        self._checked = True
 
     # ----------------------------------------------------------------------------------- forward
     def embed(self, prompt: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
