@@ -1,0 +1,119 @@
+"""Prefix-tuning on the tiny GPT-2: naive (own forward, K/V spliced at the slot) vs fast (generic machinery)
+exact in fp32, both against Hugging Face's own forward; init from text = the hand-written prompt."""
+import inspect
+
+import pytest
+import torch
+
+import fastprompt as fp
+from fastprompt.prefix import gpt2_prefix_forward
+
+from helpers import rel_err, tiny_gpt2, tokenizer
+
+PAIRS = [("hot", "cold"), ("up", "down"), ("good", "bad"), ("big", "small"), ("wet", "dry"),
+         ("incapable", "capable"), ("heterogeneity", "homogeneity")]
+TEMPLATES = ["Here are two {prompt} {input} and {target}",  # prompt mid-head, text after it
+             "{prompt} {input} and {target}",  # prompt at the start: no constant prefix
+             "Here are two {prompt}{input} and {target}",  # prompt ends the head
+             "Word {input}, {prompt} now: {target}"]  # a field before the prompt (naive fallback)
+
+
+def test_own_forward_matches_hugging_face():
+    model = tiny_gpt2(seed=1, initializer_range=0.2, n_embd=48, n_head=3)
+    ids = torch.randint(0, 50257, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    ours = model.lm_head(gpt2_prefix_forward(model, model.transformer.wte(ids), torch.arange(9).expand(3, 9), mask))
+    theirs = model(input_ids=ids).logits
+    assert rel_err(ours, theirs) < 1e-5
+
+
+def test_naive_prefix_matches_a_hugging_face_cache_for_a_prompt_at_the_start():
+    """Independent check: HF's forward with the prefix K/V as past_key_values (the prompt first)."""
+    from transformers import DynamicCache
+
+    model, tok = tiny_gpt2(seed=2, initializer_range=0.2), tokenizer()
+    tuner = fp.PromptTuner(model, tok, "{prompt} {input} and {target}", 3, method="prefix", engine="naive", seed=4)
+    kv = tuner.prompt.detach()
+    enc = tuner.encode(PAIRS[:1])[0]
+    cache = DynamicCache(config=model.config)
+    for layer in range(kv.shape[0]):
+        cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+    ids = torch.tensor([enc.ids[3:]])
+    T = ids.shape[1]
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x rename
+    logits = model(input_ids=ids, **{name: cache}, position_ids=torch.arange(3, 3 + T)[None],
+                   attention_mask=torch.ones(1, 3 + T, dtype=torch.long)).logits[0]
+    labels = torch.tensor(enc.ids[enc.target_start:])
+    ce = torch.nn.functional.cross_entropy(logits[enc.target_start - 4 : T - 1], labels, reduction="sum")
+    ce_naive, _ = tuner.engine.loss_terms(kv, [enc])
+    assert rel_err(ce_naive, ce) < 1e-5
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_fast_equals_naive_fp32(template):
+    model, tok = tiny_gpt2(seed=3, initializer_range=0.2), tokenizer()
+    naive = fp.PromptTuner(model, tok, template, 4, method="prefix", engine="naive", seed=5)
+    fast = fp.PromptTuner(model, tok, template, 4, method="prefix", engine="auto", prompt=naive.prompt.detach())
+    assert fast.engine.name == "prefix"
+    g = torch.Generator().manual_seed(0)
+    kv = naive.prompt.detach() + 0.3 * torch.randn(naive.prompt.shape, generator=g)  # away from the init
+    for tuner in (naive, fast):
+        tuner.prompt.data.copy_(kv)
+    losses, grads = [], []
+    for tuner in (naive, fast):
+        loss = tuner.loss(PAIRS)
+        (grad,) = torch.autograd.grad(loss, tuner.prompt)
+        losses.append(loss)
+        grads.append(grad)
+    assert rel_err(losses[1], losses[0]) <= 1e-5 and rel_err(grads[1], grads[0]) <= 1e-5
+    assert grads[0].abs().sum() > 0 and torch.isfinite(grads[1]).all()
+
+
+def test_text_init_equals_the_hand_written_soft_prompt():
+    model, tok = tiny_gpt2(seed=4, initializer_range=0.2), tokenizer()
+    L = len(tok(" antonyms", add_special_tokens=False)["input_ids"])
+    soft = fp.PromptTuner(model, tok, prompt_len=L, engine="naive", init="text:antonyms")
+    for engine in ("naive", "auto"):
+        prefix = fp.PromptTuner(model, tok, prompt_len=L, method="prefix", engine=engine, init="text:antonyms")
+        assert rel_err(prefix.loss(PAIRS), soft.loss(PAIRS)) < 1e-5
+    assert prefix.generate(["hot", "up"]) == soft.generate(["hot", "up"])  # greedy readout agrees too
+
+
+def test_training_lowers_the_loss_and_save_load(tmp_path):
+    model, tok = tiny_gpt2(seed=5, initializer_range=0.2), tokenizer()
+    tuner = fp.PromptTuner(model, tok, prompt_len=4, method="prefix", seed=1)
+    assert tuner.prompt.shape == (2, 2, 4, 4, 16)
+    before = tuner.loss(PAIRS).item()
+    tuner.fit(PAIRS, epochs=4, batch_size=4, lr=1e-2, progress=False)
+    assert tuner.loss(PAIRS).item() < before
+    path = str(tmp_path / "prefix.safetensors")
+    tuner.save(path)
+    loaded = fp.PromptTuner.load(path, model, tok)
+    assert loaded.method.name == "prefix" and torch.equal(loaded.prompt, tuner.prompt)
+    assert rel_err(loaded.loss(PAIRS), tuner.loss(PAIRS)) < 1e-6
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        assert list(f.keys()) == ["prefix"] and meta["method"] == "prefix" and meta["n_layer"] == "2"
+    other = tiny_gpt2(seed=5, n_layer=3)
+    with pytest.raises(fp.PromptFileError):
+        fp.PromptTuner.load(path, other, tok, strict=False)
+
+
+def test_refusals():
+    model, tok = tiny_gpt2(), tokenizer()
+    with pytest.raises(fp.ConfigError, match="cannot directly"):
+        fp.PromptTuner(model, tok, "Q: {input} A: {prompt} {target}", 2, method="prefix")
+    with pytest.raises(fp.ConfigError, match="engine"):
+        fp.PromptTuner(model, tok, prompt_len=2, method="prefix", engine="fused")
+
+
+def test_cli_prefix(tmp_path):
+    from fastprompt.train import main
+
+    out = tmp_path / "p"
+    assert main(["--model", "tiny", "--epochs", "1", "--train-size", "32", "--test-size", "0.005", "--method",
+                 "prefix", "--out", str(out), "--no-progress", "--samples", "2"]) == 0
+    assert "no vocabulary readout" in (out / "nearest.txt").read_text()
+    assert (out / "samples.txt").read_text().count("Predicted:") == 2
