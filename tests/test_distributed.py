@@ -1,0 +1,51 @@
+"""Data parallel training: 2 CPU processes (gloo, torchrun) give the prompt of one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastprompt.distributed import DataParallelEngine
+from fastprompt.train import main
+
+# 17 examples, batch 8: batches of 8, 8 and 1 (the last leaves rank 0 an empty shard)
+ARGS = ["--model", "tiny", "--epochs", "1", "--train-size", "17", "--batch-size", "8", "--test-size", "0",
+        "--samples", "1", "--lr", "1e-2", "--no-progress"]
+
+
+def test_shards_cover_the_batch_once():
+    for n in range(0, 11):
+        for world in (1, 2, 3):
+            batch = list(range(n))
+            shards = [DataParallelEngine(None, r, world).shard(batch) for r in range(world)]
+            assert sum(shards, []) == batch
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+def test_two_gloo_processes_match_one_process(tmp_path):
+    single = tmp_path / "single"
+    assert main([*ARGS, "--out", str(single)]) == 0
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    torchrun = torchrun if os.path.exists(torchrun) else shutil.which("torchrun")
+    multi = tmp_path / "multi"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt.train", *ARGS,
+                             "--out", str(multi), "--checkpoint-every", "1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_file(str(single / "prompt.safetensors"))["prompt"], load_file(str(multi / "prompt.safetensors"))["prompt"]
+    rel = ((a - b).norm() / a.norm()).item()
+    assert rel <= 1e-6, rel
+    assert result.stdout.count("model tiny on cpu") == 1 and "x 2 processes" in result.stdout  # rank 0 prints
+    lines = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["world_size"] == 2 and lines[0]["backend"] == "gloo"
+    epochs = [r for r in lines if "epoch" in r and "event" not in r]
+    single_epochs = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()
+                     if '"train_loss"' in line]
+    assert len(epochs) == 1
+    assert abs(epochs[0]["train_loss"] - single_epochs[0]["train_loss"]) <= 1e-6 * single_epochs[0]["train_loss"]
