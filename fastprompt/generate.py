@@ -1,6 +1,7 @@
 """Greedy decoding of the target word after a prompted prefix (for samples, exact match, parrot rate)."""
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -40,10 +41,13 @@ def _greedy_batch(model, tokenizer, prefixes, prompt, max_new_tokens, autocast):
     generated = [[] for _ in range(B)]
     done = [False] * B
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+    # logits at the last position only (Gemma's 262k vocabulary at every position dominated the time)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with eval_mode(model), ctx:
         for _ in range(max_new_tokens):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                           **last_only).logits
             next_ids = logits[:, -1].float().argmax(-1)
             for b, tok in enumerate(next_ids.tolist()):
                 if done[b]:
