@@ -41,7 +41,7 @@ def test_cli_on_a_saved_tiny_prompt(tmp_path, capsys):
 def test_cli_reads_each_method(tmp_path, capsys):
     model, tok = fp.load_model("tiny", seed=1337)
     for method in ("hard", "relaxed", "prefix"):
-        tuner = fp.PromptTuner(model, tok, prompt_len=3, engine="naive", method=method, init="text:antonyms")
+        tuner = fp.PromptTuner(model, tok, prompt_len=4, engine="naive", method=method, init="text:antonyms")
         path = str(tmp_path / f"{method}.safetensors")
         tuner.save(path)
         assert main([path, "--model", "tiny", "--k", "1"]) == 0, method
