@@ -101,8 +101,10 @@ def save_checkpoint(out: str, tuner, *, epoch: int, step: int, ce_sum: float, n_
     }
     text = json.dumps(state, sort_keys=True)
     os.makedirs(out, exist_ok=True)
-    _atomic_write(os.path.join(out, TENSORS), lambda tmp: save_file(tensors, tmp, metadata={"fastprompt_checkpoint": text}))
-    _atomic_write(os.path.join(out, SIDECAR), lambda tmp: _write_text(tmp, json.dumps(state, indent=1, sort_keys=True)))
+    _atomic_write(os.path.join(out, TENSORS),
+                  lambda tmp: save_file(tensors, tmp, metadata={"fastprompt_checkpoint": text}))
+    _atomic_write(os.path.join(out, SIDECAR),
+                  lambda tmp: _write_text(tmp, json.dumps(state, indent=1, sort_keys=True)))
     return state
 
 
@@ -156,7 +158,8 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], path: str) -
                               f"resume with the same {flag}, or start afresh in another --out")
 
 
-def restore(tuner, tensors: dict[str, torch.Tensor], state: dict[str, Any], lr: float, path: str = "checkpoint") -> None:
+def restore(tuner, tensors: dict[str, torch.Tensor], state: dict[str, Any], lr: float,
+            path: str = "checkpoint") -> None:
     """Put the checkpoint into ``tuner``: trainable tensors, optimizer, RNGs, history, method schedule and
     the resume point of the epoch in progress (consumed by the next ``fit``)."""
     hidden = int(tuner.model.get_input_embeddings().weight.shape[1])
