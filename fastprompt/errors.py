@@ -26,4 +26,4 @@ class ConfigError(FastpromptError, ValueError):
 
 
 class NonFiniteError(FastpromptError, FloatingPointError):
-    """Training produced NaN/inf losses or gradients several steps in a row."""
+    """Training produced NaN/inf losses or gradients several steps in a row (the CLI exits with code 3)."""
