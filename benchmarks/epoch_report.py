@@ -46,6 +46,8 @@ def table(records: Iterable[dict]) -> str:
     cols = ["engine", "precision", "L", "epoch s", "x naive fp32"]
     if gpu:
         cols += ["x naive autocast", "ms/step", "floor ms", "x floor", "peak GB"]
+    else:
+        cols += ["cpu s"]
     cols += ["rows/ex", "GFLOP/s", "note"]
     rows = []
     for r in records:
@@ -60,6 +62,8 @@ def table(records: Iterable[dict]) -> str:
             step = r.get("ms_per_step")
             row += [_fmt(r.get("speedup_vs_naive_autocast"), ".2f"), _fmt(step, ".2f"), _fmt(floor, ".2f"),
                     _fmt(step / floor if step and floor else None, ".1f"), _fmt(r.get("peak_mem_gb"), ".2f")]
+        else:
+            row += [_fmt(r.get("process_cpu_s"), ".2f")]
         row += [_fmt(r.get("rows_per_example"), ".2f"), _fmt(r.get("gflop_per_s"), ".1f"), r.get("note", "")]
         rows.append(row)
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
@@ -75,6 +79,11 @@ def table(records: Iterable[dict]) -> str:
     out.append("epoch s: median over rounds of one epoch of Adam steps (tokenisation done once before timing); "
                "x naive: speedup over that baseline measured in this run; rows/ex: transformer rows computed "
                "per example per step (naive, PEFT: padded length; generic, fused: engine.rows_per_example)")
+    loads = [x for r in records for x in (r.get("loadavg_1min") or []) if x is not None]
+    if not gpu:
+        out.append("cpu s: this process's CPU time for the same epoch (median round); it shows how much of the "
+                   "wall time the process actually ran" + (f"; 1-minute load average during the run "
+                                                           f"{min(loads):.1f}-{max(loads):.1f}" if loads else ""))
     if gpu:
         bw = first.get("copy_GBps")
         out.append(f"floor ms: 2 x bf16 weight bytes / measured device-to-device copy bandwidth "

@@ -91,7 +91,7 @@ else
 fi
 
 # 3. the gpu tests (they skip without CUDA: the dry run only checks they collect)
-stage gpu_tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rs
+stage gpu_tests 90 "$PY" -m pytest -m gpu tests -v -p no:cacheprovider -rfEs --durations=5
 
 # 4. the GPU benchmark suite
 TAIL_LINES=30 stage bench 200 "$PY" -m pytest benchmarks/test_epoch.py --benchmark-only -q -p no:cacheprovider \
