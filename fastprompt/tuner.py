@@ -58,6 +58,8 @@ class PromptTuner:
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteGuard(limit=3)  # NaN/inf steps are not applied; 3 in a row stop fit
         self.resume_at: dict[str, Any] | None = None  # an epoch in progress, set by fastprompt.checkpoint
+        self._static_step = None  # the fused engine's captured step (CUDA graphs), built by the first fit
+        self._batch_size = 64
 
     # ----------------------------------------------------------------------------------------- loss
     @property
@@ -75,11 +77,19 @@ class PromptTuner:
         return ce_sum / n_tokens
 
     # ------------------------------------------------------------------------------------- training
+    def uses_cuda_graphs(self) -> bool:
+        """The fused engine captures whole steps (soft prompts on CUDA; engines/graphs.py)."""
+        graphs = getattr(self.engine, "graphs_enabled", None)
+        return bool(graphs and graphs()) and self.method.name == "soft"
+
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.method.param_groups(self.prompt, lr), lr=lr)
+        extra = {"capturable": True} if self.uses_cuda_graphs() else {}  # Adam's step counter on the device
+        return torch.optim.Adam(self.method.param_groups(self.prompt, lr), lr=lr, **extra)
 
     def train_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
         """One Adam step on ``batch``; returns the batch's summed CE (detached, on the device)."""
+        if self.uses_cuda_graphs():
+            return self._graphed_step(batch)
         ce_sum, n_tokens = self.engine.loss_terms(self.method.embeddings(self.prompt, train=True), batch)
         (grad,) = torch.autograd.grad(ce_sum / n_tokens, self.prompt)
         if not self.nonfinite.check(ce_sum, grad):  # NaN/inf loss or gradient: the step is not applied
@@ -89,6 +99,20 @@ class PromptTuner:
         self.prompt.grad = None
         self.method.after_step(self.prompt)
         return ce_sum.detach()
+
+    def _graphed_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        """The captured step: NaN/inf steps are skipped on the device; their streak is read back every
+        16 steps (a host sync), not after each one."""
+        step = self._static_step
+        if step is None or step.optimizer is not self.optimizer or step.batch_size != self._batch_size:
+            self._static_step = self.engine.static_step(self.prompt, self.optimizer, self._batch_size)
+            self._since_sync = 0
+        ce_sum = self._static_step(batch)
+        self._since_sync += 1
+        if self._since_sync >= 16:
+            self.nonfinite.streak = int(self._static_step.streak.item())
+            self._since_sync = 0
+        return ce_sum
 
     def batches(self, encoded: Sequence[Encoded], batch_size: int, epoch: int) -> list[list[Encoded]]:
         """The epoch's shuffled batches (seeded by ``seed`` and ``epoch``; the last one may be partial)."""
@@ -112,6 +136,7 @@ class PromptTuner:
             self.encode(eval_data)  # check the evaluation data before training starts
         if self.optimizer is None:
             self.optimizer = self.make_optimizer(lr)
+        self._batch_size = batch_size
         from tqdm.auto import tqdm
 
         start_epoch = len(self.history)

@@ -29,6 +29,7 @@ from ..errors import ConfigError, DataError
 from ..models import eval_mode
 from ..template import Encoded, TemplateEncoder
 from .base import Engine
+from ..nvtx import nvtx_range
 from .ops import get_ops
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -174,17 +175,34 @@ class FusedEngine(Engine):
                  cuda_graphs: str = "auto", self_check: bool = True, **ignored_future_options):
         super().__init__(model, encoder, precision)
         self.kernels = kernels
-        self.cuda_graphs = cuda_graphs  # stored for the CUDA-graph issue; unused here
+        if cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown cuda_graphs {cuda_graphs!r}: use auto, on or off")
+        if cuda_graphs == "on" and self.device.type != "cuda":
+            raise ConfigError("--cuda-graphs on needs a CUDA device; use auto or off on the CPU")
+        self.cuda_graphs = cuda_graphs
         self.options = dict(ignored_future_options)
-        self.ops = get_ops(kernels, self.device)
+        self.ops = get_ops(kernels, self.device, torch.bfloat16 if precision in ("bf16", "autocast") else None)
         self.weights = read_gpt2_weights(model, torch.bfloat16 if precision == "bf16" else None)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked = not self_check
 
     def describe(self) -> str:
-        return f"{self.name} ({self.precision}, kernels={self.ops.name})"
+        graphs = "on" if self.graphs_enabled() else "off"
+        return (f"{self.name} ({self.precision}, kernels={self.ops.name}, "
+                f"attention={self.ops.sources.get('tree_attention', 'torch')}, cuda-graphs={graphs})")
 
     # ------------------------------------------------------------------------------------ public
+    def graphs_enabled(self) -> bool:
+        """Whole-step CUDA graphs: ``on``, or ``auto`` on a CUDA device."""
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and self.device.type == "cuda")
+
+    def static_step(self, prompt: torch.nn.Parameter, optimizer, batch_size: int):
+        """The whole training step on bucketed static shapes, captured as CUDA graphs (engines/graphs.py).
+        ``optimizer`` must be ``torch.optim.Adam(..., capturable=True)`` for capture."""
+        from .graphs import StaticStep
+
+        return StaticStep(self, prompt, optimizer, batch_size, capture=self.graphs_enabled())
+
     def pack(self, batch: Sequence[Encoded]) -> PackedBatch:
         return PackedBatch.build(self.encoder, batch, self.device)
 
@@ -198,12 +216,17 @@ class FusedEngine(Engine):
         packed = self.pack(batch)
         if not self._checked:
             self.check_against_model(prompt, batch[0])
-        with self.autocast():
+        return self.packed_loss(prompt, packed), packed.n_targets
+
+    def packed_loss(self, prompt: torch.Tensor, packed: PackedBatch,
+                    target_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Summed target CE of a packed batch; ``target_weight`` (n_targets,) masks padded target rows."""
+        with self.autocast(), nvtx_range("forward"):
             prefix_kv = self.prefix_kv()
             x = self.embed(prompt, packed)  # (rows, d)
             h = self.blocks(x, prefix_kv, packed)  # (n_targets, d) after ln_f
-            loss = self.ops.lm_head_ce(h, self.weights.lm_head, packed.target_ids)  # (n_targets,) fp32
-        return loss.float().sum(), packed.n_targets
+            loss = self.ops.lm_head_ce(h, self.weights.lm_head, packed.target_ids).float()  # (n_targets,) fp32
+        return loss.sum() if target_weight is None else (loss * target_weight).sum()
 
     def check_against_model(self, prompt: torch.Tensor, example: Encoded) -> None:
         """Once per engine: our logits at one example's target rows must be the model's own (its forward

@@ -178,7 +178,23 @@ def _import_ops(module_name: str, names, hint: str) -> dict:
     return {n: getattr(module, n) for n in names}
 
 
-def get_ops(kernels: str = "auto", device: torch.device | str | None = None) -> Ops:
+def get_ops(kernels: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Ops:
+    """``_select_ops`` plus the attention backend: flash-attn's varlen kernel replaces ``tree_attention``
+    on CUDA in bf16/fp16 when flash-attn is installed (see engines/attention.py), for every kernels
+    choice but ``torch``."""
+    ops = _select_ops(kernels, device)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if kernels != "torch" and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        from .attention import FLASH_ATTN_AVAILABLE, varlen_tree_attention
+
+        if FLASH_ATTN_AVAILABLE:
+            sources = {**ops.sources, "tree_attention": "flash-attn"}
+            ops = Ops(ops.add_layer_norm, ops.linear, ops.bias_gelu, varlen_tree_attention, ops.lm_head_ce,
+                      ops.name, sources)
+    return ops
+
+
+def _select_ops(kernels: str = "auto", device: torch.device | str | None = None) -> Ops:
     """The ops for ``kernels`` in ``auto|torch|triton|cuda`` on ``device``.
 
     ``torch``: the plain-torch ops above. ``triton``: all five from ``fastprompt.kernels``. ``cuda``: the
@@ -209,5 +225,9 @@ def get_ops(kernels: str = "auto", device: torch.device | str | None = None) -> 
         cuda_hint = ("build the CUDA extension (pip install -e . with a CUDA torch and nvcc, "
                      "FASTPROMPT_BUILD_CUDA=1), or pass kernels='triton'")
         chosen.update(_import_ops("fastprompt.cuda_ops", ("add_layer_norm",), cuda_hint))
+        from fastprompt.cuda_ops import CUDA_EXT_AVAILABLE
+
+        if not CUDA_EXT_AVAILABLE:
+            raise ConfigError(f"kernels='cuda' needs the fastprompt._C extension, which is not built: {cuda_hint}")
         sources["add_layer_norm"] = "cuda"
     return Ops(**chosen, name=kernels, sources=sources)
