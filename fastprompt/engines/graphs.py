@@ -143,6 +143,8 @@ class StaticStep:
             ce_out.copy_(torch.where(ok, ce_sum.detach(), torch.zeros_like(ce_sum)))
 
     def __call__(self, batch: Sequence[Encoded]) -> torch.Tensor:
+        if not self.engine._checked:  # the engine's one-time comparison with the model, never inside a graph
+            self.engine.check_against_model(self.prompt, batch[0])
         packed = self.engine.pack(batch)
         encoder = self.engine.encoder
         shape = static_shape(packed, self.batch_size, encoder.prompt_start is not None, encoder.prompt_len)
