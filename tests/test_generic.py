@@ -1,10 +1,10 @@
 """The generic engine against the naive reference: same loss, same prompt gradient, same training run.
 
 Tiny random models (GPT-2, Llama, Qwen2, Gemma3 with a sliding window shorter than the sequences and logit
-soft-capping) with the GPT-2 tokenizer. fp32 tolerance 1e-5 (relative, norm): fp32 alone explains a few
-1e-6 here, because CPU BLAS reduces the LM-head backward's 50,257-long sum less accurately for fewer than
-~16 rows (the generic engine multiplies only target rows); in float64 both engines agree to ~1e-15.
+soft-capping) with the GPT-2 tokenizer. fp32 tolerance 1e-5 (relative, norm; measured <= ~7e-7 against naive
+fp32 at >= 16 rows and against naive float64); in float64 both engines agree to ~1e-16 (GPT-2).
 """
+import copy
 import functools
 import random
 
@@ -47,8 +47,10 @@ def tiny(kind: str):
 
     common = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "llama":
+    if kind in ("llama", "llama_eager"):
         config, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
+        if kind == "llama_eager":
+            config._attn_implementation = "eager"  # the default elsewhere is sdpa
     elif kind == "qwen2":
         config, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
     else:  # gemma3: window 4 < sequence length, so the cache of the sliding layer is cut; soft-capped logits
@@ -59,6 +61,12 @@ def tiny(kind: str):
         torch.manual_seed(0)
         model = cls(config)
     return model.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny64(kind: str):
+    """The same model in float64: a reference that fp32 rounding does not blur."""
+    return copy.deepcopy(tiny(kind)).to(torch.float64)
 
 
 def examples(template: str, n: int, seed: int = 0):
@@ -95,10 +103,13 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def compare(model, template, prompt_len, n, precision="fp32", seed=0):
+def compare(kind, template, prompt_len, n, precision="fp32", seed=0, reference=torch.float32):
+    """Relative (loss, gradient) error of the generic engine against naive, run at ``reference`` dtype."""
+    model = tiny(kind)
     encoder, batch = encode(model, template, prompt_len, n, seed)
     prompt = random_prompt(model, prompt_len)
-    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+    ref_model = model if reference == torch.float32 else tiny64(kind)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(ref_model, encoder), prompt.to(reference), batch)
     loss, grad = loss_and_grad(GenericEngine(model, encoder, precision), prompt, batch)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     return rel(loss, ref_loss), rel(grad, ref_grad)
@@ -116,7 +127,15 @@ def test_data_is_awkward():
 @pytest.mark.parametrize("template", [START, MIDDLE, END, TWO_FIELDS, HEAD_ROW])
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "gemma3"])
 def test_matches_naive(kind, template):
-    loss_err, grad_err = compare(tiny(kind), template, prompt_len=5, n=7)
+    loss_err, grad_err = compare(kind, template, prompt_len=5, n=7)
+    assert loss_err <= 1e-5 and grad_err <= 1e-5, (loss_err, grad_err)
+
+
+@pytest.mark.parametrize("template", [MIDDLE, END])
+def test_matches_naive_eager_attention(template):
+    """Eager attention as well as SDPA (the default of every other test)."""
+    assert tiny("llama_eager").config._attn_implementation == "eager"
+    loss_err, grad_err = compare("llama_eager", template, prompt_len=5, n=7)
     assert loss_err <= 1e-5 and grad_err <= 1e-5, (loss_err, grad_err)
 
 
@@ -124,7 +143,10 @@ def test_matches_naive(kind, template):
     (END, 1, 64), (MIDDLE, 5, 1), (MIDDLE, 5, 64), (END, 64, 1), (MIDDLE, 64, 7)])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_prompt_lengths_and_batch_sizes(kind, template, prompt_len, batch_size):
-    loss_err, grad_err = compare(tiny(kind), template, prompt_len, batch_size, seed=batch_size)
+    """At batch 1 the reference is naive in float64: there the fp32 naive loop has fewer than 16 rows and is
+    itself ~7e-6 off (the CPU BLAS effect described at ROW_BUCKET in generic.py), too close to 1e-5."""
+    reference = torch.float64 if batch_size == 1 else torch.float32
+    loss_err, grad_err = compare(kind, template, prompt_len, batch_size, seed=batch_size, reference=reference)
     assert loss_err <= 1e-5 and grad_err <= 1e-5, (loss_err, grad_err)
 
 
@@ -133,14 +155,11 @@ def test_exact_in_float64(kind, template):
     """The same computation, not an approximation: float64 models agree far below fp32 rounding. Both
     engines take the cross-entropy in fp32 by contract (``logits.float()``), which bounds the agreement: ~1e-16
     for GPT-2, ~1e-7 with Gemma's soft-capped logits."""
-    model = tiny(kind).to(torch.float64)
-    try:
-        encoder, batch = encode(model, template, 5, 7)
-        prompt = random_prompt(model, 5, dtype=torch.float64)
-        ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
-        loss, grad = loss_and_grad(GenericEngine(model, encoder), prompt, batch)
-    finally:
-        model.to(torch.float32)
+    model = tiny64(kind)
+    encoder, batch = encode(model, template, 5, 7)
+    prompt = random_prompt(model, 5, dtype=torch.float64)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+    loss, grad = loss_and_grad(GenericEngine(model, encoder), prompt, batch)
     assert rel(loss, ref_loss) <= 1e-6 and rel(grad, ref_grad) <= 1e-6, (rel(loss, ref_loss), rel(grad, ref_grad))
 
 
@@ -156,7 +175,7 @@ def test_fit_matches_naive():
         prompts.append(tuner.prompt.detach().clone())
     moved = (prompts[0] - start).norm()
     assert moved > 0
-    assert ((prompts[1] - prompts[0]).norm() / moved).item() <= 1e-4
+    assert ((prompts[1] - prompts[0]).norm() / moved).item() <= 1e-5  # measured 3e-7
     for a, b in zip(*histories):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
 
