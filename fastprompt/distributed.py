@@ -80,6 +80,10 @@ class DataParallelEngine:
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes"
 
+    def graphs_enabled(self) -> bool:
+        """No captured whole steps: the inner engine's CUDA graph would skip the gradient all-reduce."""
+        return False
+
     def __getattr__(self, name):  # name, device, precision, ... of the wrapped engine
         return getattr(self.inner, name)
 
