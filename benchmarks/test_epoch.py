@@ -199,6 +199,7 @@ class TunerRunner:
         self.tuner = fp.PromptTuner(s.model, s.tokenizer, TEMPLATE, case.prompt_len, engine=case.engine,
                                     precision=case.precision, seed=SEED, **dict(case.options))
         self.tuner.optimizer = self.tuner.make_optimizer(LR)
+        self.tuner._batch_size = s.batch_size  # as fit() sets it: the CUDA-graph step's static batch size
         self.engine = self.tuner.engine
 
     def describe(self) -> str:
