@@ -162,3 +162,27 @@ def test_sample_efficiency_script_smoke(tmp_path):
     table = (out / "results.md").read_text()
     assert "| 8 | 1 |" in table and "| 16 | 2 |" in table
     assert (out / "sample_efficiency.png").stat().st_size > 0
+
+
+def test_missing_gemma_packages_give_an_install_hint(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("gemma3") else real(name, *a))
+    with pytest.raises(fp.ModelError, match=r"fastprompt\[gemma\]"):
+        fp.load_model("gemma3-270m")
+
+
+def test_open_questions_script_smoke(tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "open_questions.py")
+    spec = importlib.util.spec_from_file_location("open_questions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "oq"
+    assert module.main(["--model", "tiny", "--train-size", "8", "--test-limit", "4", "--epochs", "1",
+                        "--batch-size", "8", "--engine", "naive", "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| hand-written | 4 | 0 |" in table and "| hard |" in table and "argmax tokens" in table
