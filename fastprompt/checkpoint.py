@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, NonFiniteError, PromptFileError
+from .prompt import atomic_write
 
 FORMAT = "fastprompt-checkpoint-1"
 TENSORS = "checkpoint.safetensors"
@@ -35,18 +35,6 @@ MUST_MATCH = ("model", "data", "template", "prompt_len", "init", "batch_size", "
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new one, whole."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def state_tensors(tuner) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, json_state)`` of the tuner's trainable tensors, optimizer and RNGs."""
     tensors: dict[str, torch.Tensor] = {}
@@ -101,9 +89,9 @@ def save_checkpoint(out: str, tuner, *, epoch: int, step: int, ce_sum: float, n_
     }
     text = json.dumps(state, sort_keys=True)
     os.makedirs(out, exist_ok=True)
-    _atomic_write(os.path.join(out, TENSORS),
+    atomic_write(os.path.join(out, TENSORS),
                   lambda tmp: save_file(tensors, tmp, metadata={"fastprompt_checkpoint": text}))
-    _atomic_write(os.path.join(out, SIDECAR),
+    atomic_write(os.path.join(out, SIDECAR),
                   lambda tmp: _write_text(tmp, json.dumps(state, indent=1, sort_keys=True)))
     return state
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import torch
 
 from .errors import ConfigError, PromptFileError
 from .models import embedding_table
-from .prompt import init_prompt
+from .prompt import init_prompt, save_tensors
 
 METHODS = ("soft", "relaxed", "hard", "prefix")
 
@@ -360,23 +359,8 @@ def parse_options(items) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- files
 def save_method_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Tensors + string metadata as safetensors, atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
-    from .prompt import FORMAT_VERSION
-
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
-    meta["format"] = f"fastprompt-prompt-{FORMAT_VERSION}"
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """A method's tensors + string metadata as safetensors, atomically (temp file + rename)."""
+    save_tensors(path, tensors, metadata)
 
 
 def read_method_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

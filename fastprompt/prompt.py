@@ -63,22 +63,33 @@ def prompt_from_file(path: str, model, prompt_len: int) -> torch.Tensor:
     return prompt.clone()
 
 
-def save_prompt(path: str, prompt: torch.Tensor, metadata: dict[str, object]) -> None:
-    """Write ``prompt`` and string metadata to a safetensors file atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
-    meta["format"] = f"fastprompt-prompt-{FORMAT_VERSION}"
+def atomic_write(path: str, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new one, whole."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"prompt": prompt.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
+    """fp32 tensors and string metadata (non-strings as JSON) as a safetensors prompt file, atomically."""
+    from safetensors.torch import save_file
+
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    meta["format"] = f"fastprompt-prompt-{FORMAT_VERSION}"
+    cpu = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))
+
+
+def save_prompt(path: str, prompt: torch.Tensor, metadata: dict[str, object]) -> None:
+    """Write ``prompt`` and its metadata to a safetensors file atomically (temp file + rename)."""
+    save_tensors(path, {"prompt": prompt}, metadata)
 
 
 def read_prompt(path: str) -> tuple[torch.Tensor, dict[str, str]]:

@@ -154,7 +154,6 @@ class TemplateEncoder:
         self.bos = _leading_bos(tokenizer)
         ids: list[int] = list(self.bos)
         prompt_start = None
-        n_prefix = None
         for p in self.template.pieces:
             if p.kind == "field":
                 break

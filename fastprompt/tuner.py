@@ -9,7 +9,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import __version__
-from .engines import make_engine
 from .errors import ConfigError, DataError, PromptFileError
 from .guard import NonFiniteGuard
 from .methods import load_tuner, make_method, save_method_file, saved_method
