@@ -107,9 +107,10 @@ def _from_pretrained(name: str, dtype=None, **kwargs):
     if not local and (os.sep in name and os.path.exists(os.path.dirname(name) or ".") and name.startswith((".", "/"))):
         raise ModelError(f"no model directory at {name}: give a directory written by save_pretrained(), or --model tiny")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
+        with _quiet_hub():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors ... for unreachable models
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         where = "the directory" if local else "the Hugging Face hub (or its local cache)"
         raise ModelError(
             f"could not load model {name!r} from {where}: {reason[:200]}. Give a local directory with a saved "
@@ -147,6 +148,22 @@ def embedding_table(model) -> torch.Tensor:
     scale = getattr(module, "embed_scale", None)
     weight = module.weight
     return weight * scale.to(weight.dtype) if torch.is_tensor(scale) else (weight * scale if scale else weight)
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """No retry chatter from huggingface_hub while loading: a failure becomes one ModelError line."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "huggingface_hub.utils._http", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
