@@ -230,36 +230,102 @@ def test_model_unchanged(precision):
 
 
 # ------------------------------------------------------------------------------- what is computed
+@pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize("template", [MIDDLE, END])
-def test_shared_work_runs_once(template):
-    """After the first step: the head once at batch 1, the suffix at batch B against an expanded (not copied)
-    cache, no prefix recomputation, no row after the last input token."""
+def test_shared_work_runs_once(template, layout):
+    """After the first step: the head once at batch 1; the suffix once, either packed (all examples' rows side
+    by side at batch 1: no padding) or padded (batch B against an expanded, not copied, cache); no prefix
+    recomputation, no row after the last input token."""
     model = tiny("llama")
     encoder, batch = encode(model, template, 5, 7)
-    engine = GenericEngine(model, encoder)
+    engine = GenericEngine(model, encoder, layout=layout)
     prompt = random_prompt(model, 5)
-    loss_and_grad(engine, prompt, batch)  # first step: prefix cache and logit check
+    loss_and_grad(engine, prompt, batch)  # first step: prefix cache, logit check, packed-layout check
+    assert engine._packed is (layout == "packed")
     calls = []
 
     def record(module, args, kwargs):
         cache = kwargs.get(engine.cache_kwarg)
-        strides = [layer.keys.stride(0) for layer in cache.layers] if cache is not None and cache.layers else []
-        calls.append((tuple(kwargs["inputs_embeds"].shape[:2]), strides))
+        layers = [layer for layer in cache.layers if torch.is_tensor(getattr(layer, "keys", None))] if cache is not None else []
+        calls.append((tuple(kwargs["inputs_embeds"].shape[:2]), [(layer.keys.shape[0], layer.keys.stride(0)) for layer in layers]))
 
     handle = engine.decoder.register_forward_pre_hook(record, with_kwargs=True)
     try:
         loss_and_grad(engine, prompt, batch)
     finally:
         handle.remove()
-    T = max(len(e.ids) - 1 - encoder.n_shared for e in batch)
+    lens = [len(e.ids) - 1 - encoder.n_shared for e in batch]
+    H = encoder.n_shared - encoder.n_prefix
     if template == MIDDLE:
         head, suffix = calls
-        assert head[0] == (1, encoder.n_shared - encoder.n_prefix)
+        assert head[0] == (1, H)
     else:
         (suffix,) = calls
-    assert suffix[0] == (len(batch), T)
-    assert suffix[1] and all(s == 0 for s in suffix[1])  # batch stride 0: a view of the batch-1 cache
-    assert engine.rows_per_example(batch) == pytest.approx((encoder.n_shared - encoder.n_prefix + len(batch) * T) / len(batch))
+    assert suffix[1]  # the shared cache
+    if layout == "packed":
+        assert suffix[0] == (1, sum(lens))
+        assert all(batch_size == 1 for batch_size, _ in suffix[1])  # the batch-1 cache itself
+        assert engine.rows_per_example(batch) == pytest.approx((H + sum(lens)) / len(batch))
+    else:
+        assert suffix[0] == (len(batch), max(lens))
+        assert all(stride == 0 for _, stride in suffix[1])  # batch stride 0: a view of the batch-1 cache
+        assert engine.rows_per_example(batch) == pytest.approx((H + len(batch) * max(lens)) / len(batch))
+
+
+@pytest.mark.parametrize("template", [MIDDLE, END, TWO_FIELDS])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+def test_padded_layout_matches_naive(kind, template):
+    """The padded layout (the fallback where a model takes no packed mask) stays exact."""
+    model = tiny(kind)
+    encoder, batch = encode(model, template, 5, 7)
+    prompt = random_prompt(model, 5)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+    engine = GenericEngine(model, encoder, layout="padded")
+    loss, grad = loss_and_grad(engine, prompt, batch)
+    assert engine._packed is False
+    assert rel(loss, ref_loss) < 1e-5 and rel(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama_eager", "gemma3"])
+def test_several_packs_match_naive(kind, monkeypatch):
+    """Suffix rows beyond PACK_ROWS go to further packs (batch P, padded to the longest pack): still exact."""
+    import fastprompt.engines.generic as generic
+
+    monkeypatch.setattr(generic, "PACK_ROWS", 9)
+    model = tiny(kind)
+    encoder, batch = encode(model, MIDDLE, 5, 11)
+    prompt = random_prompt(model, 5)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+    engine = GenericEngine(model, encoder, layout="packed")
+    loss, grad = loss_and_grad(engine, prompt, batch)
+    assert generic._pack_shape(engine.suffix_lens(batch))[0] > 1
+    assert rel(loss, ref_loss) < 1e-5 and rel(grad, ref_grad) < 1e-5
+
+
+def test_layout_falls_back_to_padded():
+    """A decoder that refuses the packed mask: auto runs padded (and says why), packed raises."""
+    model = tiny("llama")
+    encoder, batch = encode(model, MIDDLE, 5, 7)
+    prompt = random_prompt(model, 5)
+    ref_loss, ref_grad = loss_and_grad(NaiveEngine(model, encoder), prompt, batch)
+
+    def refuse(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:
+            raise TypeError("no 4D masks here")
+
+    handle = model.base_model.register_forward_pre_hook(refuse, with_kwargs=True)
+    try:
+        engine = GenericEngine(model, encoder)
+        loss, grad = loss_and_grad(engine, prompt, batch)
+        assert engine._packed is False and "no 4D masks" in engine.packed_reason
+        assert rel(loss, ref_loss) < 1e-5 and rel(grad, ref_grad) < 1e-5
+        with pytest.raises(TypeError):
+            loss_and_grad(GenericEngine(model, encoder, layout="packed"), prompt, batch)
+    finally:
+        handle.remove()
+    with pytest.raises(ConfigError, match="layout"):
+        GenericEngine(model, encoder, layout="sideways")
 
 
 def test_options_for_fused_are_accepted():

@@ -7,10 +7,22 @@ One step, for a template whose tokens split as ``prefix | head | suffix_b`` (ARC
     head     ids[n_prefix:n_shared]  the prompt and the fixed text up to the first field: run once per step
                                      at batch 1 against a copy of the prefix cache, with grad
     suffix_b ids[n_shared:n_b - 1]   example b from its first field to the token before its last target
-                                     token: run at batch B against the (prefix + head) cache expanded over
-                                     the batch (a view: no copy, no recomputation; autograd sums the B
-                                     gradients of the shared K/V), right-padded, with an attention mask over
-                                     cache + suffix and position ids n_shared + t
+                                     token, in one of two layouts:
+
+      packed (default)  all examples' suffix rows side by side in one sequence at batch 1 (several packs of at
+                        most PACK_ROWS rows where longer), against the batch-1 (prefix + head) cache itself, with
+                        a 4D tree mask (a row sees the shared cache and its own example's earlier rows; within the
+                        window where a layer slides; a dict by layer type where the decoder mixes full and
+                        sliding layers) and each row's own position id n_shared + t. No padding rows: the
+                        linear layers compute exactly the rows the gradient needs (ARCHITECTURE.md §2, 6).
+      padded            batch B, right-padded to the longest suffix, against the shared cache expanded over the
+                        batch (a view: no copy; autograd sums the B gradients of the shared K/V), with a 2D
+                        attention mask over cache + suffix and position ids n_shared + t.
+
+    ``layout="auto"`` (default) checks once, on a few examples of the first batch, that the packed layout
+    gives the padded layout's hidden states, and runs padded where it does not or where the model cannot take
+    such a mask (attention other than sdpa/eager, cache layers other than dynamic ones): ``packed_reason``
+    says why. ``layout="packed"`` raises instead; ``layout="padded"`` forces the padded layout.
 
 Where a field stands before the prompt the head is empty and the prompt is written into each example's
 suffix embeddings at its own offset. Tokens after the last input row are never computed.
@@ -55,6 +67,9 @@ from .base import Engine, target_count
 # float64 at 1-7 rows); the extra rows cost at most ROW_BUCKET - 1 rows of logits.
 ROW_BUCKET = 16
 IGNORE = -100
+# Packed layout: at most this many suffix rows share one packed sequence (the attention of a pack is
+# quadratic in its length; the linear layers do not care). Longer batches run as several packs (batch P).
+PACK_ROWS = 512
 
 
 class GenericEngine(Engine):
@@ -73,6 +88,13 @@ class GenericEngine(Engine):
         self.cache_kwarg = _cache_kwarg(self.decoder)
         self._prefix_cache = None  # (key, DynamicCache or None), built lazily
         self._checked = False
+        layout = options.get("layout", "auto")
+        if layout not in ("auto", "packed", "padded"):
+            raise ConfigError(f"layout must be auto, packed or padded, not {layout!r}")
+        self.layout = layout
+        # packed layout usable? None: not yet checked (auto checks once against the padded layout)
+        self._packed = False if layout == "padded" else None
+        self.packed_reason = None  # why the packed layout was not taken (auto), once checked
 
     # --------------------------------------------------------------------------------------- layout
     @property
@@ -86,8 +108,11 @@ class GenericEngine(Engine):
     def rows_per_example(self, batch: Sequence[Encoded]) -> float:
         """Transformer rows computed per example in one step: the padded suffix block plus the batch-1 head,
         amortised over the batch (the prefix is computed once per engine and not counted)."""
-        T = max(self.suffix_lens(batch))
-        return (self.head_len + len(batch) * T) / len(batch)
+        lens = self.suffix_lens(batch)
+        if self._packed is False:
+            return (self.head_len + len(batch) * max(lens)) / len(batch)
+        P, N = _pack_shape(lens)
+        return (self.head_len + P * N) / len(batch)
 
     # ------------------------------------------------------------------------------------- forwards
     def _forward(self, embeds, position_ids, attention_mask=None, cache=None):
@@ -135,46 +160,171 @@ class GenericEngine(Engine):
 
     # ----------------------------------------------------------------------------------------- loss
     def loss_terms(self, prompt, batch):
-        enc, dev = self.encoder, self.device
-        n_prefix, n_shared, L = enc.n_prefix, enc.n_shared, enc.prompt_len
-        B = len(batch)
-        embed = self.runner.get_input_embeddings()
         with eval_mode(self.runner), self.autocast():
             if not self._checked:
                 self._check_logits(batch[0])
-            cache = self._prefix()
+            if self._packed is None:
+                self._check_packed(prompt, batch)
+            cache, head_h = self._shared(prompt)
 
-            # head: the prompt and the fixed text up to the first field, once, batch 1, with grad
-            head_h = None
-            if self.head_len > 0:
-                ids = torch.tensor([enc.head_ids[n_prefix:]], device=dev)  # (1, H)
-                embeds = embed(ids)  # (1, H, d)
-                at = enc.prompt_start - n_prefix  # the prompt opens the head (n_prefix == prompt_start)
-                embeds = torch.cat([embeds[:, :at], prompt.to(embeds.dtype)[None], embeds[:, at + L:]], dim=1)
-                if cache is None:
-                    cache = self._new_cache()
-                head_h = self._forward(embeds, torch.arange(n_prefix, n_shared, device=dev)[None], cache=cache)
-
-            # suffix: every example from its first field on, batch B, against the expanded shared cache
+            # suffix: every example from its first field on, against the shared cache
             lens = self.suffix_lens(batch)
-            T = max(lens)
-            suffix_h = None
-            if T > 0:
-                ids, mask, slot = self._suffix_tensors(batch, lens, T)
-                embeds = embed(ids)  # (B, T, d)
-                if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
-                    in_prompt = (slot >= 0).unsqueeze(-1)
-                    embeds = torch.where(in_prompt, prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
-                if cache is not None:
-                    _expand_batch(cache, B)
-                positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
-                suffix_h = self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
+            suffix_h, where = None, None
+            if max(lens) > 0:
+                if self._packed:
+                    suffix_h, where = self._suffix_packed(prompt, batch, lens, cache)
+                else:
+                    suffix_h = self._suffix_padded(prompt, batch, lens, cache)
 
             # target rows: row p predicts token p + 1; p >= n_shared lies in the suffix, p = n_shared - 1 in the head
-            hidden, labels = self._target_rows(batch, head_h, suffix_h)  # (R, d), (R,): R rounded up to ROW_BUCKET
+            hidden, labels = self._target_rows(batch, head_h, suffix_h, where)  # (R, d), (R,): R rounded up to ROW_BUCKET
             logits = self.logit_transform(self.lm_head(hidden))  # (R, V)
         ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
         return ce_sum, target_count(batch)
+
+    def _shared(self, prompt):
+        """The prefix cache (copied) extended by the head: the prompt and the fixed text up to the first field,
+        once, batch 1, with grad. Returns ``(cache or None, head hidden state (1, H, d) or None)``."""
+        enc, dev = self.encoder, self.device
+        n_prefix, n_shared, L = enc.n_prefix, enc.n_shared, enc.prompt_len
+        cache = self._prefix()
+        head_h = None
+        if self.head_len > 0:
+            ids = torch.tensor([enc.head_ids[n_prefix:]], device=dev)  # (1, H)
+            embeds = self.runner.get_input_embeddings()(ids)  # (1, H, d)
+            at = enc.prompt_start - n_prefix  # the prompt opens the head (n_prefix == prompt_start)
+            embeds = torch.cat([embeds[:, :at], prompt.to(embeds.dtype)[None], embeds[:, at + L:]], dim=1)
+            if cache is None:
+                cache = self._new_cache()
+            head_h = self._forward(embeds, torch.arange(n_prefix, n_shared, device=dev)[None], cache=cache)
+        return cache, head_h
+
+    def _suffix_padded(self, prompt, batch, lens, cache):
+        """Padded layout: the suffixes at batch B, right-padded to the longest, against the cache expanded over
+        the batch. Hidden states ``(B, T, d)``; example b's row t at ``[b, t]``."""
+        enc, dev = self.encoder, self.device
+        n_shared, T, B = enc.n_shared, max(lens), len(batch)
+        ids, mask, slot = self._suffix_tensors(batch, lens, T)
+        embeds = self.runner.get_input_embeddings()(ids)  # (B, T, d)
+        if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
+            embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+        if cache is not None:
+            _expand_batch(cache, B)
+        positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
+        return self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
+
+    def _suffix_packed(self, prompt, batch, lens, cache):
+        """Packed layout (ARCHITECTURE.md §2, 6, through the model's own forward): the suffixes side by side in
+        one sequence (several of at most PACK_ROWS rows where longer) against the batch-1 shared cache, with a
+        4D tree mask (a row sees the shared cache and its own example's earlier rows, within a sliding
+        window where the layer has one) and each row's own position id. No padding rows (except to even out
+        several packs). Returns the hidden states ``(P, N, d)`` and ``where``: example b's row t lies at
+        ``[where[b][0], where[b][1] + t]``; or ``(None, None)`` where the cache or attention has no such mask."""
+        enc, dev = self.encoder, self.device
+        n_shared, L = enc.n_shared, enc.prompt_len
+        where, P, N = _assign_packs(lens)
+        ids = torch.zeros((P, N), dtype=torch.long)
+        pos = torch.full((P, N), n_shared, dtype=torch.long)
+        owner = -1 - torch.arange(P * N).view(P, N)  # padding rows: each its own (negative) example
+        slot = torch.full((P, N), -1, dtype=torch.long)
+        for b, (e, n, (p, at)) in enumerate(zip(batch, lens, where)):
+            if n == 0:
+                continue
+            ids[p, at:at + n] = torch.tensor(e.ids[n_shared:n_shared + n])
+            pos[p, at:at + n] = torch.arange(n_shared, n_shared + n)
+            owner[p, at:at + n] = b
+            if e.prompt_start >= n_shared:
+                k = at + e.prompt_start - n_shared
+                slot[p, k:k + L] = torch.arange(L)
+        if cache is None:
+            cache = self._new_cache()
+        embeds = self.runner.get_input_embeddings()(ids.to(dev))  # (P, N, d)
+        mask = self._tree_mask(cache, pos, owner, embeds.dtype)
+        if mask is None:
+            return None, None
+        if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
+            slot = slot.to(dev)
+            embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+        if P > 1:
+            _expand_batch(cache, P)
+        return self._forward(embeds, pos.to(dev), attention_mask=mask, cache=cache), where
+
+    def _tree_mask(self, cache, pos, owner, dtype):
+        """The attention mask of the packed rows over (cached keys + packed rows), as the model's attention takes
+        it (bool for sdpa, additive float for eager): ``(P, 1, N, c + N)``, or a dict by layer type where layers
+        differ (full vs sliding window), or None where the cache or attention is of a kind not handled."""
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        impl = getattr(self.runner.config, "_attn_implementation", None)
+        layers = getattr(cache, "layers", None)
+        if impl not in ("sdpa", "eager") or not layers or not all(isinstance(x, DynamicLayer) for x in layers):
+            return None
+        n_shared = self.encoder.n_shared
+        P, N = pos.shape
+        q = pos[:, :, None]  # (P, N, 1)
+        own = (owner[:, :, None] == owner[:, None, :]) & (pos[:, None, :] <= q)  # (P, N, N)
+        masks, keys = {}, []
+        for layer in layers:
+            k = getattr(layer, "keys", None)
+            c = k.shape[-2] if torch.is_tensor(k) and k.dim() == 4 else 0  # the last c shared positions are cached
+            w = layer.sliding_window if isinstance(layer, DynamicSlidingWindowLayer) else None
+            if (c, w) not in masks:
+                cached = torch.ones((P, N, c), dtype=torch.bool)
+                new = own
+                if w is not None:  # the model's sliding window: key position > query position - w
+                    cached = (q - torch.arange(n_shared - c, n_shared)) < w
+                    new = own & ((q - pos[:, None, :]) < w)
+                m = torch.cat([cached, new], dim=-1)[:, None]  # (P, 1, N, c + N)
+                if impl == "eager":
+                    m = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, torch.finfo(dtype).min)
+                masks[(c, w)] = m.to(self.device, non_blocking=True)
+            keys.append((c, w))
+        if len(masks) == 1:
+            return next(iter(masks.values()))
+        layer_types = getattr(self.runner.config, "layer_types", None)
+        if not layer_types or len(layer_types) != len(layers):
+            return None
+        by_type = {}
+        for t, key in zip(layer_types, keys):
+            if by_type.setdefault(t, key) != key:
+                return None
+        return {t: masks[key] for t, key in by_type.items()}  # the decoders that mix layer types take a dict
+
+    def _check_packed(self, prompt, batch):
+        """Once (layout auto/packed): the packed layout must give the padded layout's hidden states on a few of
+        the batch's examples (shortest to longest); where it does not (or the model takes no such mask), the
+        engine stays on the padded layout (auto) or raises (packed)."""
+        order = sorted(range(len(batch)), key=lambda b: len(batch[b].ids))
+        picks = sorted({order[round(i * (len(order) - 1) / 7)] for i in range(8)}) if len(order) > 1 else order
+        sub = [batch[b] for b in picks]
+        lens = self.suffix_lens(sub)
+        if max(lens) == 0:
+            return  # nothing to compare yet
+        reason = None
+        try:
+            with torch.no_grad():
+                cache, _ = self._shared(prompt.detach())
+                packed, where = self._suffix_packed(prompt, sub, lens,
+                                                    copy.deepcopy(cache) if cache is not None else None)
+                if packed is None:
+                    reason = "its cache or attention implementation takes no packed mask"
+                else:
+                    padded = self._suffix_padded(prompt, sub, lens, cache)
+                    a = torch.cat([packed[p, at:at + n] for (p, at), n in zip(where, lens)]).float()
+                    b = torch.cat([padded[i, :n] for i, n in enumerate(lens)]).float()
+                    err = (a - b).abs().max().item()
+                    tol = 1e-4 if self.precision == "fp32" and a.dtype == torch.float32 else 3e-2
+                    if not err <= tol * (1.0 + b.abs().max().item()):
+                        reason = f"packed and padded hidden states differ by {err:.3g}"
+        except Exception as exc:  # a decoder that does not take a custom 4D / per-layer-type mask
+            if self.layout == "packed":
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None and self.layout == "packed":
+            raise ConfigError(f"the generic engine's packed layout does not work for {type(self.runner).__name__}: "
+                              f"{reason}; use layout='padded'")
+        self._packed = reason is None
+        self.packed_reason = reason
 
     def _suffix_tensors(self, batch, lens, T):
         """``ids`` (B, T) right-padded; ``mask`` (B, n_shared + T) over cache + suffix; ``slot`` (B, T) prompt row or -1."""
@@ -192,15 +342,18 @@ class GenericEngine(Engine):
                 slot[b, at : at + L] = torch.arange(L)
         return [t.to(self.device, non_blocking=True) for t in (ids, mask, slot)]
 
-    def _target_rows(self, batch, head_h, suffix_h):
+    def _target_rows(self, batch, head_h, suffix_h, where=None):
+        """Hidden states and labels of the rows that predict target tokens. ``suffix_h``: padded ``(B, T, d)``
+        (example b's row t at ``[b, t]``) or packed ``(P, N, d)`` with ``where`` (see ``_suffix_packed``)."""
         n_shared = self.encoder.n_shared
         b_idx, t_idx, n_head_rows, labels = [], [], 0, []
         head_labels = []
         for b, e in enumerate(batch):
             for p in range(e.target_start - 1, len(e.ids) - 1):
                 if p >= n_shared:
-                    b_idx.append(b)
-                    t_idx.append(p - n_shared)
+                    pack, at = (b, 0) if where is None else where[b]
+                    b_idx.append(pack)
+                    t_idx.append(at + p - n_shared)
                     labels.append(e.ids[p + 1])
                 else:  # only p = n_shared - 1 (the first field is the target), the head's last row
                     if head_h is None or p != n_shared - 1:
@@ -246,6 +399,24 @@ def _cache_kwarg(decoder) -> str:
     if "past_key_values" in params:
         return "past_key_values"
     raise ConfigError(f"{type(decoder).__name__}.forward takes no KV cache; use engine='naive'")
+
+
+def _assign_packs(lens):
+    """Suffixes of ``lens`` rows packed in order into sequences of at most max(PACK_ROWS, longest) rows:
+    ``([(pack, start) per example], packs, rows of the longest pack)``."""
+    cap = max(PACK_ROWS, max(lens))
+    where, fill = [], [0]
+    for n in lens:
+        if fill[-1] + n > cap:
+            fill.append(0)
+        where.append((len(fill) - 1, fill[-1]))
+        fill[-1] += n
+    return where, len(fill), max(fill)
+
+
+def _pack_shape(lens):
+    _, P, N = _assign_packs(lens)
+    return P, N
 
 
 def _expand_batch(cache, B: int) -> None:

@@ -27,7 +27,8 @@ class PrefixEngine(GenericEngine):
     name = "prefix"
 
     def __init__(self, model, encoder, precision: str = "fp32", **options):
-        super().__init__(model, encoder, precision, **options)
+        # the padded suffix layout (its loss_terms below runs _suffix_tensors / _expand_batch itself)
+        super().__init__(model, encoder, precision, **{**options, "layout": "padded"})
         self.fallback = None
         if encoder.prompt_start is None:
             from ..prefix import NaivePrefixEngine
