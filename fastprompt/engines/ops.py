@@ -71,64 +71,115 @@ def tree_mask(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tenso
     return causal & same_branch  # (Nq, Nk)
 
 
+_MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, additive mask)]: the last CPU mask
+
+
+def tree_mask_bias(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The tree mask as an additive fp32 bias (0 = may attend, -inf = masked), (Nq, Nk).
+
+    Every layer of a step asks for the same mask with the same ``cu_seqlens`` tensor: the last one is kept
+    and returned while that tensor (same object, unmodified: ``_version``) and the sizes are the same.
+    CPU only (a cached tensor must not outlive a CUDA graph capture)."""
+    cached = _MASK_CACHE[0]
+    key = (n_queries, n_keys, n_trunk)
+    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version and cached[2:5] == key:
+        return cached[5]
+    mask = tree_mask(n_queries, n_keys, n_trunk, cu_seqlens)
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    _MASK_CACHE[0] = (cu_seqlens, cu_seqlens._version, *key, bias)
+    return bias
+
+
 def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     """softmax(q k^T * scale + tree mask) v. q: (Nq, H, D); k, v: (Nk, H, D) -> (Nq, H, D) in q's dtype.
 
-    On CPU: explicit fp32 math (exact reference). On CUDA: ``scaled_dot_product_attention`` with the
-    boolean mask (memory-efficient backend), in the inputs' dtype.
+    On CPU: explicit fp32 math (exact reference): one batched GEMM over the heads with the cached additive
+    mask as its initial value (``baddbmm``), softmax, one batched GEMM. On CUDA:
+    ``scaled_dot_product_attention`` with the boolean mask (memory-efficient backend), in the inputs' dtype.
     """
     n_queries, n_keys = q.shape[0], k.shape[0]
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
     if q.is_cuda:
+        mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
         k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, H, N, D)
             attn_mask=mask, scale=scale,
         )
         return out[0].transpose(0, 1)  # (Nq, H, D)
+    bias = tree_mask_bias(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
     with torch.autocast(q.device.type, enabled=False):
-        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale  # (H, Nq, Nk)
-        scores = scores.masked_fill(~mask, float("-inf"))  # every query sees itself: no all-masked row
+        qh = q.float().transpose(0, 1)  # (H, Nq, D)
+        kh = k.float().permute(1, 2, 0)  # (H, D, Nk)
+        scores = torch.baddbmm(bias, qh, kh, alpha=scale)  # (H, Nq, Nk); every query sees itself
         probs = torch.softmax(scores, dim=-1)
-        out = torch.einsum("hqk,khd->qhd", probs, v.float())  # (Nq, H, D)
-    return out.to(q.dtype)
+        out = torch.bmm(probs, v.float().transpose(0, 1))  # (H, Nq, D)
+    return out.transpose(0, 1).to(q.dtype)  # (Nq, H, D)
 
 
-VOCAB_CHUNK = 4096  # vocabulary rows per partial product in the backward's reduction
+VOCAB_CHUNK = 2048  # vocabulary rows per chunk of the one-pass LM head (a chunk of W stays in cache)
 
 
 class _LMHeadCE(torch.autograd.Function):
     """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits; h: (rows, d), W: (V, d) frozen).
 
-    Backward: dz_rv = g_r (softmax_v(z_r) - [v == y_r]); dh = dz W. No dW. The product dz W reduces over
-    the whole vocabulary; for the few rows the engine sends (one per target token) BLAS takes a
-    matrix-vector path that sums 50k terms in one fp32 accumulator (~6e-6 relative error, 10x a GEMM's),
-    so the reduction is split into vocabulary chunks, summed in a second level.
+    One streaming pass over the vocabulary in chunks of ``VOCAB_CHUNK`` rows of W, online softmax (running
+    max ``m``, running sum ``s``): each chunk's logits ``z_c = h W_c^T`` are used at once, while W_c is in
+    cache, for the loss *and* for the gradient's reduction ``sum_v e_v W_v`` (``e = exp(z - m)``). The
+    gradient ``dh = g (softmax(z) - onehot(y)) W`` is thus ready after the forward (``G`` below) and the
+    backward only scales it by the upstream ``g``: W is read once per step instead of twice, and the
+    (rows, V) logits are never stored.
+
+    Accuracy (few rows: one per target token): the reduction is split into chunks (a GEMM or GEMV over
+    ``VOCAB_CHUNK`` terms each, summed in a second level), never one 50k-term fp32 accumulator (~6e-6
+    relative error). The target's own term is left out of the sums (``e'``, ``s' = sum_{v != y} e_v``) so
+    that ``G = (sum_{v != y} e_v W_v - s' W_y) / s`` has no ``p_y - 1`` cancellation when the model is
+    confident.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets):
-        logits = (h @ weight.to(h.dtype).t()).float()  # (rows, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (rows,)
-        loss = lse - logits.gather(1, targets[:, None])[:, 0]
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, lse, weight, targets)
+        rows, V = h.shape[0], weight.shape[0]
+        device = h.device
+        m = torch.full((rows,), float("-inf"), device=device)  # running max of the logits
+        s = torch.zeros(rows, device=device)  # running sum of exp(z - m) over every v
+        s_other = torch.zeros(rows, device=device)  # the same without the target's term
+        z_y = torch.zeros(rows, device=device)  # the target's logit
+        want_grad = ctx.needs_input_grad[0]
+        acc = torch.zeros(rows, h.shape[1], device=device) if want_grad else None  # sum_{v != y} e_v W_v
+        w_dtype = weight.dtype
+        col = targets[:, None]
+        for start in range(0, V, VOCAB_CHUNK):
+            w = weight[start : start + VOCAB_CHUNK]  # (C, d)
+            z = (h @ w.to(h.dtype).t()).float()  # (rows, C)
+            inside = (col >= start) & (col < start + w.shape[0])  # (rows, 1): the target is in this chunk
+            local = torch.where(inside, col - start, 0)
+            z_y = torch.where(inside[:, 0], z.gather(1, local)[:, 0], z_y)
+            m_new = torch.maximum(m, z.amax(dim=1))
+            rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first chunk
+            e = torch.exp(z.sub_(m_new[:, None]))  # (rows, C) in (0, 1]
+            e_y = e.gather(1, local)
+            e.scatter_(1, local, torch.where(inside, 0.0, e_y))  # leave the target's own term out
+            e_sum = e.sum(dim=1)
+            s = s * rescale + e_sum + torch.where(inside[:, 0], e_y[:, 0], 0.0)
+            s_other = s_other * rescale + e_sum
+            if want_grad:
+                acc = torch.addmm(acc * rescale[:, None], e.to(w_dtype), w).float() if w_dtype == torch.float32 \
+                    else acc * rescale[:, None] + (e.to(w_dtype) @ w).float()
+            m = m_new
+        loss = (m - z_y) + torch.log(s)
+        if want_grad:
+            w_y = weight[targets].float()  # (rows, d)
+            grad = (acc - s_other[:, None] * w_y) / s[:, None]  # d loss_r / d h_r
+            ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
-        logits, lse, weight, targets = ctx.saved_tensors
-        dlogits = torch.exp(logits - lse[:, None])  # softmax (rows, V)
-        dlogits[torch.arange(dlogits.shape[0], device=dlogits.device), targets] -= 1.0
-        dlogits = (dlogits * dloss[:, None]).to(weight.dtype)
-        dh = None
-        for start in range(0, weight.shape[0], VOCAB_CHUNK):
-            part = dlogits[:, start : start + VOCAB_CHUNK] @ weight[start : start + VOCAB_CHUNK]  # (rows, d)
-            dh = part if dh is None else dh + part
-        return dh.to(ctx.h_dtype), None, None
+        (grad,) = ctx.saved_tensors
+        return (grad * dloss[:, None].float()).to(ctx.h_dtype), None, None
 
 
 def lm_head_ce(h, weight, targets):
