@@ -233,8 +233,8 @@ def test_model_unchanged(precision):
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize("template", [MIDDLE, END])
 def test_shared_work_runs_once(template, layout):
-    """After the first step: the head once at batch 1; the suffix once, either packed (all examples' rows side
-    by side at batch 1: no padding) or padded (batch B against an expanded, not copied, cache); no prefix
+    """After the first step: the head once at batch 1; the suffix once, either packed (the head's rows and all
+    examples' rows side by side in one sequence at batch 1: no padding) or padded (batch B against an expanded, not copied, cache); no prefix
     recomputation, no row after the last input token."""
     model = tiny("llama")
     encoder, batch = encode(model, template, 5, 7)
@@ -256,14 +256,14 @@ def test_shared_work_runs_once(template, layout):
         handle.remove()
     lens = [len(e.ids) - 1 - encoder.n_shared for e in batch]
     H = encoder.n_shared - encoder.n_prefix
-    if template == MIDDLE:
+    if template == MIDDLE and layout == "padded":
         head, suffix = calls
         assert head[0] == (1, H)
-    else:
+    else:  # packed: the head's rows open the one pack
         (suffix,) = calls
-    assert suffix[1]  # the shared cache
+    assert suffix[1]  # the shared cache (packed: the prefix only)
     if layout == "packed":
-        assert suffix[0] == (1, sum(lens))
+        assert suffix[0] == (1, H + sum(lens))
         assert all(batch_size == 1 for batch_size, _ in suffix[1])  # the batch-1 cache itself
         assert engine.rows_per_example(batch) == pytest.approx((H + sum(lens)) / len(batch))
     else:

@@ -70,6 +70,7 @@ IGNORE = -100
 # Packed layout: at most this many suffix rows share one packed sequence (the attention of a pack is
 # quadratic in its length; the linear layers do not care). Longer batches run as several packs (batch P).
 PACK_ROWS = 512
+SHARED = -1  # owner of the packed head rows (examples own 0..B-1, padding rows -2, -3, ...)
 
 
 class GenericEngine(Engine):
@@ -165,16 +166,19 @@ class GenericEngine(Engine):
                 self._check_logits(batch[0])
             if self._packed is None:
                 self._check_packed(prompt, batch)
-            cache, head_h = self._shared(prompt)
-
-            # suffix: every example from its first field on, against the shared cache
             lens = self.suffix_lens(batch)
             suffix_h, where = None, None
-            if max(lens) > 0:
-                if self._packed:
-                    suffix_h, where = self._suffix_packed(prompt, batch, lens, cache)
-                else:
-                    suffix_h = self._suffix_padded(prompt, batch, lens, cache)
+            if self._packed and max(lens) > 0 and _pack_shape(lens)[0] == 1:
+                # one pack: head and suffixes in one forward (the head's rows are shared by every example)
+                head_h, suffix_h, where = self._suffix_packed(prompt, batch, lens, self._prefix(), with_head=True)
+            else:
+                cache, head_h = self._shared(prompt)
+                # suffix: every example from its first field on, against the shared cache
+                if max(lens) > 0:
+                    if self._packed:
+                        _, suffix_h, where = self._suffix_packed(prompt, batch, lens, cache)
+                    else:
+                        suffix_h = self._suffix_padded(prompt, batch, lens, cache)
 
             # target rows: row p predicts token p + 1; p >= n_shared lies in the suffix, p = n_shared - 1 in the head
             hidden, labels = self._target_rows(batch, head_h, suffix_h, where)  # (R, d), (R,): R rounded up to ROW_BUCKET
@@ -186,18 +190,22 @@ class GenericEngine(Engine):
         """The prefix cache (copied) extended by the head: the prompt and the fixed text up to the first field,
         once, batch 1, with grad. Returns ``(cache or None, head hidden state (1, H, d) or None)``."""
         enc, dev = self.encoder, self.device
-        n_prefix, n_shared, L = enc.n_prefix, enc.n_shared, enc.prompt_len
         cache = self._prefix()
         head_h = None
         if self.head_len > 0:
-            ids = torch.tensor([enc.head_ids[n_prefix:]], device=dev)  # (1, H)
-            embeds = self.runner.get_input_embeddings()(ids)  # (1, H, d)
-            at = enc.prompt_start - n_prefix  # the prompt opens the head (n_prefix == prompt_start)
-            embeds = torch.cat([embeds[:, :at], prompt.to(embeds.dtype)[None], embeds[:, at + L:]], dim=1)
             if cache is None:
                 cache = self._new_cache()
-            head_h = self._forward(embeds, torch.arange(n_prefix, n_shared, device=dev)[None], cache=cache)
+            head_h = self._forward(self._head_embeds(prompt), torch.arange(enc.n_prefix, enc.n_shared, device=dev)[None],
+                                   cache=cache)
         return cache, head_h
+
+    def _head_embeds(self, prompt):
+        """``(1, H, d)``: the head's token embeddings with the prompt written in."""
+        enc = self.encoder
+        ids = torch.tensor([enc.head_ids[enc.n_prefix:]], device=self.device)  # (1, H)
+        embeds = self.runner.get_input_embeddings()(ids)  # (1, H, d)
+        at = enc.prompt_start - enc.n_prefix  # the prompt opens the head (n_prefix == prompt_start)
+        return torch.cat([embeds[:, :at], prompt.to(embeds.dtype)[None], embeds[:, at + enc.prompt_len:]], dim=1)
 
     def _suffix_padded(self, prompt, batch, lens, cache):
         """Padded layout: the suffixes at batch B, right-padded to the longest, against the cache expanded over
@@ -213,20 +221,30 @@ class GenericEngine(Engine):
         positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
         return self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
 
-    def _suffix_packed(self, prompt, batch, lens, cache):
+    def _suffix_packed(self, prompt, batch, lens, cache, with_head=False):
         """Packed layout (ARCHITECTURE.md §2, 6, through the model's own forward): the suffixes side by side in
         one sequence (several of at most PACK_ROWS rows where longer) against the batch-1 shared cache, with a
         4D tree mask (a row sees the shared cache and its own example's earlier rows, within a sliding
         window where the layer has one) and each row's own position id. No padding rows (except to even out
-        several packs). Returns the hidden states ``(P, N, d)`` and ``where``: example b's row t lies at
-        ``[where[b][0], where[b][1] + t]``; or ``(None, None)`` where the cache or attention has no such mask."""
+        several packs). ``with_head`` (one pack only): the head's H rows open the pack (``cache`` then holds the
+        prefix only) and every example's rows see them. Returns the head's hidden states ``(1, H, d)`` (or None),
+        the suffix hidden states ``(P, N, d)`` and ``where``: example b's row t lies at
+        ``[where[b][0], where[b][1] + t]``; or ``(None, None, None)`` where the cache or attention takes no such mask."""
         enc, dev = self.encoder, self.device
         n_shared, L = enc.n_shared, enc.prompt_len
+        H = self.head_len if with_head else 0
         where, P, N = _assign_packs(lens)
+        if H and P != 1:
+            raise AssertionError("the head is packed with the suffixes only where they fit one pack")
+        where = [(p, at + H) for p, at in where]
+        N += H
         ids = torch.zeros((P, N), dtype=torch.long)
         pos = torch.full((P, N), n_shared, dtype=torch.long)
-        owner = -1 - torch.arange(P * N).view(P, N)  # padding rows: each its own (negative) example
+        owner = -2 - torch.arange(P * N).view(P, N)  # padding rows: each its own (negative) example
         slot = torch.full((P, N), -1, dtype=torch.long)
+        if H:
+            pos[0, :H] = torch.arange(enc.n_prefix, n_shared)
+            owner[0, :H] = SHARED
         for b, (e, n, (p, at)) in enumerate(zip(batch, lens, where)):
             if n == 0:
                 continue
@@ -238,31 +256,35 @@ class GenericEngine(Engine):
                 slot[p, k:k + L] = torch.arange(L)
         if cache is None:
             cache = self._new_cache()
-        embeds = self.runner.get_input_embeddings()(ids.to(dev))  # (P, N, d)
-        mask = self._tree_mask(cache, pos, owner, embeds.dtype)
+        embeds = self.runner.get_input_embeddings()(ids[:, H:].to(dev))  # (P, N - H, d)
+        mask = self._tree_mask(cache, pos, owner, embeds.dtype, n_shared - H)
         if mask is None:
-            return None, None
+            return None, None, None
         if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
-            slot = slot.to(dev)
+            slot = slot[:, H:].to(dev)
             embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+        if H:
+            embeds = torch.cat([self._head_embeds(prompt), embeds], dim=1)
         if P > 1:
             _expand_batch(cache, P)
-        return self._forward(embeds, pos.to(dev), attention_mask=mask, cache=cache), where
+        h = self._forward(embeds, pos.to(dev), attention_mask=mask, cache=cache)
+        return (h[:, :H] if H else None), h, where
 
-    def _tree_mask(self, cache, pos, owner, dtype):
+    def _tree_mask(self, cache, pos, owner, dtype, cache_end):
         """The attention mask of the packed rows over (cached keys + packed rows), as the model's attention takes
         it (bool for sdpa, additive float for eager): ``(P, 1, N, c + N)``, or a dict by layer type where layers
-        differ (full vs sliding window), or None where the cache or attention is of a kind not handled."""
+        differ (full vs sliding window), or None where the cache or attention is of a kind not handled.
+        A row sees the cached keys (positions up to ``cache_end`` - 1) and the earlier rows of its own owner
+        (an example's index) or of the SHARED rows (the head, where packed)."""
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
         impl = getattr(self.runner.config, "_attn_implementation", None)
         layers = getattr(cache, "layers", None)
         if impl not in ("sdpa", "eager") or not layers or not all(isinstance(x, DynamicLayer) for x in layers):
             return None
-        n_shared = self.encoder.n_shared
         P, N = pos.shape
         q = pos[:, :, None]  # (P, N, 1)
-        own = (owner[:, :, None] == owner[:, None, :]) & (pos[:, None, :] <= q)  # (P, N, N)
+        own = ((owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == SHARED)) & (pos[:, None, :] <= q)
         masks, keys = {}, []
         for layer in layers:
             k = getattr(layer, "keys", None)
@@ -272,7 +294,7 @@ class GenericEngine(Engine):
                 cached = torch.ones((P, N, c), dtype=torch.bool)
                 new = own
                 if w is not None:  # the model's sliding window: key position > query position - w
-                    cached = (q - torch.arange(n_shared - c, n_shared)) < w
+                    cached = (q - torch.arange(cache_end - c, cache_end)) < w
                     new = own & ((q - pos[:, None, :]) < w)
                 m = torch.cat([cached, new], dim=-1)[:, None]  # (P, 1, N, c + N)
                 if impl == "eager":
@@ -303,9 +325,13 @@ class GenericEngine(Engine):
         reason = None
         try:
             with torch.no_grad():
-                cache, _ = self._shared(prompt.detach())
-                packed, where = self._suffix_packed(prompt, sub, lens,
-                                                    copy.deepcopy(cache) if cache is not None else None)
+                if self.head_len > 0 and _pack_shape(lens)[0] == 1:  # the head in the pack, as loss_terms runs it
+                    _, packed, where = self._suffix_packed(prompt, sub, lens, self._prefix(), with_head=True)
+                    cache, _ = self._shared(prompt)
+                else:
+                    cache, _ = self._shared(prompt)
+                    _, packed, where = self._suffix_packed(prompt, sub, lens,
+                                                           copy.deepcopy(cache) if cache is not None else None)
                 if packed is None:
                     reason = "its cache or attention implementation takes no packed mask"
                 else:
