@@ -141,33 +141,34 @@ class _LMHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets):
         rows, V = h.shape[0], weight.shape[0]
-        device = h.device
-        m = torch.full((rows,), float("-inf"), device=device)  # running max of the logits
-        s = torch.zeros(rows, device=device)  # running sum of exp(z - m) over every v
-        s_other = torch.zeros(rows, device=device)  # the same without the target's term
-        z_y = torch.zeros(rows, device=device)  # the target's logit
         want_grad = ctx.needs_input_grad[0]
-        acc = torch.zeros(rows, h.shape[1], device=device) if want_grad else None  # sum_{v != y} e_v W_v
         w_dtype = weight.dtype
-        col = targets[:, None]
-        for start in range(0, V, VOCAB_CHUNK):
-            w = weight[start : start + VOCAB_CHUNK]  # (C, d)
+        m = torch.full((rows,), float("-inf"), device=h.device)  # running max of the logits
+        s_other = torch.zeros(rows, device=h.device)  # running sum of exp(z - m) over v != y
+        acc = torch.zeros(rows, h.shape[1], device=h.device) if want_grad else None  # sum_{v != y} e_v W_v
+        n_chunks = -(-V // VOCAB_CHUNK)
+        chunk_of = torch.div(targets, VOCAB_CHUNK, rounding_mode="floor")
+        local = (targets - chunk_of * VOCAB_CHUNK)[:, None]  # (rows, 1): the target's column in its chunk
+        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).float()  # (rows, n_chunks)
+        keep = 1.0 - hit
+        z_y = torch.zeros(rows, 1, device=h.device)  # the target's logit, from the same product as the rest
+        for c in range(n_chunks):
+            start = c * VOCAB_CHUNK
+            w = weight[start : start + VOCAB_CHUNK]  # (C, d): read from memory once, used twice from cache
             z = (h @ w.to(h.dtype).t()).float()  # (rows, C)
-            inside = (col >= start) & (col < start + w.shape[0])  # (rows, 1): the target is in this chunk
-            local = torch.where(inside, col - start, 0)
-            z_y = torch.where(inside[:, 0], z.gather(1, local)[:, 0], z_y)
+            col = local if w.shape[0] == VOCAB_CHUNK else local.clamp(max=w.shape[0] - 1)
+            z_y.addcmul_(z.gather(1, col), hit[:, c : c + 1])
             m_new = torch.maximum(m, z.amax(dim=1))
-            rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first chunk
-            e = torch.exp(z.sub_(m_new[:, None]))  # (rows, C) in (0, 1]
-            e_y = e.gather(1, local)
-            e.scatter_(1, local, torch.where(inside, 0.0, e_y))  # leave the target's own term out
-            e_sum = e.sum(dim=1)
-            s = s * rescale + e_sum + torch.where(inside[:, 0], e_y[:, 0], 0.0)
-            s_other = s_other * rescale + e_sum
+            rescale = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+            e = z.sub_(m_new[:, None]).exp_()  # (rows, C) in (0, 1]
+            e.scatter_(1, col, e.gather(1, col).mul_(keep[:, c : c + 1]))  # leave the target's term out
+            s_other = s_other.mul_(rescale).add_(e.sum(dim=1))
             if want_grad:
-                acc = torch.addmm(acc * rescale[:, None], e.to(w_dtype), w).float() if w_dtype == torch.float32 \
-                    else acc * rescale[:, None] + (e.to(w_dtype) @ w).float()
+                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == torch.float32 \
+                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).float())
             m = m_new
+        z_y = z_y[:, 0]
+        s = s_other + torch.exp(z_y - m)  # sum of exp(z - m) over the whole vocabulary
         loss = (m - z_y) + torch.log(s)
         if want_grad:
             w_y = weight[targets].float()  # (rows, d)
