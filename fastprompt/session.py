@@ -69,6 +69,10 @@ class Session:
         if self.saved is not None:
             tensors, state = self.saved
             ckpt.restore(tuner, tensors, state, self.lr, os.path.join(self.out, ckpt.TENSORS))
+            if self.is_main:  # half-written temp files of a run killed mid-write (SIGKILL) go
+                for name in os.listdir(self.out):
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        os.remove(os.path.join(self.out, name))
         self.ctx.wrap(tuner)
 
     def write_header(self, metrics_path: str, info: dict[str, Any], tuner) -> None:
