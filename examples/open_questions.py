@@ -98,14 +98,9 @@ def write(args, rows, load_s, n_train, n_test):
 
 
 def main(argv=None) -> int:
-    from fastprompt.errors import FastpromptError
+    from fastprompt.errors import exit_code
 
-    try:
-        run(parse_args(argv))
-    except FastpromptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

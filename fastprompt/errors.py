@@ -27,3 +27,16 @@ class ConfigError(FastpromptError, ValueError):
 
 class NonFiniteError(FastpromptError, FloatingPointError):
     """Training produced NaN/inf losses or gradients several steps in a row (the CLI exits with code 3)."""
+
+
+def exit_code(job, *args) -> int:
+    """Run ``job(*args)`` for a command-line entry point: 0, or 2 with one ``error:`` line on stderr for
+    an input problem (a ``FastpromptError``) instead of a traceback."""
+    import sys
+
+    try:
+        job(*args)
+    except FastpromptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
