@@ -1,24 +1,2 @@
-"""Test setup. Triton runs in interpreter mode on CPU-only machines: the variable must be set before
-triton is imported anywhere, so it is set here, at the top of the first file pytest loads."""
-import os
-import shutil
-
-if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
-
-import pytest  # noqa: E402
-
-
-def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip cleanly where no CUDA device is usable (queried lazily, after collection)."""
-    gpu_items = [item for item in items if "gpu" in item.keywords]
-    if not gpu_items:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU")
-        for item in gpu_items:
-            item.add_marker(skip)
+"""Test setup: the environment (Triton interpreter on CPU, hub offline) and the `gpu` skip are in the
+repository's root conftest.py, shared with benchmarks/; tests import their fixtures from helpers.py."""

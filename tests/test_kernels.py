@@ -1,6 +1,6 @@
 """fastprompt.kernels against their torch references.
 
-CPU: Triton runs in the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), shapes stay small.
+CPU: Triton runs in the interpreter (the root conftest.py sets TRITON_INTERPRET=1), shapes stay small.
 fp32: kernel vs the reference in fp64, ~1e-5 relative. bf16: kernel on bf16 inputs vs the fp32
 reference of the same (bf16-rounded) inputs, error at most 2x plain torch bf16's error (+ one bf16 ulp
 of the output's scale). Backward always driven by a random upstream gradient; NaN never passes.
