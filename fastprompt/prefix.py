@@ -30,7 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .engines.base import Engine
+from .engines.base import target_count
+from .engines.naive import NaiveEngine
 from .errors import ConfigError, PromptFileError
 from .methods import Method
 from .models import eval_mode, is_gpt2_family
@@ -84,42 +85,22 @@ def gpt2_prefix_forward(model, embeds, position_ids, key_mask, slot=None, prefix
 
 
 # ---------------------------------------------------------------------------------- naive engine
-class NaivePrefixEngine(Engine):
-    """Whole right-padded sequences through ``gpt2_prefix_forward``, logits everywhere (the reference)."""
-
-    name = "naive"
-
-    def __init__(self, model, encoder, precision="fp32"):
-        if precision not in ("fp32", "autocast"):
-            raise ConfigError("the naive prefix engine runs in fp32 or autocast")
-        super().__init__(model, encoder, precision)
+class NaivePrefixEngine(NaiveEngine):
+    """Whole right-padded sequences through ``gpt2_prefix_forward``, logits everywhere (the reference).
+    The batch layout is the naive engine's; ``slot`` marks where the prefix K/V stand."""
 
     def describe(self) -> str:
         return f"prefix-naive ({self.precision})"
 
-    def batch_tensors(self, batch):
-        B, T, L = len(batch), max(len(e.ids) for e in batch), self.encoder.prompt_len
-        ids = torch.zeros((B, T), dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.bool)
-        labels = torch.full((B, T), -100, dtype=torch.long)
-        slot = torch.full((B, T), -1, dtype=torch.long)
-        for b, e in enumerate(batch):
-            n = len(e.ids)
-            ids[b, :n] = torch.tensor(e.ids)
-            mask[b, :n] = True
-            labels[b, e.target_start - 1 : n - 1] = ids[b, e.target_start : n]
-            slot[b, e.prompt_start : e.prompt_start + L] = torch.arange(L)
-        positions = torch.arange(T).expand(B, T)
-        return [t.to(self.device) for t in (ids, mask, labels, slot, positions)]
-
     def loss_terms(self, prefix_kv, batch):
-        ids, mask, labels, slot, positions = self.batch_tensors(batch)
+        ids, mask, labels, slot = self.batch_tensors(batch)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         with eval_mode(self.model), self.autocast():
             embeds = self.model.transformer.wte(ids)
-            hidden = gpt2_prefix_forward(self.model, embeds, positions, mask, slot, prefix_kv)
+            hidden = gpt2_prefix_forward(self.model, embeds, positions, mask.bool(), slot, prefix_kv)
             logits = self.model.lm_head(hidden)  # (B, T, V)
         ce_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return ce_sum, sum(e.target_len for e in batch)
+        return ce_sum, target_count(batch)
 
 
 # ------------------------------------------------------------------------------------- method
