@@ -1,64 +1,198 @@
-"""Greedy decoding of the target word after a prompted prefix (for samples, exact match, parrot rate)."""
+"""Greedy decoding of the target word after a prompted prefix (for samples, exact match, parrot rate).
+
+Each prefix ``(ids, prompt_start)`` is a template rendered up to its target, the prompt's rows at
+``prompt_start``. The word is decoded token by token until a token starts a new word (leading whitespace
+after the first token), a newline, EOS, or ``max_new_tokens``.
+
+The cached decoder does what the training engines do: the **context**, the tokens that every prefix of
+the call shares (the template text before the first field, and the prompt where it stands there), runs
+once per call at batch 1; each batch continues from a copy of its KV cache, expanded over the
+batch without a copy. Each batch's own tokens then run once, left-padded to the batch's longest, and
+every new token is one row per undecided example against the KV cache: only the last position's logits
+are computed, and finished examples leave the batch (their cache rows are dropped). Layout of one batch::
+
+    keys:     [ context (C) | pad ... own tokens | new token 1 | new token 2 ... ]
+    mask:     [ 1 ... 1     | 0 ... 0   1 ... 1 | 1           | 1 ... ]
+    position:   0 ... C-1     (any)     C ... n-1  n             n+1
+
+Models with sliding-window layers whose window is shorter than a decoded sequence get no shared context
+(C = 0: plain left padding): their window counts cache slots, and pads after the context would take the
+slots of real tokens.
+
+``greedy_words_uncached`` is the former decoder (the whole left-padded sequence re-run for every new token),
+kept as the reference the cached one is tested against: the same words, in fp32.
+"""
 from __future__ import annotations
 
+import copy
 import inspect
+import os
 from typing import Sequence
 
 import torch
 
+from .kvcache import cache_kwarg, expand_batch, new_cache
 from .models import eval_mode
+
+Prefix = tuple[Sequence[int], "int | None"]  # (token ids up to the target, first prompt position or None)
 
 
 @torch.no_grad()
-def greedy_words(model, tokenizer, prefixes: Sequence[tuple[tuple[int, ...], int | None]], prompt: torch.Tensor,
-                 max_new_tokens: int = 6, autocast: bool = False, batch_size: int = 64) -> list[str]:
-    """The greedily decoded word after each prefix ``(ids, prompt_start)``: tokens are generated until a
-    token starts a new word (leading whitespace after the first token), a newline, EOS, or the limit."""
+def greedy_words(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Tensor, max_new_tokens: int = 6,
+                 autocast: bool = False, batch_size: int = 64, progress=None) -> list[str]:
+    """The greedily decoded word after each prefix (see the module docstring). ``prompt``: ``(L, d)`` rows
+    in the space of the model's input embeddings. ``progress``: called with the number of prefixes done."""
+    if not prefixes:
+        return []
+    device = next(model.parameters()).device
+    prompt = prompt.detach().to(device)
+    C = context_len(prefixes)
+    window = sliding_window(model.config)
+    if window is not None and max(len(ids) for ids, _ in prefixes) + max_new_tokens > window:
+        C = 0  # a sliding window counts cache slots: pads after a shared context would take slots of real tokens
+    kwarg = cache_kwarg(model)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out: list[str] = []
-    for i in range(0, len(prefixes), batch_size):
-        out += _greedy_batch(model, tokenizer, prefixes[i : i + batch_size], prompt, max_new_tokens, autocast)
+    with eval_mode(model), _autocast(device, autocast):
+        context = None
+        if C:  # the shared context, once for the whole call
+            ids, slot = _ids_and_slots([(prefixes[0][0][:C], prefixes[0][1])], C, prompt.shape[0])
+            context = new_cache(model.config)
+            model(inputs_embeds=_embed(model, ids.to(device), slot.to(device), prompt),
+                  position_ids=torch.arange(C, device=device)[None], use_cache=True, **{kwarg: context}, **keep_last)
+        for i in range(0, len(prefixes), batch_size):
+            batch = prefixes[i : i + batch_size]
+            cache = copy.deepcopy(context) if context is not None else new_cache(model.config)
+            if context is not None:
+                expand_batch(cache, len(batch))
+            out += _decode_batch(model, tokenizer, batch, prompt, C, cache, kwarg, keep_last, max_new_tokens)
+            if progress is not None:
+                progress(len(batch))
     return out
 
 
-def _greedy_batch(model, tokenizer, prefixes, prompt, max_new_tokens, autocast):
-    device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
-    B, T = len(prefixes), max(len(ids) for ids, _ in prefixes)
-    L = prompt.shape[0]
+def context_len(prefixes: Sequence[Prefix]) -> int:
+    """Leading tokens every prefix shares, prompt rows included where every prefix has the prompt at the same
+    place; each prefix keeps at least its last token for itself (its first logits come from it)."""
+    starts = {start for _, start in prefixes}
+    n = len(os.path.commonprefix([tuple(ids) for ids, _ in prefixes]))
+    n = min(n, min(len(ids) for ids, _ in prefixes) - 1)
+    if len(starts) > 1:  # the prompt's placeholder ids stand at different places: stop before the first
+        n = min([n] + [s for s in starts if s is not None])
+    return max(n, 0)
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the model's sliding-window layers, None where every layer sees everything."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
+def _decode_batch(model, tokenizer, batch, prompt, C, cache, kwarg, keep_last, max_new_tokens) -> list[str]:
+    device = prompt.device
+    B, L = len(batch), prompt.shape[0]
+    S = max(len(ids) for ids, _ in batch) - C  # the batch's own tokens, left-padded to the longest
+    ids, slot = _ids_and_slots([(ids[C:], None if start is None else start - C) for ids, start in batch], S, L,
+                               left=True)
+    lens = torch.tensor([len(seq) for seq, _ in batch])
+    mask = torch.ones((B, C + S), dtype=torch.long)
+    mask[:, C:] = (torch.arange(S)[None] >= (S - (lens - C))[:, None]).long()  # pads: 0
+    position = (C + (mask[:, C:].cumsum(-1) - 1)).clamp(min=C)  # own tokens at C, C+1, ...; pads: any
+    ids, slot, mask, position = ids.to(device), slot.to(device), mask.to(device), position.to(device)
+    embeds = _embed(model, ids, slot, prompt)
+    words: list[list[int]] = [[] for _ in range(B)]
+    alive = torch.arange(B, device=device)  # batch rows still being decoded -> example index
+    next_pos = position[:, -1] + 1
+    for step in range(max_new_tokens):
+        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True,
+                       **{kwarg: cache}, **keep_last).logits[:, -1]
+        next_ids = logits.float().argmax(-1)
+        stay = []
+        for row, (b, tok) in enumerate(zip(alive.tolist(), next_ids.tolist())):
+            if ends_word(tokenizer, tok, words[b]):
+                continue
+            words[b].append(tok)
+            stay.append(row)
+        if not stay or step == max_new_tokens - 1:
+            break
+        if len(stay) < len(alive):  # finished examples leave the batch
+            keep = torch.tensor(stay, device=device)
+            cache.batch_select_indices(keep)
+            alive, next_ids, mask, next_pos = alive[keep], next_ids[keep], mask[keep], next_pos[keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+        embeds = model.get_input_embeddings()(next_ids[:, None])
+        position, next_pos = next_pos[:, None], next_pos + 1
+    return [tokenizer.decode(w).strip() for w in words]
+
+
+def ends_word(tokenizer, tok: int, word: list[int]) -> bool:
+    """EOS, a newline, or (after the first token) a token that starts a new word."""
+    piece = tokenizer.decode([tok])
+    return tok == tokenizer.eos_token_id or "\n" in piece or bool(word and piece[:1].isspace())
+
+
+def _ids_and_slots(prefixes, T: int, L: int, left: bool = False):
+    """``(B, T)`` ids and prompt slots (prompt row index, -1 elsewhere), right- or left-padded to ``T``."""
+    B = len(prefixes)
     ids = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
     slot = torch.full((B, T), -1, dtype=torch.long)
-    for b, (seq, prompt_start) in enumerate(prefixes):  # left padding: generation appends on the right
-        ids[b, T - len(seq) :] = torch.tensor(seq)
-        mask[b, T - len(seq) :] = 1
-        if prompt_start is not None:
-            start = T - len(seq) + prompt_start
-            slot[b, start : start + L] = torch.arange(L)
-    ids, mask, slot = ids.to(device), mask.to(device), slot.to(device)
-    embeds = embed(ids)
-    embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(device, embeds.dtype)[slot.clamp(min=0)], embeds)
-    eos = tokenizer.eos_token_id
-    generated = [[] for _ in range(B)]
-    done = [False] * B
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
-    # logits at the last position only (Gemma's 262k vocabulary at every position dominated the time)
+    for b, (seq, start) in enumerate(prefixes):
+        at = T - len(seq) if left else 0
+        ids[b, at : at + len(seq)] = torch.tensor(seq, dtype=torch.long)
+        if start is not None:  # prompt rows that fall inside this span (start may be negative: in the context)
+            lo, hi = max(start, 0), min(start + L, len(seq))
+            if lo < hi:
+                slot[b, at + lo : at + hi] = torch.arange(lo - start, hi - start)
+    return ids, slot
+
+
+def _embed(model, ids, slot, prompt):
+    """Token embeddings with the prompt's rows written at the prompt slots."""
+    embeds = model.get_input_embeddings()(ids)
+    rows = prompt.to(embeds.dtype)[slot.clamp(min=0)]
+    return torch.where((slot >= 0).unsqueeze(-1), rows, embeds)
+
+
+def _autocast(device, on: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else torch.autocast(device.type, enabled=False)
+
+
+# ------------------------------------------------------------------------------------------ reference
+@torch.no_grad()
+def greedy_words_uncached(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Tensor,
+                          max_new_tokens: int = 6, autocast: bool = False, batch_size: int = 64) -> list[str]:
+    """The former decoder: each batch left-padded, the whole sequence re-run for every new token. The
+    reference for ``greedy_words`` (tests, benchmarks)."""
+    device = next(model.parameters()).device
+    prompt = prompt.detach().to(device)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    with eval_mode(model), ctx:
-        for _ in range(max_new_tokens):
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                           **last_only).logits
-            next_ids = logits[:, -1].float().argmax(-1)
-            for b, tok in enumerate(next_ids.tolist()):
-                if done[b]:
-                    continue
-                piece = tokenizer.decode([tok])
-                if tok == eos or "\n" in piece or (generated[b] and piece[:1].isspace()):
-                    done[b] = True
-                else:
-                    generated[b].append(tok)
-            if all(done):
-                break
-            embeds = torch.cat([embeds, embed(next_ids).unsqueeze(1).to(embeds.dtype)], dim=1)
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-    return [tokenizer.decode(g).strip() for g in generated]
+    out: list[str] = []
+    with eval_mode(model), _autocast(device, autocast):
+        for i in range(0, len(prefixes), batch_size):
+            batch = prefixes[i : i + batch_size]
+            T = max(len(ids) for ids, _ in batch)
+            ids, slot = _ids_and_slots(batch, T, prompt.shape[0], left=True)
+            lens = torch.tensor([len(seq) for seq, _ in batch])
+            mask = (torch.arange(T)[None] >= (T - lens)[:, None]).long().to(device)
+            embeds = _embed(model, ids.to(device), slot.to(device), prompt)
+            words: list[list[int]] = [[] for _ in batch]
+            done = [False] * len(batch)
+            for _ in range(max_new_tokens):
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                               use_cache=False, **last_only).logits
+                next_ids = logits[:, -1].float().argmax(-1)
+                for b, tok in enumerate(next_ids.tolist()):
+                    if not done[b]:
+                        done[b] = ends_word(tokenizer, tok, words[b])
+                        if not done[b]:
+                            words[b].append(tok)
+                if all(done):
+                    break
+                embeds = torch.cat([embeds, model.get_input_embeddings()(next_ids).unsqueeze(1).to(embeds.dtype)], 1)
+                mask = torch.cat([mask, mask.new_ones((len(batch), 1))], dim=1)
+            out += [tokenizer.decode(w).strip() for w in words]
+    return out

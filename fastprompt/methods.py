@@ -91,11 +91,11 @@ class Method:
 
         return format_nearest(self.embeddings(params.detach()), self.model, self.tokenizer, k=k, metric="cosine")
 
-    def greedy(self, params, prefixes, max_new_tokens: int, autocast: bool) -> list[str]:
+    def greedy(self, params, prefixes, max_new_tokens: int, autocast: bool, progress=None) -> list[str]:
         from .generate import greedy_words
 
         return greedy_words(self.model, self.tokenizer, prefixes, self.embeddings(params.detach()),
-                            max_new_tokens, autocast)
+                            max_new_tokens, autocast, progress=progress)
 
     # ----------------------------------------------------------------------------------------- I/O
     def options(self) -> dict[str, Any]:

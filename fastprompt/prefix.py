@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .engines.base import target_count
 from .engines.naive import NaiveEngine
 from .errors import ConfigError, PromptFileError
+from .generate import ends_word
 from .methods import Method
 from .models import eval_mode, is_gpt2_family
 from .prompt import init_prompt
@@ -164,10 +165,12 @@ class PrefixMethod(Method):
         return "\n".join(lines) + "\n"
 
     @torch.no_grad()
-    def greedy(self, params, prefixes, max_new_tokens, autocast):
+    def greedy(self, params, prefixes, max_new_tokens, autocast, progress=None):
         out = []
         for i in range(0, len(prefixes), 64):
             out += self._greedy_batch(params.detach(), prefixes[i : i + 64], max_new_tokens, autocast)
+            if progress is not None:
+                progress(len(prefixes[i : i + 64]))
         return out
 
     def _greedy_batch(self, kv, prefixes, max_new_tokens, autocast):
@@ -194,8 +197,7 @@ class PrefixMethod(Method):
                 for b, t in enumerate(next_ids.tolist()):
                     if done[b]:
                         continue
-                    piece = tok.decode([t])
-                    if t == tok.eos_token_id or "\n" in piece or (generated[b] and piece[:1].isspace()):
+                    if ends_word(tok, t, generated[b]):
                         done[b] = True
                     else:
                         generated[b].append(t)

@@ -35,11 +35,8 @@ run on those rows only, followed by the logit transform of the model's own ``for
 grad, that this reproduces ``model(input_ids).logits`` for one example and raises a ``ConfigError``
 naming the naive engine where it does not (an output transform it does not know).
 
-Cache API: a ``DynamicCache(config=...)`` built by the engine and passed under the name the decoder's
-``forward`` takes (``past_key_values`` up to transformers ~5.17, ``cache`` after the rename; read from
-its signature); per-step copies of the prefix cache by ``copy.deepcopy`` (keeps sliding-window
-bookkeeping); expansion over the batch by ``expand`` of each ``DynamicLayer``'s ``keys``/``values`` (other
-layer types fall back to ``Cache.batch_repeat_interleave``). Checked against transformers 5.17 and 5.24.
+Cache API: ``fastprompt/kvcache.py`` (the cache's name in ``forward``, per-step ``copy.deepcopy`` of the
+prefix cache, expansion over the batch without a copy).
 
 precision: ``fp32``; ``autocast`` (``torch.autocast(bfloat16)`` around every forward, as the post);
 ``bf16`` (the model itself where its weights are bf16, else a bf16 copy made once; the prompt stays fp32
@@ -49,13 +46,13 @@ changed (dtype, device, requires_grad, training flags).
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..kvcache import cache_kwarg, expand_batch, new_cache
 from ..models import eval_mode
 from ..template import Encoded
 from .base import Engine, target_count
@@ -86,7 +83,7 @@ class GenericEngine(Engine):
             raise ConfigError(f"the generic engine needs a causal LM with a base model and an LM head; "
                               f"{type(model).__name__} has none: use engine='naive'")
         self.logit_transform = _logit_transform(self.runner)
-        self.cache_kwarg = _cache_kwarg(self.decoder)
+        self.cache_kwarg = cache_kwarg(self.decoder)
         self._prefix_cache = None  # (key, DynamicCache or None), built lazily
         self._checked = False
         layout = options.get("layout", "auto")
@@ -124,9 +121,7 @@ class GenericEngine(Engine):
         return out.last_hidden_state
 
     def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.runner.config)
+        return new_cache(self.runner.config)
 
     def _prefix(self):
         """A fresh cache holding the constant prefix's K/V (computed once, copied per step), or None."""
@@ -217,7 +212,7 @@ class GenericEngine(Engine):
         if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
             embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
         if cache is not None:
-            _expand_batch(cache, B)
+            expand_batch(cache, B)
         positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
         return self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
 
@@ -266,7 +261,7 @@ class GenericEngine(Engine):
         if H:
             embeds = torch.cat([self._head_embeds(prompt), embeds], dim=1)
         if P > 1:
-            _expand_batch(cache, P)
+            expand_batch(cache, P)
         h = self._forward(embeds, pos.to(dev), attention_mask=mask, cache=cache)
         return (h[:, :H] if H else None), h, where
 
@@ -417,16 +412,6 @@ def _bf16_runner(model):
     return runner
 
 
-def _cache_kwarg(decoder) -> str:
-    """The name the decoder's forward takes its KV cache under (renamed past_key_values -> cache in 5.x)."""
-    params = inspect.signature(decoder.forward).parameters
-    if "cache" in params:
-        return "cache"
-    if "past_key_values" in params:
-        return "past_key_values"
-    raise ConfigError(f"{type(decoder).__name__}.forward takes no KV cache; use engine='naive'")
-
-
 def _assign_packs(lens):
     """Suffixes of ``lens`` rows packed in order into sequences of at most max(PACK_ROWS, longest) rows:
     ``([(pack, start) per example], packs, rows of the longest pack)``."""
@@ -443,20 +428,6 @@ def _assign_packs(lens):
 def _pack_shape(lens):
     _, P, N = _assign_packs(lens)
     return P, N
-
-
-def _expand_batch(cache, B: int) -> None:
-    """Make a batch-1 cache serve B examples: a view (``expand``) of each dynamic layer's K/V, no copy."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
-        cache.batch_repeat_interleave(B)  # other layer kinds: their own (copying) batch expansion
-        return
-    for layer in layers:
-        if torch.is_tensor(layer.keys) and layer.keys.dim() == 4:  # (1, heads, S, head_dim)
-            layer.keys = layer.keys.expand(B, -1, -1, -1)
-            layer.values = layer.values.expand(B, -1, -1, -1)
 
 
 def _logit_transform(model):

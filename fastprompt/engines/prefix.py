@@ -20,14 +20,15 @@ import torch.nn.functional as F
 
 from ..models import eval_mode
 from .base import target_count
-from .generic import GenericEngine, _expand_batch
+from ..kvcache import expand_batch
+from .generic import GenericEngine
 
 
 class PrefixEngine(GenericEngine):
     name = "prefix"
 
     def __init__(self, model, encoder, precision: str = "fp32", **options):
-        # the padded suffix layout (its loss_terms below runs _suffix_tensors / _expand_batch itself)
+        # the padded suffix layout (its loss_terms below runs _suffix_tensors / expand_batch itself)
         super().__init__(model, encoder, precision, **{**options, "layout": "padded"})
         self.fallback = None
         if encoder.prompt_start is None:
@@ -74,7 +75,7 @@ class PrefixEngine(GenericEngine):
             suffix_h = None
             if T > 0:
                 ids, mask, _ = self._suffix_tensors(batch, lens, T)
-                _expand_batch(cache, B)
+                expand_batch(cache, B)
                 positions = torch.arange(n_shared, n_shared + T, device=dev)[None]
                 suffix_h = self._forward(embed(ids), positions, attention_mask=mask, cache=cache)  # (B, T, d)
             hidden, labels = self._target_rows(batch, head_h, suffix_h)  # (R, d), (R,)
