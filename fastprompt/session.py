@@ -52,6 +52,10 @@ class Session:
             self.saved = ckpt.load_checkpoint(out)  # PromptFileError: missing, corrupt or foreign
             ckpt.check_compatible(self.saved[1], self.config_dict(), os.path.join(out, ckpt.TENSORS))
         self.ctx, self.device = setup(device)
+        if self.ctx.active and getattr(config, "max_seconds", None) is not None:
+            # each process would read its own clock and stop at a different step: use --max-steps
+            raise ConfigError("--max-seconds does not work under torchrun (the processes would stop at different "
+                              "steps); use --max-steps")
         torch.manual_seed(config.seed)  # the global RNG (Gumbel noise); batches have their own seeded RNG
         self.signals = StopSignals()
         self.lr = config.lr
@@ -126,12 +130,26 @@ class Session:
             if stop:
                 self.stop_if_asked(tuner, f"at epoch {info['epoch'] + 1}, step {info['step']}", agreed=True)
 
+        max_steps = getattr(config, "max_steps", None)
+        if max_steps is not None:  # the budget counts the steps of earlier invocations (--resume) too
+            per_epoch = -(-len(train) // config.batch_size)
+            done = len(tuner.history) * per_epoch + (tuner.resume_at["step"] if tuner.resume_at else 0)
+            max_steps = max(0, max_steps - done)
         with self.signals:
             try:
                 tuner.fit(train, epochs=epochs, batch_size=config.batch_size, lr=config.lr, eval_data=test or None,
-                          progress=config.progress and self.is_main, callback=epoch_end, step_callback=after_step)
+                          progress=config.progress and self.is_main, callback=epoch_end, step_callback=after_step,
+                          eval_every=getattr(config, "eval_every", 0), eval_size=getattr(config, "eval_size", None),
+                          max_steps=max_steps, max_seconds=getattr(config, "max_seconds", None))
             finally:
                 self.ctx.unwrap(tuner)  # evaluation after training runs on rank 0 alone
+        if tuner.stopped:  # a budget ran out: the last completed step is checkpointed, --resume continues it
+            at = tuner.resume_at
+            self.save(tuner, epoch=len(tuner.history), step=at["step"], ce_sum=at["ce_sum"], n_tokens=at["n_tokens"])
+            if self.is_main:
+                flag = "--" + tuner.stopped.replace("_", "-")
+                print(f"stopped by {flag} at epoch {len(tuner.history) + 1}, step {at['step']}; checkpoint written "
+                      f"to {self.out}; continue with --resume --out {self.out} (and a larger {flag})", flush=True)
 
     def save(self, tuner, **where) -> None:
         if self.is_main:

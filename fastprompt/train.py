@@ -50,6 +50,10 @@ class TrainConfig:
     method_opt: list | None = None
     progress: bool = True
     checkpoint_every: int = 0
+    eval_every: int = 10
+    eval_size: int = 500
+    max_steps: int | None = None
+    max_seconds: float | None = None
     resume: bool = False
     overwrite: bool = False
 
@@ -88,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
                    help="also checkpoint every N steps (default: epoch ends and SIGINT/SIGTERM only)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
+                   help="generation metrics (exact match, parrot rate) every N epochs and at the end; the test "
+                   "loss is computed every epoch (default: %(default)s; 0: at the end only)")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, metavar="N",
+                   help="generation metrics on at most N test examples (default: %(default)s); the decoded word "
+                   "counts as a match when it equals the target (or, for parrot rate, an input) after stripping "
+                   "surrounding punctuation and whitespace, case-insensitively; the raw comparison is logged as "
+                   "*_strict")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N optimizer steps in all (a resumed run counts its earlier steps)")
+    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="stop training after S seconds of this invocation (at the end of a step)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out without --resume")
     return p
@@ -128,6 +144,12 @@ def run(config: TrainConfig) -> dict:
 
     if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0 or not math.isfinite(config.lr):
         raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0 (finite)")
+    if config.eval_every < 0 or config.eval_size < 1:
+        raise ConfigError("--eval-every must be >= 0 and --eval-size >= 1")
+    if config.max_steps is not None and config.max_steps < 0:
+        raise ConfigError(f"--max-steps must be >= 0, got {config.max_steps}")
+    if config.max_seconds is not None and not config.max_seconds >= 0:
+        raise ConfigError(f"--max-seconds must be >= 0, got {config.max_seconds}")
     if config.prompt_len < 1 or config.prompt_len > 4096:
         raise ConfigError(f"--prompt-len must be between 1 and 4096, got {config.prompt_len}")
     device = resolve_device(config.device)
@@ -154,8 +176,10 @@ def run(config: TrainConfig) -> dict:
         session.write_header(metrics_path, run_info(config, device), tuner)
 
     def log(record: dict) -> None:
-        test_part = (f"  test {record['test_loss']:.4f}  exact {100 * record['test_exact_match']:.1f}%  "
-                     f"parrot {100 * record['test_parrot_rate']:.1f}%") if "test_loss" in record else ""
+        test_part = f"  test {record['test_loss']:.4f}" if "test_loss" in record else ""
+        if "test_exact_match" in record:
+            test_part += (f"  exact {100 * record['test_exact_match']:.1f}%  "
+                          f"parrot {100 * record['test_parrot_rate']:.1f}%")
         print(f"epoch {record['epoch']}/{config.epochs}  train {record['train_loss']:.4f}{test_part}  "
               f"{record['seconds']:.1f}s", flush=True)
         with open(metrics_path, "a", encoding="utf-8") as f:
@@ -166,7 +190,7 @@ def run(config: TrainConfig) -> dict:
     if not session.is_main:
         return tuner.history[-1] if tuner.history else {}
     tuner.save(os.path.join(out, "prompt.safetensors"))
-    final = write_outputs(out, tuner, test)  # test metrics (also at --epochs 0), hard_prompt.txt
+    final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
     log_final(final, metrics_path)
     write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
     with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:

@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from .errors import ConfigError, DataError, PromptFileError
 from .guard import NonFiniteGuard
+from .metrics import word_metrics
 from .methods import load_tuner, make_method, save_method_file, saved_method
 from .models import max_positions
 from .prompt import read_prompt, save_prompt
@@ -57,6 +58,7 @@ class PromptTuner:
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteGuard(limit=3)  # NaN/inf steps are not applied; 3 in a row stop fit
         self.resume_at: dict[str, Any] | None = None  # an epoch in progress, set by fastprompt.checkpoint
+        self.stopped: str | None = None  # why the last fit stopped early: "max_steps", "max_seconds" or None
         self._static_step = None  # the fused engine's captured step (CUDA graphs), built by the first fit
         self._batch_size = 64
 
@@ -122,14 +124,27 @@ class PromptTuner:
     def fit(self, train: Sequence[Any], epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
             eval_data: Sequence[Any] | None = None, progress: bool = True,
             callback: Callable[[dict[str, Any]], None] | None = None,
-            step_callback: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-        """Train for ``epochs``; returns the history, one dict an epoch (train/test loss, exact match, seconds).
+            step_callback: Callable[[dict[str, Any]], None] | None = None, *, eval_every: int = 0,
+            eval_size: int | None = None, max_steps: int | None = None,
+            max_seconds: float | None = None) -> list[dict[str, Any]]:
+        """Train for ``epochs``; returns the history, one dict an epoch (train loss, steps, seconds and, with
+        ``eval_data``, the test loss through the engine; every ``eval_every`` epochs also the generation
+        metrics of ``evaluate`` on at most ``eval_size`` of the ``eval_data`` examples).
+
+        Budgets: training stops after ``max_steps`` optimizer steps or once ``max_seconds`` have passed in
+        this call, at the end of a whole step. A stop inside an epoch leaves ``resume_at`` set, so that the
+        next ``fit`` (or a checkpoint written now) continues that epoch where it stopped; ``stopped`` says
+        why (``None`` when every epoch ran).
 
         ``step_callback`` gets ``{"epoch", "step", "steps", "ce_sum", "n_tokens"}`` after every step (epoch from
-        0, step = batches done in it). With ``resume_at`` set (``fastprompt.checkpoint``), the first epoch
-        skips the batches already done and carries their summed loss."""
+        0, step = batches done in it). With ``resume_at`` set (``fastprompt.checkpoint`` or a budget stop), the
+        first epoch skips the batches already done and carries their summed loss."""
         if epochs < 0 or batch_size < 1 or not lr > 0:
             raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        _check_budget("eval_every", eval_every, minimum=0)
+        _check_budget("eval_size", eval_size, minimum=1)
+        _check_budget("max_steps", max_steps, minimum=0)
+        _check_budget("max_seconds", max_seconds, minimum=0)
         encoded = self.encode(train)
         if eval_data:
             self.encode(eval_data)  # check the evaluation data before training starts
@@ -138,10 +153,17 @@ class PromptTuner:
         self._batch_size = batch_size
         from tqdm.auto import tqdm
 
+        started = time.perf_counter()
+        self.stopped = None
         start_epoch = len(self.history)
         resume, self.resume_at = self.resume_at, None
         skip = resume["step"] if resume else 0
-        self.method.plan(max(0, epochs * -(-len(encoded) // batch_size) - skip))  # schedules (relaxed: temperature)
+        per_epoch = -(-len(encoded) // batch_size)
+        # steps over the tuner's life (histories written before steps were recorded: full epochs of this size)
+        step_total = (self.history[-1].get("step", len(self.history) * per_epoch) if self.history else 0) + skip
+        planned = max(0, epochs * per_epoch - skip)
+        self.method.plan(planned if max_steps is None else min(planned, max_steps))  # schedules (relaxed: tau)
+        taken = 0  # steps taken in this call
         for epoch in range(start_epoch, start_epoch + epochs):
             t0 = time.perf_counter()
             batches = self.batches(encoded, batch_size, epoch)
@@ -151,7 +173,14 @@ class PromptTuner:
             bar = tqdm(batches[done:], desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False,
                        initial=done, total=len(batches))
             for step, batch in enumerate(bar, start=done):
+                if _over_budget(taken, max_steps, started, max_seconds):
+                    self.stopped = "max_steps" if max_steps is not None and taken >= max_steps else "max_seconds"
+                    self.resume_at = {"step": step, "ce_sum": total.item(), "n_tokens": n_tokens}
+                    bar.close()
+                    return self.history
                 ce_sum = self.train_step(batch)
+                taken += 1
+                step_total += 1
                 if self.nonfinite.streak == 0:  # a skipped step adds nothing to the epoch's loss
                     total += ce_sum
                     n_tokens += sum(e.target_len for e in batch)
@@ -163,11 +192,17 @@ class PromptTuner:
                 if step_callback is not None:
                     step_callback({"epoch": epoch, "step": step + 1, "steps": len(batches), "ce_sum": total,
                                    "n_tokens": n_tokens})
-            record: dict[str, Any] = {"epoch": epoch + 1,
+            bar.close()
+            record: dict[str, Any] = {"epoch": epoch + 1, "step": step_total,
                                       "train_loss": total.item() / n_tokens if n_tokens else float("nan")}
             record["train_seconds"] = time.perf_counter() - t0
             if eval_data:
-                record.update({f"test_{k}": v for k, v in self.evaluate(eval_data).items()})
+                t_eval = time.perf_counter()
+                generation = bool(eval_every) and (epoch + 1) % eval_every == 0
+                metrics = self.evaluate(eval_data, generation=generation, generation_size=eval_size,
+                                        progress=progress)
+                record.update({f"test_{k}": v for k, v in metrics.items()})
+                record["eval_seconds"] = time.perf_counter() - t_eval
             record["seconds"] = time.perf_counter() - t0
             self.history.append(record)
             if callback is not None:
@@ -176,28 +211,40 @@ class PromptTuner:
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[Any], batch_size: int = 64) -> dict[str, float]:
-        """``loss`` (token-weighted), ``exact_match`` (greedy word == target) and ``parrot_rate``
-        (greedy word == an input field's value, the failure the post observed)."""
+    def evaluate(self, examples: Sequence[Any], batch_size: int = 64, *, generation: bool = True,
+                 generation_size: int | None = None, progress: bool = False) -> dict[str, float]:
+        """``loss``: token-weighted target cross-entropy through the engine, on every example. With
+        ``generation`` (on at most ``generation_size`` examples, the first ones): the greedily decoded word
+        compared with the target (``exact_match``) and with each input field's value (``parrot_rate``, the
+        failure the post observed), both after ``normalize_word`` (surrounding punctuation and whitespace
+        stripped, case folded); ``exact_match_strict`` / ``parrot_rate_strict`` compare the raw words."""
         encoded = self.encode(examples)
+        n_gen = 0
+        if generation:
+            n_gen = len(encoded) if generation_size is None else min(generation_size, len(encoded))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(encoded) + n_gen, desc="evaluate", unit="ex", disable=not progress, leave=False)
         total, n_tokens = 0.0, 0
+        prompt = self.method.embeddings(self.prompt.detach())
         for i in range(0, len(encoded), batch_size):
-            ce_sum, n = self.engine.loss_terms(self.method.embeddings(self.prompt.detach()), encoded[i : i + batch_size])
+            ce_sum, n = self.engine.loss_terms(prompt, encoded[i : i + batch_size])
             total += ce_sum.item()
             n_tokens += n
-        words = self._greedy(encoded)
-        exact = parrot = 0
-        for word, example in zip(words, examples):
-            values = self.template.as_fields(example)
-            exact += word == values["target"].strip()
-            parrot += any(word == values[f].strip() for f in self.template.input_fields)
-        n = len(encoded)
-        return {"loss": total / n_tokens, "exact_match": exact / n, "parrot_rate": parrot / n}
+            bar.update(len(encoded[i : i + batch_size]))
+        metrics = {"loss": total / n_tokens}
+        if n_gen:
+            words = self._greedy(encoded[:n_gen], progress=bar.update)
+            fields = [self.template.as_fields(example) for example in examples[:n_gen]]
+            refs = [(f["target"], [f[name] for name in self.template.input_fields]) for f in fields]
+            metrics.update(word_metrics(words, refs))
+        bar.close()
+        return metrics
 
-    def _greedy(self, encoded: Sequence[Encoded], max_new_tokens: int = 6) -> list[str]:
+    def _greedy(self, encoded: Sequence[Encoded], max_new_tokens: int = 6, progress=None) -> list[str]:
         prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
         autocast = self.precision != "fp32" and self.device.type == "cuda"
-        return self.method.greedy(self.prompt, prefixes, max_new_tokens, autocast)
+        return self.method.greedy(self.prompt, prefixes, max_new_tokens, autocast, progress=progress)
 
     def generate(self, inputs: Sequence[Any], max_new_tokens: int = 6) -> list[str]:
         """Greedy target words for ``inputs``: strings (for a one-input-field template) or field mappings."""
@@ -249,6 +296,22 @@ class PromptTuner:
         if template is None:
             template = meta.get("template") or "Here are two {prompt} {input} and {target}"
         return cls(model, tokenizer, template, prompt.shape[0], prompt=prompt, **kwargs)
+
+
+def _check_budget(name: str, value, minimum: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum \
+            or (name != "max_seconds" and not isinstance(value, int)):
+        kind = "a number" if name == "max_seconds" else "an integer"
+        raise ConfigError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
+
+
+def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds: float | None) -> bool:
+    """Whether another step would exceed the step or time budget of this ``fit``."""
+    if max_steps is not None and taken >= max_steps:
+        return True
+    return max_seconds is not None and time.perf_counter() - started >= max_seconds
 
 
 def _short(name: str) -> str:

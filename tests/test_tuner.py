@@ -15,9 +15,13 @@ def test_fit_lowers_the_loss_and_records_history():
     model, tok = tiny_gpt2(seed=1, initializer_range=0.2), tokenizer()
     tuner = fp.PromptTuner(model, tok, prompt_len=4, engine="naive", seed=0)
     before = tuner.loss(PAIRS).item()
-    history = tuner.fit(PAIRS, epochs=4, batch_size=4, lr=1e-2, eval_data=PAIRS[:3], progress=False)
+    history = tuner.fit(PAIRS, epochs=4, batch_size=4, lr=1e-2, eval_data=PAIRS[:3], progress=False, eval_every=2)
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
-    assert {"train_loss", "test_loss", "test_exact_match", "test_parrot_rate", "seconds"} <= set(history[0])
+    assert [r["step"] for r in history] == [3, 6, 9, 12]
+    assert {"train_loss", "test_loss", "seconds", "eval_seconds"} <= set(history[0])
+    # the test loss every epoch; the generation metrics every eval_every epochs
+    assert ["test_exact_match" in r for r in history] == [False, True, False, True]
+    assert {"test_parrot_rate", "test_exact_match_strict", "test_parrot_rate_strict"} <= set(history[1])
     assert tuner.loss(PAIRS).item() < before
 
 
@@ -35,7 +39,7 @@ def test_evaluate_and_generate():
     model, tok = tiny_gpt2(seed=3), tokenizer()
     tuner = fp.PromptTuner(model, tok, prompt_len=4, engine="naive")
     metrics = tuner.evaluate(PAIRS)
-    assert set(metrics) == {"loss", "exact_match", "parrot_rate"}
+    assert set(metrics) == {"loss", "exact_match", "parrot_rate", "exact_match_strict", "parrot_rate_strict"}
     assert metrics["loss"] > 0 and 0 <= metrics["exact_match"] <= 1 and 0 <= metrics["parrot_rate"] <= 1
     words = tuner.generate(["hot", "up"])
     assert len(words) == 2 and all(isinstance(w, str) for w in words)
@@ -53,7 +57,7 @@ def test_evaluate_and_generate():
 def test_parrot_rate_counts_copies_of_the_input(monkeypatch):
     model, tok = tiny_gpt2(seed=3), tokenizer()
     tuner = fp.PromptTuner(model, tok, prompt_len=4, engine="naive")
-    monkeypatch.setattr(tuner, "_greedy", lambda encoded, max_new_tokens=6: ["hot", "down", "x"])
+    monkeypatch.setattr(tuner, "_greedy", lambda encoded, max_new_tokens=6, progress=None: ["hot", "down", "x"])
     metrics = tuner.evaluate(PAIRS[:3])
     assert metrics["parrot_rate"] == pytest.approx(1 / 3) and metrics["exact_match"] == pytest.approx(1 / 3)
 
