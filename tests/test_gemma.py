@@ -1,6 +1,7 @@
 """Gemma 3 270M (GGUF from the optional `gemma` extra) through the generic engine. Opt-in: -m gemma.
 Weights under the Gemma Terms of Use; never a default dependency. ~1-3 minutes to load on 2 cores."""
 import functools
+import os
 import importlib.util
 
 import pytest
@@ -44,3 +45,27 @@ def test_missing_packages_give_an_install_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(fp.ModelError, match=r"fastprompt\[gemma\]"):
         fp.load_model("gemma3-270m")
+
+
+def test_second_load_reads_the_dequantised_copy(tmp_path, monkeypatch):
+    """The first load dequantises the GGUF file and keeps a safetensors copy; the next one reads the copy
+    (no GGUF conversion) and gives the same logits."""
+    gemma()  # skips without the extra
+    monkeypatch.setenv("FASTPROMPT_CACHE", str(tmp_path))
+    first, tok = fp.load_model("gemma3-270m")
+    assert os.path.isfile(tmp_path / "gemma3-270m-fp32" / "fastprompt-source.json")
+    import fastprompt.models as models
+
+    real = models._from_pretrained
+
+    def no_gguf(name, dtype=None, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF file was converted again"
+        return real(name, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(models, "_from_pretrained", no_gguf)
+    second, tok2 = fp.load_model("gemma3-270m")
+    ids = torch.tensor([tok("Here are two antonyms: hot and")["input_ids"]])
+    assert tok2("Here are two antonyms: hot and")["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, second(ids).logits)
+    assert second.config._name_or_path == "gemma3-270m"

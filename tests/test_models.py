@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -36,3 +38,30 @@ def test_unloadable_model_is_one_clear_error(tmp_path):
         fp.load_model(str(tmp_path / "missing-model"))
     with pytest.raises(fp.ModelError, match="--model tiny"):
         fp.load_model("no-such-org/no-such-model-xyz")
+
+
+def test_cached_pretrained_builds_once_then_reads_the_copy(tmp_path):
+    """The mechanism behind the Gemma GGUF cache: a slow build saved once as safetensors, remade when its source
+    description changes or the copy is damaged; the copy gives the same logits."""
+    from fastprompt.models import cached_pretrained, gpt2_tokenizer, random_gpt2
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        return random_gpt2(dict(n_layer=1, n_embd=32, n_head=2, n_positions=32), seed=3).eval(), gpt2_tokenizer()
+
+    where = str(tmp_path / "copy")
+    source = {"file": "model.gguf", "bytes": 123}
+    first, _ = cached_pretrained(where, source, build)
+    second, tok = cached_pretrained(where, source, build)
+    assert len(builds) == 1 and os.path.isfile(os.path.join(where, "model.safetensors"))
+    ids = torch.tensor([tok("hot and cold")["input_ids"]])
+    assert torch.equal(first(ids).logits, second(ids).logits)
+    cached_pretrained(where, {**source, "bytes": 124}, build)  # another source: made again
+    assert len(builds) == 2
+    with open(os.path.join(where, "model.safetensors"), "wb") as f:
+        f.write(b"damaged")
+    again, _ = cached_pretrained(where, {**source, "bytes": 124}, build)
+    assert len(builds) == 3 and torch.equal(again(ids).logits, first(ids).logits)
+    assert sorted(os.listdir(tmp_path)) == ["copy"]  # no temporary directory left
