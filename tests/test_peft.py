@@ -249,3 +249,24 @@ def test_without_peft_the_error_names_the_extra(tmp_path, monkeypatch):
             call()
         assert "fastprompt[peft]" in str(info.value) and "\n" not in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------ CLI
+@needs_peft
+def test_cli_peft_out(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from fastprompt.train import main
+
+    common = ["--model", "tiny", "--epochs", "1", "--train-size", "16", "--test-size", "0.01", "--no-progress",
+              "--samples", "0"]
+    code = main([*common, "--template", PREPENDED, "--out", str(tmp_path / "run"),
+                 "--peft-out", str(tmp_path / "adapter")])
+    assert code == 0
+    rows = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))["prompt_embeddings"]
+    assert torch.equal(rows, load_file(str(tmp_path / "run" / "prompt.safetensors"))["prompt"])
+
+    code = main([*common, "--out", str(tmp_path / "run2"), "--peft-out", str(tmp_path / "adapter2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "must come first" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "adapter2").exists()  # refused before training
