@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ConfigError, DataError
+from .models import is_gpt2_family
 from .prompt import atomic_write_dir
 
 PEFT_HINT = "pip install 'fastprompt[peft]'"
@@ -100,14 +101,14 @@ def check_adapter_dir(path: str) -> None:
 
 def check_peft_out(tuner, path: str) -> None:
     """Everything ``save_peft`` would refuse, checked without writing (the CLI calls it before training)."""
-    require_peft("a PEFT adapter")
+    require_peft("writing a PEFT adapter")
     check_prepended(tuner.encoder, "cannot write a PEFT adapter")
     check_adapter_dir(path)
 
 
 def adapter_config(tuner):
     """The ``PromptTuningConfig`` / ``PrefixTuningConfig`` of the tuner's prompt, for inference."""
-    peft = require_peft("a PEFT adapter")
+    peft = require_peft("writing a PEFT adapter")
     c = tuner.model.config
     c = c.get_text_config() if hasattr(c, "get_text_config") else c
     d = int(tuner.model.get_input_embeddings().weight.shape[1])
@@ -161,10 +162,13 @@ class PeftLink:
             raise ConfigError("from_peft: this prefix is produced by a trainable MLP (prefix_projection=True); "
                               "fastprompt trains the K/V themselves: use prefix_projection=False")
         self.base = peft_model.get_base_model()
+        if self.kind == "PREFIX_TUNING" and not is_gpt2_family(self.base):
+            raise ConfigError("from_peft trains prefix tuning for the GPT-2 family only (got model type "
+                              f"{getattr(self.base.config, 'model_type', '?')!r}); prompt tuning for any model")
         self.prompt_len = int(config.num_virtual_tokens)
         self.weight = peft_model.prompt_encoder[self.adapter].embedding.weight  # (L, token_dim | n_layer*2*d)
         d = int(self.base.get_input_embeddings().weight.shape[1])
-        width = d if self.kind == "PROMPT_TUNING" else 2 * int(getattr(self.base.config, "n_layer", 0)) * d
+        width = d if self.kind == "PROMPT_TUNING" else 2 * self.base.config.n_layer * d
         if tuple(self.weight.shape) != (self.prompt_len, width) or (
                 self.kind == "PREFIX_TUNING" and config.num_attention_heads != self.base.config.n_head):
             raise ConfigError(f"from_peft: the {self.kind} prompt {tuple(self.weight.shape)} does not fit the base "

@@ -204,6 +204,13 @@ def test_from_peft_refuses_what_it_cannot_train():
                                                                prefix_projection=True))
     with pytest.raises(ConfigError, match="prefix_projection"):
         fp.PromptTuner.from_peft(projected, tok, PREPENDED)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    llama_prefix = get_peft_model(llama, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=L))
+    with pytest.raises(ConfigError, match="GPT-2 family only"):
+        fp.PromptTuner.from_peft(llama_prefix, tok, PREPENDED)
 
 
 # --------------------------------------------------------------------------------- generate
