@@ -58,7 +58,7 @@ setup(
         "triton; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "peft"],  # peft: the PEFT interop tests run in CI
         "plot": ["matplotlib"],
         "nvtx": ["nvtx"],
         "flash-attn": ["flash-attn"],

@@ -28,6 +28,12 @@ def with_speedups(records: Iterable[dict]) -> list[dict]:
             ref = base.get((r.get("config"), r.get("prompt_len"), precision))
             key = f"speedup_vs_naive_{precision}"
             r[key] = ref / r["epoch_s"] if ref and r.get("epoch_s") else None
+    peft = {(r.get("config"), r.get("prompt_len")): r["epoch_s"] for r in records
+            if r.get("engine") == "peft" and r.get("epoch_s")}
+    for r in records:  # fastprompt training a PEFT model against PEFT's own loop of the same run
+        ref = peft.get((r.get("config"), r.get("prompt_len")))
+        if r.get("engine") == "from_peft" and ref and r.get("epoch_s"):
+            r["speedup_vs_peft"] = ref / r["epoch_s"]
     return records
 
 
@@ -64,7 +70,10 @@ def table(records: Iterable[dict]) -> str:
                     _fmt(step / floor if step and floor else None, ".1f"), _fmt(r.get("peak_mem_gb"), ".2f")]
         else:
             row += [_fmt(r.get("process_cpu_s"), ".2f")]
-        row += [_fmt(r.get("rows_per_example"), ".2f"), _fmt(r.get("gflop_per_s"), ".1f"), r.get("note", "")]
+        note = r.get("note", "")
+        if r.get("speedup_vs_peft"):  # from_peft rows: the ratio the target is about
+            note = "; ".join(x for x in (f"{r['speedup_vs_peft']:.2f}x PEFT's loop", note) if x)
+        row += [_fmt(r.get("rows_per_example"), ".2f"), _fmt(r.get("gflop_per_s"), ".1f"), note]
         rows.append(row)
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     widths[-1] = len(cols[-1])  # the note runs free at the end of the line

@@ -6,19 +6,24 @@ Two configurations, picked automatically (``FASTPROMPT_BENCH_CONFIG=cpu|gpu`` fo
 
   cpu  (no CUDA)  GPT-2 small architecture, random weights; batch 32; prompt_len 4 and 20; a fixed seeded
                   subset of the built-in training split (CPU_EXAMPLES); engines naive, generic, fused
-                  (torch ops), all fp32; PEFT prompt tuning fp32 where peft is installed.
+                  (torch ops), all fp32; PEFT prompt tuning fp32 where peft is installed, and beside it
+                  fastprompt training that same PEFT model (``PromptTuner.from_peft``, fused engine).
   gpu  (CUDA)     GPT-2 Large architecture, random weights; batch 64; prompt_len 4; the whole built-in
                   training split (5,179 pairs); naive fp32 (TF32 off), naive autocast, PEFT bf16, generic
                   bf16, fused bf16 with CUDA graphs off and on.
 
 The template is the post's, ``Here are two {prompt} {input} and {target}`` (prompt at token index 3);
-PEFT's prompt tuning can only *prepend* its virtual tokens, so its rows say "prepended".
+PEFT's prompt tuning can only *prepend* its virtual tokens, so its rows say "prepended". The ``from_peft``
+rows train the PEFT model's prompt with fastprompt on the same prepended layout
+(``{prompt}Here are two {input} and {target}``: the PEFT rows' token sequences exactly), same data, same
+batches; they are timed against PEFT's own loop of the same run ("N.NNx PEFT's loop" in the note).
 
 An epoch: the examples are tokenised once (not timed), then one Adam step (lr 1e-3) per shuffled batch
 (``PromptTuner.batches``, last batch partial), summed losses read back once at the end (as ``fit`` does).
 Warm-up before timing; ``benchmark.pedantic(rounds=R, iterations=1)``; the median is the epoch time.
-Before timing, one batch's loss is checked against naive fp32 (fp32: 1e-4 relative; bf16/autocast: 2e-2):
-a benchmark of a wrong engine is worthless. NaN/inf losses fail the benchmark.
+Before timing, one batch's loss is checked against naive fp32 (fp32: 1e-4 relative; bf16/autocast: 2e-2),
+``from_peft``'s against PEFT's own forward on the same prompt: a benchmark of a wrong engine is worthless.
+NaN/inf losses fail the benchmark.
 
 Environment (the gpu_check script uses them to bound its run time):
   FASTPROMPT_BENCH_SCALE        fraction of the configuration's examples to use (default 1)
@@ -46,6 +51,7 @@ from fastprompt.data import subsample
 from flops import GPT2Shape, bandwidth_floor_s, gflops_per_s, step_flops
 
 TEMPLATE = "Here are two {prompt} {input} and {target}"
+PREPENDED = "{prompt}Here are two {input} and {target}"  # PEFT's layout, for the from_peft rows
 SEED = 1337
 LR = 1e-3
 CPU_EXAMPLES = 128  # 4 batches of 32: the whole CPU suite stays under 10 minutes on 2 cores (see README)
@@ -71,8 +77,8 @@ class Case:
         return "-".join(p for p in (self.config, self.engine, self.precision, f"L{self.prompt_len}", opts) if p)
 
 
-CPU_CASES = [Case("cpu", engine, "fp32", L, (("kernels", "torch"),) if engine == "fused" else ())
-             for L in (4, 20) for engine in ("naive", "generic", "fused", "peft")]
+CPU_CASES = [Case("cpu", engine, "fp32", L, (("kernels", "torch"),) if engine in ("fused", "from_peft") else ())
+             for L in (4, 20) for engine in ("naive", "generic", "fused", "peft", "from_peft")]
 GPU_CASES = [
     Case("gpu", "naive", "fp32", 4),
     Case("gpu", "naive", "autocast", 4),
@@ -100,7 +106,7 @@ class Setup:
     model: object = None
     tokenizer: object = None
     examples: list = field(default_factory=list)
-    encoded: dict = field(default_factory=dict)  # prompt_len -> list[Encoded]
+    encoded: dict = field(default_factory=dict)  # (template, prompt_len) -> list[Encoded]
     reference: dict = field(default_factory=dict)  # prompt_len -> naive fp32 loss of batch 0
     copy_bytes_per_s: float | None = None
 
@@ -111,10 +117,10 @@ class Setup:
         return f"{cpu_model()} ({os.cpu_count()} cores)"
 
     def encode(self, tuner) -> list:
-        L = tuner.prompt_len
-        if L not in self.encoded:
-            self.encoded[L] = tuner.encode(self.examples)
-        return self.encoded[L]
+        key = (tuner.template.text, tuner.prompt_len)
+        if key not in self.encoded:
+            self.encoded[key] = tuner.encode(self.examples)
+        return self.encoded[key]
 
 
 def active_config() -> str:
@@ -290,6 +296,22 @@ class PeftRunner:
         return len(batch) * int(self.rows(batch))
 
 
+class FromPeftRunner(TunerRunner):
+    """fastprompt training the prompt of the PEFT row's model: ``PromptTuner.from_peft`` on a PEFT model built
+    exactly as ``PeftRunner`` builds it (same seeded initial prompt), the prepended template, the fused engine."""
+
+    def __init__(self, case: Case, s: Setup):
+        self.peft = PeftRunner(case, s)  # PEFT's own forward, kept for the loss check
+        self.tuner = fp.PromptTuner.from_peft(self.peft.model, s.tokenizer, PREPENDED, engine="auto",
+                                              precision=case.precision, seed=SEED, **dict(case.options))
+        self.tuner.optimizer = self.tuner.make_optimizer(LR)
+        self.tuner._batch_size = s.batch_size
+        self.engine = self.tuner.engine
+
+    def describe(self) -> str:
+        return f"from_peft: {self.engine.describe()}"
+
+
 # ------------------------------------------------------------------------------------------- test
 @pytest.mark.parametrize("case", PARAMS)
 def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
@@ -313,7 +335,7 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
 
     # the engine, or a row that says why there is none
     try:
-        runner = PeftRunner(case, s) if case.engine == "peft" else TunerRunner(case, s)
+        runner = {"peft": PeftRunner, "from_peft": FromPeftRunner}.get(case.engine, TunerRunner)(case, s)
     except ImportError as e:
         unavailable(e)
     except Exception as e:
@@ -334,6 +356,13 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
         raise AssertionError(f"{case.label}: loss is {loss0} before training")
     if case.engine == "peft":
         record["loss_check"] = "finite (prepended prompt: not comparable)"
+    elif case.engine == "from_peft":  # the same PEFT model and prompt through PEFT's forward; the same sequences
+        peft_batch0 = epoch_batches(s.encode(_encoder_tuner(case, s)), s.batch_size, 0)[0]  # the PEFT row's
+        assert torch.equal(runner.peft.tensors(peft_batch0)[0], runner.peft.tensors(batch0)[0])
+        ref = runner.peft.loss(batch0)
+        rel = abs(loss0 - ref) / abs(ref)
+        record["loss_check"] = f"rel err {rel:.1e} vs PEFT's forward (tol 1e-4)"
+        assert rel <= 1e-4, f"{case.label}: loss {loss0} vs PEFT's forward {ref}: rel err {rel:.2e} > 1e-4"
     else:
         ref = reference_loss(case, s, batch0)
         rel = abs(loss0 - ref) / abs(ref)
@@ -399,7 +428,7 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
         loadavg_1min=[load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
     )
     notes = []
-    if case.engine == "peft":
+    if case.engine in ("peft", "from_peft"):
         notes.append("prompt prepended")
     if steps < n_batches:
         notes.append(f"{steps} of {n_batches} steps timed, extrapolated")
@@ -415,6 +444,10 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
             and r["prompt_len"] == case.prompt_len and r["config"] == s.config and r.get("epoch_s")]
     if base:
         benchmark.extra_info["speedup_vs_naive_fp32"] = base[0]["epoch_s"] / epoch_s
+    peft_row = [r for r in epoch_results if r["engine"] == "peft" and r["prompt_len"] == case.prompt_len
+                and r["config"] == s.config and r.get("epoch_s")]
+    if case.engine == "from_peft" and peft_row:
+        benchmark.extra_info["speedup_vs_peft"] = peft_row[0]["epoch_s"] / epoch_s
     del runner
     if gpu:
         torch.cuda.empty_cache()

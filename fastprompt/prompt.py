@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -75,6 +76,32 @@ def atomic_write(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_dir(path: str, write) -> None:
+    """``write(tmp_dir)`` fills a new directory beside ``path``, then it is renamed to ``path``: a reader sees
+    the old directory or the new one, whole. An existing ``path`` is renamed aside first and deleted after
+    the new one is in place (a crash between the two renames leaves it as ``.*.tmpdir.old`` beside ``path``)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".", suffix=".tmpdir")  # not ".tmp": resume deletes those files
+    try:
+        write(tmp)
+        if not os.path.isdir(path):
+            os.rename(tmp, path)
+            return
+        old = tmp + ".old"
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:

@@ -56,6 +56,7 @@ class TrainConfig:
     max_seconds: float | None = None
     resume: bool = False
     overwrite: bool = False
+    peft_out: str | None = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop training after S seconds of this invocation (at the end of a step)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out without --resume")
+    p.add_argument("--peft-out", default=None, metavar="DIR",
+                   help="also write the trained prompt as a PEFT adapter to DIR ({prompt} first in the template; "
+                   "needs the peft extra)")
     return p
 
 
@@ -167,6 +171,10 @@ def run(config: TrainConfig) -> dict:
     tuner.encode(train)  # every template, data and context error surfaces here, before training
     if test:
         tuner.encode(test)
+    if config.peft_out:  # refused (template, directory, no peft) before anything is trained or written
+        from .peft_io import check_peft_out
+
+        check_peft_out(tuner, config.peft_out)
     session.prepare(tuner)  # --resume: checkpoint restored; torchrun: engine sharded. Nothing written so far
     metrics_path = os.path.join(out, "metrics.jsonl")
     if session.is_main:
@@ -198,6 +206,8 @@ def run(config: TrainConfig) -> dict:
     with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
         f.write(tuner.method.readout(tuner.prompt, k=5))
     plot_losses(os.path.join(out, "loss.png"), tuner.history)
+    if config.peft_out:
+        tuner.save_peft(config.peft_out)
     return tuner.history[-1] if tuner.history else final
 
 

@@ -297,6 +297,30 @@ class PromptTuner:
             template = meta.get("template") or "Here are two {prompt} {input} and {target}"
         return cls(model, tokenizer, template, prompt.shape[0], prompt=prompt, **kwargs)
 
+    # ---------------------------------------------------------------- Hugging Face stack (peft_io.py)
+    def save_peft(self, path: str) -> None:
+        """The prompt as a PEFT adapter directory (prompt or prefix tuning; ``{prompt}`` first in the template),
+        written atomically; ``peft.PeftModel.from_pretrained(base_model, path)`` serves it."""
+        from .peft_io import save_peft
+
+        save_peft(self, path)
+
+    @classmethod
+    def from_peft(cls, peft_model, tokenizer, template: Template | str, **kwargs) -> "PromptTuner":
+        """A tuner training the prompt of a PEFT prompt-tuning (or GPT-2 prefix-tuning) model: its base model
+        frozen and unchanged, its prompt the initial value, the trained prompt written back into it when
+        ``fit`` returns (``write_peft()`` does it on request). ``kwargs``: engine, precision, seed, ..."""
+        from .peft_io import tuner_from_peft
+
+        return tuner_from_peft(cls, peft_model, tokenizer, template, **kwargs)
+
+    def inputs_embeds(self, inputs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs_embeds, attention_mask)`` of ``inputs`` (as for ``generate``) up to ``{target}``, left padded,
+        the prompt in place: ``model.generate(inputs_embeds=..., attention_mask=...)`` continues them."""
+        from .peft_io import inputs_embeds
+
+        return inputs_embeds(self, inputs)
+
 
 def _check_budget(name: str, value, minimum: float) -> None:
     if value is None:
