@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .models import is_gpt2_family
 from .prompt import atomic_write_dir
 
@@ -226,26 +225,6 @@ def tuner_from_peft(cls, peft_model, tokenizer, template, **kwargs):
 
 
 # ------------------------------------------------------------------------------------ generate
-def encode_inputs(tuner, inputs) -> list:
-    """Inputs as ``tuner.generate`` takes them (strings for a one-field template, or field mappings), encoded
-    up to the target."""
-    if isinstance(inputs, (str, Mapping)):
-        inputs = [inputs]
-    if len(inputs) == 0:
-        raise DataError("no inputs given")
-    fields = tuner.template.input_fields
-    encoded = []
-    for i, x in enumerate(inputs):
-        if isinstance(x, str):
-            if len(fields) != 1:
-                raise DataError(f"the template has fields {', '.join(fields)}: give mappings, not strings")
-            x = {fields[0]: x}
-        if not isinstance(x, Mapping):
-            raise DataError(f"input {i} must be a string or a mapping of fields, got {type(x).__name__}")
-        encoded.append(tuner.encoder.encode({**dict(x), "target": "x"}, i))  # the target is cut off below
-    return encoded
-
-
 @torch.no_grad()
 def inputs_embeds(tuner, inputs: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs_embeds (B, T, d), attention_mask (B, T))``: each input's template up to ``{target}``, left
@@ -253,7 +232,7 @@ def inputs_embeds(tuner, inputs: Sequence[Any]) -> tuple[torch.Tensor, torch.Ten
     if tuner.method.name == "prefix":
         raise ConfigError("a prefix prompt is per-layer keys and values, not input embeddings: generate with "
                           "tuner.generate, or save_peft and PEFT's model")
-    encoded = encode_inputs(tuner, inputs)
+    encoded = tuner.encode_inputs(inputs)
     model = tuner.model
     device = next(model.parameters()).device
     L = tuner.prompt_len

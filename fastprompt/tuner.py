@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -248,6 +248,15 @@ class PromptTuner:
 
     def generate(self, inputs: Sequence[Any], max_new_tokens: int = 6) -> list[str]:
         """Greedy target words for ``inputs``: strings (for a one-input-field template) or field mappings."""
+        return self._greedy(self.encode_inputs(inputs), max_new_tokens)
+
+    def encode_inputs(self, inputs) -> list[Encoded]:
+        """Inputs as ``generate`` takes them (strings for a one-field template, or field mappings; one alone or
+        a sequence), encoded up to the target."""
+        if isinstance(inputs, (str, Mapping)):
+            inputs = [inputs]
+        if len(inputs) == 0:
+            raise DataError("no inputs given")
         fields = self.template.input_fields
         encoded = []
         for i, x in enumerate(inputs):
@@ -255,8 +264,10 @@ class PromptTuner:
                 if len(fields) != 1:
                     raise DataError(f"the template has fields {', '.join(fields)}: give mappings, not strings")
                 x = {fields[0]: x}
+            if not isinstance(x, Mapping):
+                raise DataError(f"input {i} must be a string or a mapping of fields, got {type(x).__name__}")
             encoded.append(self.encoder.encode({**dict(x), "target": "x"}, i))  # the target is cut off below
-        return self._greedy(encoded, max_new_tokens)
+        return encoded
 
     # ----------------------------------------------------------------------------------------- I/O
     def metadata(self) -> dict[str, Any]:
