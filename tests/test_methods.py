@@ -186,3 +186,28 @@ def test_open_questions_script_smoke(tmp_path):
                         "--batch-size", "8", "--engine", "naive", "--out", str(out)]) == 0
     table = (out / "results.md").read_text()
     assert "| hand-written | 4 | 0 |" in table and "| hard |" in table and "argmax tokens" in table
+
+
+def test_post_result_script_smoke(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "post_result.py")
+    spec = importlib.util.spec_from_file_location("post_result", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "post"
+    assert module.main(["--model", "tiny", "--minutes", "30", "--steps", "3", "--sizes", "8", "--batch-size", "4",
+                        "--test-limit", "6", "--eval-size", "4", "--curve-size", "4", "--curve-every", "2",
+                        "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    rows = {r["prompt"]: r for r in report["rows"]}
+    assert rows["hand-written"]["steps"] == 0 and rows["hand-written"]["tokens"] == " antonyms"
+    trained = [r for r in report["rows"] if r["prompt"] != "hand-written"]
+    assert len(trained) == 5 and all(r["steps"] == 3 for r in trained)
+    assert [p["step"] for p in rows["soft, random init"]["curve"]] == [0, 2, 3]
+    assert rows["soft, random init, 8 pairs"]["train_pairs"] == 8
+    assert "| hand-written | 4 | 0 | 0 |" in (out / "results.md").read_text()
+    for name in ("loss_curves.png", "sample_efficiency.png"):
+        assert (out / name).stat().st_size > 0
