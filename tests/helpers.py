@@ -22,3 +22,39 @@ def tiny_gpt2(seed: int = 0, **overrides):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def load_example(name: str):
+    """The module of examples/<name>.py (the examples are scripts, not a package)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_causal_lm(kind: str, **overrides):
+    """A tiny random Llama, Qwen2 or Gemma 3 (GPT-2's vocabulary of 50,257), eval mode, frozen; Gemma 3 with
+    a sliding layer (window ``sliding_window``, default 4) and soft-capped logits."""
+    import transformers as tf
+
+    common = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "llama":
+        config, cls = tf.LlamaConfig(**common, **overrides), tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        config, cls = tf.Qwen2Config(**common, **overrides), tf.Qwen2ForCausalLM
+    elif kind == "gemma3":
+        overrides = {"sliding_window": 4, **overrides}
+        config = tf.Gemma3TextConfig(**common, head_dim=16, final_logit_softcapping=30.0,
+                                     layer_types=["sliding_attention", "full_attention"], **overrides)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config)
+    return model.eval().requires_grad_(False)

@@ -9,7 +9,7 @@ import fastprompt as fp
 from fastprompt.generate import context_len, greedy_words, greedy_words_uncached, sliding_window
 from fastprompt.metrics import normalize_word, word_metrics
 
-from helpers import tiny_gpt2, tokenizer
+from helpers import tiny_causal_lm, tiny_gpt2, tokenizer
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("benevolent", "malevolent"), ("a", "b"), ("underestimate", "x"),
          ("taciturn", "gregarious"), ("perennial", "ephemeral"), ("win", "lose"), ("dense", "sparse"),
@@ -24,21 +24,9 @@ def model_of(kind: str):
     """Tiny random causal LMs with GPT-2's vocabulary; weights large enough for varied, multi-token words."""
     if kind == "gpt2":
         return tiny_gpt2(seed=1, initializer_range=0.2)
-    import transformers as tf
-
-    common = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
     if kind == "llama":
-        config, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
-    else:  # gemma3 with a window shorter (4) or longer (64) than the sequences
-        window = 4 if kind == "gemma3_window4" else 64
-        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=window, final_logit_softcapping=30.0,
-                                     layer_types=["sliding_attention", "full_attention"])
-        cls = tf.Gemma3ForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = cls(config)
-    return model.eval().requires_grad_(False)
+        return tiny_causal_lm("llama", initializer_range=0.2)
+    return tiny_causal_lm("gemma3", initializer_range=0.2, sliding_window=4 if kind == "gemma3_window4" else 64)
 
 
 def prefixes_and_prompt(model, template, n=len(PAIRS), scale=10.0):

@@ -12,12 +12,15 @@ import pytest
 import torch
 
 from fastprompt.engines import make_engine
-from fastprompt.engines.generic import GenericEngine, _cache_kwarg
+from fastprompt.engines.generic import GenericEngine
 from fastprompt.engines.naive import NaiveEngine
 from fastprompt.errors import ConfigError
+from fastprompt.kvcache import cache_kwarg
 from fastprompt.models import gpt2_tokenizer, random_gpt2
 from fastprompt.template import TemplateEncoder
 from fastprompt.tuner import PromptTuner
+
+from helpers import tiny_causal_lm
 
 START = "{prompt} {input} and {target}"
 MIDDLE = "Here are two {prompt} {input} and {target}"
@@ -43,24 +46,10 @@ def tiny(kind: str):
     """A tiny random causal LM with GPT-2's vocabulary (50,257), eval mode, frozen."""
     if kind == "gpt2":
         return random_gpt2(dict(n_layer=2, n_embd=64, n_head=4, n_positions=128), seed=0).requires_grad_(False)
-    import transformers as tf
-
-    common = dict(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind in ("llama", "llama_eager"):
-        config, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
-        if kind == "llama_eager":
-            config._attn_implementation = "eager"  # the default elsewhere is sdpa
-    elif kind == "qwen2":
-        config, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
-    else:  # gemma3: window 4 < sequence length, so the cache of the sliding layer is cut; soft-capped logits
-        config = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=4, final_logit_softcapping=30.0,
-                                     layer_types=["sliding_attention", "full_attention"])
-        cls = tf.Gemma3ForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = cls(config)
-    return model.eval().requires_grad_(False)
+    model = tiny_causal_lm("llama" if kind == "llama_eager" else kind)
+    if kind == "llama_eager":
+        model.config._attn_implementation = "eager"  # the default elsewhere is sdpa
+    return model
 
 
 @functools.lru_cache(maxsize=None)
@@ -362,5 +351,5 @@ def test_cache_keyword_follows_the_signature():
         def forward(self, inputs_embeds=None, cache=None):
             return inputs_embeds
 
-    assert _cache_kwarg(Old()) == "past_key_values"
-    assert _cache_kwarg(New()) == "cache"
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert cache_kwarg(New()) == "cache"

@@ -10,7 +10,7 @@ from fastprompt.methods import parse_options
 from fastprompt.models import embedding_table
 from fastprompt.train import main
 
-from helpers import rel_err, tiny_gpt2, tokenizer
+from helpers import load_example, rel_err, tiny_gpt2, tokenizer
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("good", "bad"), ("big", "small"), ("wet", "dry"), ("fast", "slow"),
          ("light", "dark"), ("open", "closed")]
@@ -149,13 +149,7 @@ def test_cli_hard_writes_hard_prompt_and_epochs_0_evaluates_the_hand_written_pro
 
 
 def test_sample_efficiency_script_smoke(tmp_path):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "sample_efficiency.py")
-    spec = importlib.util.spec_from_file_location("sample_efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("sample_efficiency")
     out = tmp_path / "se"
     assert module.main(["--model", "tiny", "--sizes", "8,16", "--epochs", "1", "--batch-size", "8",
                         "--test-limit", "8", "--engine", "naive", "--out", str(out)]) == 0
@@ -174,13 +168,7 @@ def test_missing_gemma_packages_give_an_install_hint(monkeypatch):
 
 
 def test_open_questions_script_smoke(tmp_path):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "open_questions.py")
-    spec = importlib.util.spec_from_file_location("open_questions", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("open_questions")
     out = tmp_path / "oq"
     assert module.main(["--model", "tiny", "--train-size", "8", "--test-limit", "4", "--epochs", "1",
                         "--batch-size", "8", "--engine", "naive", "--out", str(out)]) == 0
@@ -189,14 +177,7 @@ def test_open_questions_script_smoke(tmp_path):
 
 
 def test_post_result_script_smoke(tmp_path):
-    import importlib.util
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "post_result.py")
-    spec = importlib.util.spec_from_file_location("post_result", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("post_result")
     out = tmp_path / "post"
     assert module.main(["--model", "tiny", "--minutes", "30", "--steps", "3", "--sizes", "8", "--batch-size", "4",
                         "--test-limit", "6", "--eval-size", "4", "--curve-size", "4", "--curve-every", "2",
