@@ -211,13 +211,14 @@ class PromptTuner:
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, examples: Sequence[Any], batch_size: int = 64, *, generation: bool = True,
+    def evaluate(self, examples: Sequence[Any], batch_size: int = 256, *, generation: bool = True,
                  generation_size: int | None = None, progress: bool = False) -> dict[str, float]:
         """``loss``: token-weighted target cross-entropy through the engine, on every example. With
         ``generation`` (on at most ``generation_size`` examples, the first ones): the greedily decoded word
         compared with the target (``exact_match``) and with each input field's value (``parrot_rate``, the
         failure the post observed), both after ``normalize_word`` (surrounding punctuation and whitespace
-        stripped, case folded); ``exact_match_strict`` / ``parrot_rate_strict`` compare the raw words."""
+        stripped, case folded); ``exact_match_strict`` / ``parrot_rate_strict`` compare the raw words.
+        ``batch_size``: examples a forward (larger than training's: nothing is kept for a backward)."""
         encoded = self.encode(examples)
         n_gen = 0
         if generation:
