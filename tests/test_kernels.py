@@ -151,6 +151,20 @@ def test_lm_head_ce(dtype, rows, V, d):
     _compare(K.lm_head_ce, K.lm_head_ce_ref, [h, w, t], dtype)
 
 
+def test_lm_head_ce_autocast_casts_weight_like_autocast():
+    """16-bit h with an fp32 W (autocast): W is cast to h's dtype, exactly as autocast casts a matmul's
+    operands, so the result equals the all-bf16 call bit for bit (and the GPU runs it on tensor cores)."""
+    h = _rand(7, 64).to(torch.bfloat16).detach().requires_grad_(True)
+    w = torch.randn(1000, 64) * 0.5  # fp32 values that bf16 cannot hold exactly
+    t = torch.randint(0, 1000, (7,))
+    g = torch.randn(7)
+    mixed = K.lm_head_ce(h, w, t)
+    (g_mixed,) = torch.autograd.grad(mixed, h, g)
+    cast = K.lm_head_ce(h, w.to(torch.bfloat16), t)
+    (g_cast,) = torch.autograd.grad(cast, h, g)
+    assert torch.isfinite(mixed).all() and torch.equal(mixed, cast) and torch.equal(g_mixed, g_cast)
+
+
 def test_lm_head_ce_ignore_index_and_no_grad():
     h, w = _rand(7, 64), torch.randn(1000, 64) * 0.5
     t = torch.randint(0, 1000, (7,))
