@@ -249,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write only this JSON file")
     p.add_argument("--check", action="store_true", help="exit 1 on a compile error, spill or shared memory over the limit")
     p.add_argument("--sweep", choices=sorted(SWEEPS), help="compile candidate tiles of one kernel family instead")
+    p.add_argument("--candidates", default=None, help="with --sweep: the candidates, e.g. '64,64,4;64,64,8'")
     p.add_argument("--fresh-cache", action="store_true", help="compile into an empty Triton cache (real compile times)")
     args = p.parse_args(argv)
     if args.fresh_cache:
@@ -287,6 +288,8 @@ def main(argv=None) -> int:
 def sweep(args, cases, meta) -> int:
     """Compile each candidate of a kernel family's choice function over the same cases; one table."""
     module_name, fn_name, candidates = SWEEPS[args.sweep]
+    if args.candidates:
+        candidates = [tuple(int(x) for x in c.split(",")) for c in args.candidates.split(";") if c]
     module = _kernel_modules()[module_name]
     rows = []
     for cand in candidates:

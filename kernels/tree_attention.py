@@ -289,6 +289,14 @@ def attention_blocks(block_d, kernel, lowp):
     The launchers and benchmarks/compile_report.py both call this, so the report compiles what launches."""
     if interpreting():
         return 16, 16, 4  # tl.dot needs >= 16; small tiles keep the interpreter quick
+    if not lowp:
+        # fp32: IEEE dots on CUDA cores (no tensor core is IEEE fp32), every tile operand in registers.
+        # sm_90 compile report, D = 64: 64x64 at 4 warps spills 30-50 KB a thread (fwd, dq) and 4.6 KB
+        # (dkdv); 32-query tiles at 8 warps fit: fwd/dq 32x64 78 registers, dkdv 32x32 76, no spills,
+        # 16-24 warps an SM, and 32-row tiles give more programs to fill 132 SMs at a few hundred rows.
+        if block_d > 64:
+            return 16, 32, 8
+        return (32, 32, 8) if kernel == "dkdv" else (32, 64, 8)
     if kernel != "fwd" and block_d > 64:
         return 32, 32, 4
     return 64, 64, 4
