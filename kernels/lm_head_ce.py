@@ -130,8 +130,14 @@ def lm_head_blocks(rows, V, lowp):
     The launcher and benchmarks/compile_report.py both call this, so the report compiles what launches."""
     if interpreting():
         return 16, min(1024, next_power_of_2(V)), 64, 4
+    # sm_90 compile report (GPT-2 Large): 16-bit with > 32 rows lowers to wgmma (204 registers with dH, no
+    # spill); <= 32 rows to mma_v2, enough there: ~rows FLOP per byte of W, far below the bandwidth ridge.
     block_m = 64 if rows > 32 else (32 if rows > 16 else 16)
-    return block_m, 128, 64, 8
+    # fp32 (IEEE FMA: no tensor core is IEEE fp32) at 64 rows: BLOCK_D 64 keeps the h and W chunks and the
+    # (64, 128) logits tile in registers past the 255 cap (spills with dH); BLOCK_D 32 fits (218, none).
+    # BLOCK_V stays 128 everywhere: the dH scratch is read and written once per BLOCK_V columns.
+    block_d = 32 if (block_m == 64 and not lowp) else 64
+    return block_m, 128, block_d, 8
 
 
 def lm_head_ce_fwd(h, weight, targets, compute_dh):
