@@ -8,7 +8,7 @@ nothing here checks values). So the variants are exactly the ones a real step la
 block-size choice, the dtypes each precision gives each op, Triton's argument specialisation. Models:
 GPT-2 small and Large architectures (random weights, 2 layers: the first layer, a middle boundary and the
 last layer's row selection all occur); batch sizes chosen so the target rows hit every branch of the block
-choice (8 to ~400 rows). Plus the Adam kernel, which the engine does not launch.
+choice (~15 to ~410 packed rows, 5 to ~215 target rows). Plus the Adam kernel, which the engine does not launch.
 
 These are compiler figures, not GPU timings: a kernel without spills can still be slow.
 
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"gpt2": "GPT-2 small (d 768, 12 heads of 64)", "gpt2-large": "GPT-2 Large (d 1280, 20 heads of 64)"}
 PRECISIONS = ("fp32", "bf16", "autocast")
-BATCHES = (2, 10, 24, 64)  # examples a step: ~5, ~22, ~42, ~140 target rows; ~15 to ~260 packed rows
+BATCHES = (2, 10, 24, 64, 100)  # examples a step: 5, 20, 42, 138, ~215 target rows; ~15 to ~410 packed rows
 
 
 def _kernel_modules():
@@ -213,14 +213,15 @@ def versions() -> dict:
     from triton.backends.nvidia.compiler import get_ptxas, get_ptxas_version
 
     return {"triton": triton.__version__, "torch": torch.__version__,
-            "ptxas": get_ptxas_version(90).strip().splitlines()[-1], "ptxas_path": Path(get_ptxas(90).path).name,
+            "ptxas": next((line.split(", ", 1)[-1] for line in get_ptxas_version(90).splitlines() if "release" in line),
+                          get_ptxas_version(90).strip().splitlines()[-1]), "ptxas_path": Path(get_ptxas(90).path).name,
             "python": platform.python_version()}
 
 
 def markdown(variants, notes, errors, meta) -> str:
     out = [f"# Triton kernels compiled for sm_{meta['arch']} (compiler figures, not GPU timings)", "",
            f"`python benchmarks/compile_report.py` on a CPU-only machine: triton {meta['versions']['triton']}, "
-           f"{meta['versions']['ptxas']} ({meta['versions']['ptxas_path']} -v --gpu-name=sm_{meta['arch']}a), "
+           f"ptxas {meta['versions']['ptxas']} ({meta['versions']['ptxas_path']} -v --gpu-name=sm_{meta['arch']}a), "
            f"torch {meta['versions']['torch']}. Each row is one compiled variant (deduplicated over the cases "
            "that launched it). regs and spills from ptxas -v (bytes per thread); smem: shared memory per "
            "block as Triton allocated it; blocks (warps)/SM: residency estimate from registers, shared memory "
@@ -253,7 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh-cache", action="store_true", help="compile into an empty Triton cache (real compile times)")
     args = p.parse_args(argv)
     if args.fresh_cache:
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastprompt-compile-")
+        fresh = tempfile.TemporaryDirectory(prefix="fastprompt-compile-")  # removed when the process ends
+        os.environ["TRITON_CACHE_DIR"] = fresh.name
     torch.manual_seed(0)
     models = [m for m in args.models.split(",") if m]
     precisions = [x for x in args.precisions.split(",") if x]
