@@ -16,6 +16,7 @@ These are compiler figures, not GPU timings: a kernel without spills can still b
     python benchmarks/compile_report.py --precisions bf16,fp32 --models gpt2-large --batches 2,64 --check --json X
     python benchmarks/compile_report.py --sweep tree_attention --precisions fp32   # candidate tiles, not shipped
 
+``--arch 80`` compiles for sm_80 instead (the shared-memory limit and the residency estimate stay sm_90's).
 ``--check`` exits 1 on a compile error, a spill, or shared memory over the sm_90 limit. Triton's own disk
 cache (~/.triton/cache, or TRITON_CACHE_DIR) keeps compiles between runs; ``--fresh-cache`` compiles
 everything anew (honest compile times).
@@ -75,17 +76,14 @@ def engine_cases(models, precisions, batches):
     import fastprompt as fp
 
     pairs = fp.load_pairs("antonyms")
+    current = {}  # {(model, precision): tuner}: one at a time (a GPT-2 Large tuner holds ~1 GB)
     for model_name in models:
         for precision in precisions:
-            def build(m=model_name, p=precision):
-                return _tuner(m, p)
-
-            cache = {}
-
-            def step(n, train, m=model_name, p=precision, build=build, cache=cache):
-                if "tuner" not in cache:
-                    cache["tuner"] = build()
-                tuner = cache["tuner"]
+            def step(n, train, key=(model_name, precision)):
+                if key not in current:
+                    current.clear()
+                    current[key] = _tuner(*key)
+                tuner = current[key]
                 batch = tuner.encode(pairs[:n])
                 rows = tuner.engine.rows_per_example(batch) * n
                 targets = sum(len(e.ids) - e.target_start for e in batch)
