@@ -37,7 +37,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     engine: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     kernels: str = "auto"
     cuda_graphs: str = "auto"
     train_size: int | None = None
@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples a step (default: 64)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--engine", default=d.engine, help="auto | naive | generic | fused (default: auto)")
-    p.add_argument("--precision", default=d.precision, help="fp32 | bf16 | autocast (default: fp32)")
+    p.add_argument("--precision", default=d.precision,
+                   help="auto | fp32 | bf16 | autocast (default: auto = bf16 weights with an fp32 prompt on CUDA, "
+                        "fp32 on the CPU)")
     p.add_argument("--kernels", default=d.kernels, help="fused engine kernels: auto | triton | cuda | torch")
     p.add_argument("--cuda-graphs", default=d.cuda_graphs, help="auto | on | off (fused engine on CUDA)")
     p.add_argument("--train-size", type=int, default=None, help="subsample the training split to N examples")
@@ -179,7 +181,8 @@ def run(config: TrainConfig) -> dict:
     metrics_path = os.path.join(out, "metrics.jsonl")
     if session.is_main:
         os.makedirs(out, exist_ok=True)
-        print(f"model {config.model} on {device} | engine {tuner.engine.describe()} | {len(train)} train, "
+        chosen = f" (precision auto: {tuner.precision})" if config.precision == "auto" else ""
+        print(f"model {config.model} on {device} | engine {tuner.engine.describe()}{chosen} | {len(train)} train, "
               f"{len(test)} test examples | output {out}", flush=True)
         session.write_header(metrics_path, run_info(config, device), tuner)
 

@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, DataError, PromptFileError
+from .engines.base import resolve_precision
 from .guard import NonFiniteGuard
 from .metrics import word_metrics
 from .methods import load_tuner, make_method, save_method_file, saved_method
@@ -22,8 +23,9 @@ class PromptTuner:
     """A trainable ``(prompt_len, d)`` fp32 prompt for ``template``, the model frozen.
 
     ``engine``: ``auto`` (fused for GPT-2, generic otherwise), ``naive`` (the post's loop), ``generic``,
-    ``fused``. ``precision``: ``fp32``, ``bf16`` (frozen weights cast once, prompt kept in fp32) or
-    ``autocast`` (the post's bf16 autocast). The model is never modified.
+    ``fused``. ``precision``: ``fp32``, ``bf16`` (frozen weights cast once, prompt kept in fp32),
+    ``autocast`` (the post's bf16 autocast) or ``auto`` (bf16 on CUDA, fp32 on the CPU; ``self.precision``
+    holds the choice). The model is never modified.
 
     ``method``: how the trained tensor ``prompt`` becomes the prompt (``fastprompt/methods.py``): ``soft``
     (``prompt`` is the ``(prompt_len, d)`` prompt), ``relaxed`` (``prompt``: ``(prompt_len, V)`` vocabulary
@@ -52,6 +54,7 @@ class PromptTuner:
             prompt = self.method.init(init, seed, absorb_space=absorb)
         self.method.check(prompt)
         self.prompt = torch.nn.Parameter(prompt.detach().float().to(self.device).clone())
+        precision = resolve_precision(precision, self.device, engine)
         self.engine = self.method.make_engine(engine, precision, **engine_options)
         self.precision = precision
         self.optimizer: torch.optim.Optimizer | None = None

@@ -38,11 +38,14 @@ INSTALL_HINT = (
 )
 
 
+COMPILE_ONLY = [False]  # True inside compile_check.compile_only(): launches compile for a target, never run
+
+
 def require_triton(*tensors):
     """Raise a clear error where a Triton kernel cannot run on these tensors."""
     if not TRITON_AVAILABLE:
         raise RuntimeError(f"{INSTALL_HINT} (import failed: {_TRITON_IMPORT_ERROR!r})")
-    if interpreting():
+    if interpreting() or COMPILE_ONLY[0]:
         return
     for t in tensors:
         if t is not None and not t.is_cuda:

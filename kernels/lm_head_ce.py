@@ -22,6 +22,9 @@ GPT-2 Large) and redo the logits GEMM. Saving dH costs rows * d * 4 bytes (1.7 M
 backward becomes one elementwise scale by the upstream per-row gradient. When no gradient is needed
 (torch.no_grad, or h not requiring grad) the kernel skips the dH accumulation.
 
+Dtypes: h and W both fp32 (IEEE fp32 dots), both 16-bit (tensor cores, fp32 accumulation), or h 16-bit
+with W fp32 (autocast): W is then cast to h's dtype once per call, as autocast casts a matmul's operands.
+
 Targets < 0 (e.g. -100) are ignored: loss 0 and zero gradient, as F.cross_entropy(reduction='none').
 Targets >= V are not checked (that would need a host sync).
 """
@@ -121,6 +124,22 @@ def _num_programs_target(device):
     return _SM_COUNT[device]
 
 
+def lm_head_blocks(rows, V, lowp):
+    """(BLOCK_M, BLOCK_V, BLOCK_D, num_warps) for ``rows`` target rows; ``lowp``: 16-bit dots.
+
+    The launcher and benchmarks/compile_report.py both call this, so the report compiles what launches."""
+    if interpreting():
+        return 16, min(1024, next_power_of_2(V)), 64, 4
+    # sm_90 compile report (GPT-2 Large): 16-bit with > 32 rows lowers to wgmma (204 registers with dH, no
+    # spill); <= 32 rows to mma_v2, enough there: ~rows FLOP per byte of W, far below the bandwidth ridge.
+    block_m = 64 if rows > 32 else (32 if rows > 16 else 16)
+    # fp32 (IEEE FMA: no tensor core is IEEE fp32) at 64 rows: BLOCK_D 64 keeps the h and W chunks and the
+    # (64, 128) logits tile in registers past the 255 cap (spills with dH); BLOCK_D 32 fits (218, none).
+    # BLOCK_V stays 128 everywhere: the dH scratch is read and written once per BLOCK_V columns.
+    block_d = 32 if (block_m == 64 and not lowp) else 64
+    return block_m, 128, block_d, 8
+
+
 def lm_head_ce_fwd(h, weight, targets, compute_dh):
     """h: (rows, d); weight: (V, d); targets: (rows,) int -> loss (rows,) fp32, dH (rows, d) fp32 or None."""
     require_triton(h, weight, targets)
@@ -130,12 +149,13 @@ def lm_head_ce_fwd(h, weight, targets, compute_dh):
     h = h if h.stride(-1) == 1 else h.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     targets = targets.to(torch.int64).contiguous()
+    if h.dtype in (torch.bfloat16, torch.float16) and weight.dtype == torch.float32:
+        # autocast: 16-bit h, fp32 frozen W. Cast W to h's dtype once per call, as autocast does for the
+        # matmul (and the torch op does): logits and dH then use the same 16-bit W, on tensor cores
+        # (mixed operands would upcast h and run every vocabulary dot as fp32 FMA).
+        weight = weight.to(h.dtype)
     lowp = use_lowp_dot(h, weight) and h.dtype == weight.dtype
-    if interpreting():
-        block_m, block_v, block_d, warps = 16, min(1024, next_power_of_2(V)), 64, 4
-    else:
-        block_m = 64 if rows > 32 else (32 if rows > 16 else 16)
-        block_v, block_d, warps = 128, 64, 8
+    block_m, block_v, block_d, warps = lm_head_blocks(rows, V, lowp)
     n_vblocks = triton.cdiv(V, block_v)
     row_blocks = triton.cdiv(rows, block_m)
     n_splits = max(1, min(n_vblocks, triton.cdiv(_num_programs_target(h.device), row_blocks)))

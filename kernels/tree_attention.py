@@ -283,12 +283,27 @@ def _tree_attn_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
-def _blocks(block_d, backward):
+def attention_blocks(block_d, kernel, lowp):
+    """(BLOCK_M, BLOCK_N, num_warps) of ``kernel`` ('fwd' | 'dq' | 'dkdv') for head dim ``block_d``.
+
+    The launchers and benchmarks/compile_report.py both call this, so the report compiles what launches."""
     if interpreting():
         return 16, 16, 4  # tl.dot needs >= 16; small tiles keep the interpreter quick
-    if backward and block_d > 64:
+    if not lowp:
+        # fp32: IEEE dots on CUDA cores (no tensor core is IEEE fp32), every tile operand in registers.
+        # sm_90 compile report, D = 64: 64x64 at 4 warps spills 30-50 KB a thread (fwd, dq) and 4.6 KB
+        # (dkdv); 32-query tiles at 8 warps fit: fwd/dq 32x64 78 registers, dkdv 32x32 76, no spills,
+        # 16-24 warps an SM, and 32-row tiles give more programs to fill 132 SMs at a few hundred rows.
+        if block_d > 64:
+            return 16, 32, 8
+        return (32, 32, 8) if kernel == "dkdv" else (32, 64, 8)
+    if kernel != "fwd" and block_d > 64:
         return 32, 32, 4
-    return 64, 64, 4
+    # 16-bit, D = 64: 64x64 tiles lower to wgmma (64-row warpgroup tiles). A step's grid is about
+    # cdiv(rows, 64) x heads, ~100 programs at ~260 rows and 20 heads: under one wave on 132 SMs, so an
+    # SM mostly runs one program and its warps are all the latency hiding there is. 8 warps instead of 4:
+    # fwd/dq 166 -> 128 registers, dkdv 226 -> 215, no spills (compile report).
+    return 64, 64, 8
 
 
 def tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale):
@@ -305,13 +320,14 @@ def tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale):
     seg_start, seg_end = _segment_bounds(nk, n_trunk, cu_seqlens, q.device)
     o = torch.empty_like(q)
     lse = torch.empty(nh, nq, device=q.device, dtype=torch.float32)
-    bm, bn, warps = _blocks(block_d, backward=False)
+    lowp = use_lowp_dot(q, k, v)
+    bm, bn, warps = attention_blocks(block_d, "fwd", lowp)
     if nq > 0:
         _tree_attn_fwd_kernel[(triton.cdiv(nq, bm), nh)](
             q, k, v, o, lse, seg_start,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             o.stride(0), o.stride(1), nq, nk - nq, n_trunk, d, scale * _LOG2E,
-            LOWP_DOT=use_lowp_dot(q, k, v), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps,
+            LOWP_DOT=lowp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps,
         )
     return o, lse, seg_start, seg_end
 
@@ -323,9 +339,9 @@ def tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, n_trunk, scale, need_
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1).t().contiguous()  # (H, Nq) fp32
     lowp = use_lowp_dot(q, k, v, do)
-    bm, bn, warps = _blocks(block_d, backward=True)
     dq = dk = dv = None
     if need_dq:
+        bm, bn, warps = attention_blocks(block_d, "dq", lowp)
         dq = torch.empty_like(q)
         if nq > 0:
             _tree_attn_dq_kernel[(triton.cdiv(nq, bm), nh)](
@@ -336,6 +352,7 @@ def tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, n_trunk, scale, need_
                 LOWP_DOT=lowp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps,
             )
     if need_dkdv:
+        bm, bn, warps = attention_blocks(block_d, "dkdv", lowp)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         if nk > 0:

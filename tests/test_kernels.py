@@ -151,6 +151,20 @@ def test_lm_head_ce(dtype, rows, V, d):
     _compare(K.lm_head_ce, K.lm_head_ce_ref, [h, w, t], dtype)
 
 
+def test_lm_head_ce_autocast_casts_weight_like_autocast():
+    """16-bit h with an fp32 W (autocast): W is cast to h's dtype, exactly as autocast casts a matmul's
+    operands, so the result equals the all-bf16 call bit for bit (and the GPU runs it on tensor cores)."""
+    h = _rand(7, 64).to(torch.bfloat16).detach().requires_grad_(True)
+    w = torch.randn(1000, 64) * 0.5  # fp32 values that bf16 cannot hold exactly
+    t = torch.randint(0, 1000, (7,))
+    g = torch.randn(7)
+    mixed = K.lm_head_ce(h, w, t)
+    (g_mixed,) = torch.autograd.grad(mixed, h, g)
+    cast = K.lm_head_ce(h, w.to(torch.bfloat16), t)
+    (g_cast,) = torch.autograd.grad(cast, h, g)
+    assert torch.isfinite(mixed).all() and torch.equal(mixed, cast) and torch.equal(g_mixed, g_cast)
+
+
 def test_lm_head_ce_ignore_index_and_no_grad():
     h, w = _rand(7, 64), torch.randn(1000, 64) * 0.5
     t = torch.randint(0, 1000, (7,))
@@ -196,6 +210,45 @@ def test_tree_attention(dtype, case):
     q, k, v = _rand(nq, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
     _compare(lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu),
              lambda q, k, v: K.tree_attention_ref(q, k, v, n_trunk, cu), [q, k, v], dtype)
+
+
+def _gpu_choices(module_name, choose, monkeypatch):
+    """The tiles a launcher's choice function gives on the GPU (its interpreter branch switched off)."""
+    module = sys.modules[f"fastprompt.kernels.{module_name}"]
+    with monkeypatch.context() as m:
+        m.setattr(module, "interpreting", lambda: False)
+        return module, sorted(set(choose(module)))
+
+
+def test_tree_attention_exact_at_gpu_tiles(monkeypatch):
+    """Every tile shape the launcher picks on the GPU (fp32 and 16-bit, each kernel) computes the same
+    attention: run here in the interpreter with that tile forced (fp32 math, ~1e-5 against fp64)."""
+    module, tiles = _gpu_choices("tree_attention", lambda mod: [
+        mod.attention_blocks(64, kernel, lowp) for kernel in ("fwd", "dq", "dkdv") for lowp in (False, True)],
+        monkeypatch)
+    n_prefix, n_trunk, segs, nh, d = 3, 37, [1, 40, 9, 2], 1, 64  # several tiles; partial last tiles
+    nk = n_trunk + sum(segs)
+    cu = _cu(n_trunk, segs)
+    q, k, v = _rand(nk - n_prefix, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
+    for tile in tiles:
+        with monkeypatch.context() as m:
+            m.setattr(module, "attention_blocks", lambda *_, tile=tile: tile)
+            _compare(lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu),
+                     lambda q, k, v: K.tree_attention_ref(q, k, v, n_trunk, cu), [q, k, v], torch.float32)
+
+
+def test_lm_head_ce_exact_at_gpu_tiles(monkeypatch):
+    """The same for the LM head's GPU tiles (every row branch, fp32 and 16-bit choices)."""
+    rows_cases = (7, 24, 97)
+    module, tiles = _gpu_choices("lm_head_ce", lambda mod: [
+        mod.lm_head_blocks(r, 1000, lowp) for r in rows_cases for lowp in (False, True)], monkeypatch)
+    w = _rand(1000, 64, requires_grad=False, std=0.5)
+    for tile in tiles:
+        rows = next(r for r in rows_cases if r >= tile[0] // 2)  # > one row block for small tiles
+        h, t = _rand(rows, 64), torch.randint(0, 1000, (rows,))
+        with monkeypatch.context() as m:
+            m.setattr(module, "lm_head_blocks", lambda *_, tile=tile: tile)
+            _compare(K.lm_head_ce, K.lm_head_ce_ref, [h, w, t], torch.float32)
 
 
 def test_tree_attention_mask():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..models import is_gpt2_family
-from .base import PRECISIONS, Engine
+from .base import PRECISIONS, Engine, resolve_precision
 
 ENGINES = ("auto", "naive", "generic", "fused")
 
@@ -20,8 +20,9 @@ def resolve_engine_name(name: str, model) -> str:
 
 def make_engine(name: str, model, encoder, precision: str = "fp32", **options) -> Engine:
     """Build the engine ``name`` (``auto`` resolved for ``model``); ``options`` go to fast engines."""
+    precision = resolve_precision(precision, next(model.parameters()).device, name)
     if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
     name = resolve_engine_name(name, model)
     if name == "naive":
         from .naive import NaiveEngine

@@ -16,6 +16,17 @@ from ..template import Encoded, TemplateEncoder
 PRECISIONS = ("fp32", "bf16", "autocast")
 
 
+def resolve_precision(precision: str, device, engine: str = "auto") -> str:
+    """``auto``: ``bf16`` on CUDA (frozen weights cast to bf16 once, prompt master fp32; the naive engine,
+    which has no bf16 copy, runs the post's bf16 ``autocast`` there), ``fp32`` elsewhere. Other values pass
+    through unchanged (make_engine checks them)."""
+    if precision != "auto":
+        return precision
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "autocast" if engine == "naive" else "bf16"
+
+
 class Engine:
     name = "engine"
 
