@@ -465,7 +465,8 @@ def _finish(record: dict, results: list, status: str = "ok", note: str = "") -> 
 
 def _encoder_tuner(case: Case, s: Setup):
     """A naive tuner only to tokenise for PEFT (the same Encoded examples as every other engine)."""
-    return fp.PromptTuner(s.model, s.tokenizer, TEMPLATE, case.prompt_len, engine="naive", seed=SEED)
+    return fp.PromptTuner(s.model, s.tokenizer, TEMPLATE, case.prompt_len, engine="naive", precision="fp32",
+                          seed=SEED)
 
 
 def reference_loss(case: Case, s: Setup, batch) -> float:

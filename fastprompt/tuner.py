@@ -24,8 +24,8 @@ class PromptTuner:
 
     ``engine``: ``auto`` (fused for GPT-2, generic otherwise), ``naive`` (the post's loop), ``generic``,
     ``fused``. ``precision``: ``fp32``, ``bf16`` (frozen weights cast once, prompt kept in fp32),
-    ``autocast`` (the post's bf16 autocast) or ``auto`` (bf16 on CUDA, fp32 on the CPU; ``self.precision``
-    holds the choice). The model is never modified.
+    ``autocast`` (the post's bf16 autocast) or ``auto``, the default (bf16 on CUDA, fp32 on the CPU;
+    ``self.precision`` holds the choice). The model is never modified.
 
     ``method``: how the trained tensor ``prompt`` becomes the prompt (``fastprompt/methods.py``): ``soft``
     (``prompt`` is the ``(prompt_len, d)`` prompt), ``relaxed`` (``prompt``: ``(prompt_len, V)`` vocabulary
@@ -34,7 +34,7 @@ class PromptTuner:
     """
 
     def __init__(self, model, tokenizer, template: Template | str = "Here are two {prompt} {input} and {target}",
-                 prompt_len: int = 4, *, engine: str = "auto", precision: str = "fp32", init: str = "random",
+                 prompt_len: int = 4, *, engine: str = "auto", precision: str = "auto", init: str = "random",
                  seed: int = 1337, prompt: torch.Tensor | None = None, method: str = "soft",
                  method_options: dict[str, Any] | None = None, **engine_options):
         self.model = model
