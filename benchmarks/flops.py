@@ -1,5 +1,6 @@
-"""FLOPs and bytes of one prompt-tuning step through a frozen GPT-2 (ARCHITECTURE.md §7), so that a
-benchmark can print achieved GFLOP/s next to its time and a GPU step can be held against its floor.
+"""FLOPs and bytes of one prompt-tuning step through a frozen GPT-2 (docs/ARCHITECTURE.md,
+'Cost of a step'), so that a benchmark can print achieved GFLOP/s next to its time and a GPU step can be
+held against its floor.
 
 Counting (matmuls only; LayerNorm, GELU, softmax and embeddings are < 1 % at these shapes):
 
@@ -71,7 +72,7 @@ def gflops_per_s(flops: float, seconds: float) -> float:
     return flops / seconds / 1e9 if seconds > 0 else float("nan")
 
 
-if __name__ == "__main__":  # the numbers of ARCHITECTURE.md §7
+if __name__ == "__main__":  # the numbers quoted in docs/ARCHITECTURE.md, 'Cost of a step'
     large = GPT2Shape(36, 1280, 50257)
     print(f"GPT-2 Large: {forward_flops(large, 1, 0) / 1e9:.3f} GFLOP/token, "
           f"{forward_flops(large, 0, 1) / 1e9:.3f} GFLOP/logit row, "

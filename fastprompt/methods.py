@@ -30,7 +30,7 @@ METHODS = ("soft", "relaxed", "hard", "prefix")
 
 
 class Method:
-    """Soft prompt: the trainable tensor *is* the prompt (ARCHITECTURE.md §1)."""
+    """Soft prompt: the trainable tensor *is* the prompt (docs/ARCHITECTURE.md, 'Methods')."""
 
     name = "soft"
 

@@ -1,4 +1,5 @@
-"""``PromptTuner``: learn a soft prompt for a template through a frozen causal LM (ARCHITECTURE.md §5)."""
+"""``PromptTuner``: learn a soft prompt for a template through a frozen causal LM
+(docs/ARCHITECTURE.md, 'PromptTuner')."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Engines: same loss, same prompt gradient, different amounts of work (ARCHITECTURE.md §3)."""
+"""Engines: same loss, same prompt gradient, different amounts of work (docs/ARCHITECTURE.md, 'Engines')."""
 from __future__ import annotations
 
 from ..errors import ConfigError

@@ -2,7 +2,7 @@
 
 ``loss_terms(prompt, batch) -> (ce_sum, n_tokens)``: ``ce_sum`` is an fp32 scalar differentiable with
 respect to ``prompt`` (an fp32 ``(prompt_len, d)`` tensor); ``batch`` is a list of ``Encoded`` examples.
-The batch loss is ``ce_sum / n_tokens``: the token-weighted mean of ARCHITECTURE.md §1.
+The batch loss is ``ce_sum / n_tokens``: the token-weighted mean of docs/ARCHITECTURE.md, 'What is computed'.
 """
 from __future__ import annotations
 

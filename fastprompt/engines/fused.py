@@ -1,4 +1,4 @@
-"""The fused engine: our own GPT-2 forward over one packed row block (ARCHITECTURE.md §2, items 1–7).
+"""The fused engine: our own GPT-2 forward over one packed row block (docs/ARCHITECTURE.md, 'What a step leaves out').
 
 Rows of a step, for an encoder with ``n_prefix = P0`` and ``n_shared = S`` and examples of lengths ``n_b``:
 

@@ -1,6 +1,6 @@
 """The generic engine: any Hugging Face causal LM through its own forward, sharing what the batch shares.
 
-One step, for a template whose tokens split as ``prefix | head | suffix_b`` (ARCHITECTURE.md §2, 2-5):
+One step, for a template whose tokens split as ``prefix | head | suffix_b`` (docs/ARCHITECTURE.md, 'Layouts'):
 
     prefix   ids[:n_prefix]          fixed text before both prompt and first field: run once per engine,
                                      no grad, its KV cache kept (a constant of the frozen model)
@@ -14,7 +14,8 @@ One step, for a template whose tokens split as ``prefix | head | suffix_b`` (ARC
                         a 4D tree mask (a row sees the shared cache and its own example's earlier rows; within the
                         window where a layer slides; a dict by layer type where the decoder mixes full and
                         sliding layers) and each row's own position id n_shared + t. No padding rows: the
-                        linear layers compute exactly the rows the gradient needs (ARCHITECTURE.md §2, 6).
+                        linear layers compute exactly the rows the gradient needs
+                        (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask').
       padded            batch B, right-padded to the longest suffix, against the shared cache expanded over the
                         batch (a view: no copy; autograd sums the B gradients of the shared K/V), with a 2D
                         attention mask over cache + suffix and position ids n_shared + t.
@@ -217,14 +218,15 @@ class GenericEngine(Engine):
         return self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
 
     def _suffix_packed(self, prompt, batch, lens, cache, with_head=False):
-        """Packed layout (ARCHITECTURE.md §2, 6, through the model's own forward): the suffixes side by side in
-        one sequence (several of at most PACK_ROWS rows where longer) against the batch-1 shared cache, with a
-        4D tree mask (a row sees the shared cache and its own example's earlier rows, within a sliding
-        window where the layer has one) and each row's own position id. No padding rows (except to even out
-        several packs). ``with_head`` (one pack only): the head's H rows open the pack (``cache`` then holds the
-        prefix only) and every example's rows see them. Returns the head's hidden states ``(1, H, d)`` (or None),
-        the suffix hidden states ``(P, N, d)`` and ``where``: example b's row t lies at
-        ``[where[b][0], where[b][1] + t]``; or ``(None, None, None)`` where the cache or attention takes no such mask."""
+        """Packed layout (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask'; here through the model's
+        own forward): the suffixes side by side in one sequence (several of at most PACK_ROWS rows where longer)
+        against the batch-1 shared cache, with a 4D tree mask (a row sees the shared cache and its own example's
+        earlier rows, within a sliding window where the layer has one) and each row's own position id. No padding
+        rows (except to even out several packs). ``with_head`` (one pack only): the head's H rows open the pack
+        (``cache`` then holds the prefix only) and every example's rows see them. Returns the head's hidden states
+        ``(1, H, d)`` (or None), the suffix hidden states ``(P, N, d)`` and ``where``: example b's row t lies at
+        ``[where[b][0], where[b][1] + t]``; or ``(None, None, None)`` where the cache or attention takes no such
+        mask."""
         enc, dev = self.encoder, self.device
         n_shared, L = enc.n_shared, enc.prompt_len
         H = self.head_len if with_head else 0

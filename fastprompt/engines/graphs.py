@@ -1,4 +1,5 @@
-"""The fused engine's whole training step on static shapes, captured as CUDA graphs (ARCHITECTURE.md §2.8).
+"""The fused engine's whole training step on static shapes, captured as CUDA graphs
+(docs/ARCHITECTURE.md, 'The training step and CUDA graphs').
 
 A step's packed batch has data-dependent sizes (rows, target rows). ``pad_packed`` rounds them up to a
 *bucket* so that a handful of shapes cover a whole run:

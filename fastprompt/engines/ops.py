@@ -13,12 +13,12 @@ Every weight is frozen: the torch versions read ``.detach()``ed views, so autogr
 input-gradient path (``dX = dY @ W^T``; no ``dW``, no ``dgamma``/``dbeta``, no bias reduction), whatever
 the caller's parameters' ``requires_grad`` says.
 
-Tree attention (ARCHITECTURE.md §2.6). Query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with
-``Nk >= Nq``; query row ``r`` is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are a constant
-precomputed prefix without queries. Key rows ``[0, n_trunk)`` are the causal trunk (prefix + shared rows);
-``cu_seqlens`` ``(B + 1,)`` holds the key-row offsets of the examples' segments (``cu[0] = n_trunk``,
-``cu[-1] = Nk``; empty segments allowed). A trunk query sees the trunk keys up to itself; a segment query
-sees every trunk key and its own segment's keys up to itself:
+Tree attention (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask'). Query rows ``(Nq, H, D)`` and
+key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r`` is key row ``r + (Nk - Nq)``: the first
+``Nk - Nq`` key rows are a constant precomputed prefix without queries. Key rows ``[0, n_trunk)`` are the causal
+trunk (prefix + shared rows); ``cu_seqlens`` ``(B + 1,)`` holds the key-row offsets of the examples' segments
+(``cu[0] = n_trunk``, ``cu[-1] = Nk``; empty segments allowed). A trunk query sees the trunk keys up to itself;
+a segment query sees every trunk key and its own segment's keys up to itself:
 
     allowed[i, j] = j <= key(i)  and  (j < n_trunk  or  segment(j) == segment(key(i)))
 """
