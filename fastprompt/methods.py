@@ -167,7 +167,7 @@ class RelaxedMethod(Method):
         uses the one-hot ``argmax(theta + g)`` (a real token), the backward the softmax's gradient.
 
     Evaluation uses the deterministic mixture at the current temperature; ``token_ids`` is the argmax
-    readout, which ``hard_loss`` in ``fastprompt.methods.final_report`` evaluates as a hard prompt.
+    readout, which ``hard_prompt_metrics`` (called by ``fastprompt.methods.final_report``) evaluates as a hard prompt.
     """
 
     name = "relaxed"

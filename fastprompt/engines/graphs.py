@@ -15,8 +15,8 @@ The padded step computes exactly the unpadded step's loss and gradient (tested o
 (``torch.optim.Adam(capturable=True)``) as one graph per bucket, after a warm-up on a side stream whose
 effect on the prompt and optimizer is undone; each later step copies its indices into the bucket's static
 buffers and replays. No host syncs inside: a NaN/inf step is skipped on the device (the prompt and Adam
-state are restored with ``torch.where``) and counted in a device-side streak the tuner reads when it syncs
-anyway (progress updates, epoch ends). If capture fails, a one-line warning is printed and the run
+state are restored with ``torch.where``) and counted in a device-side streak the tuner reads back every 16
+steps (``PromptTuner._graphed_step``: the three-in-a-row stop can thus come up to 16 steps late). If capture fails, a one-line warning is printed and the run
 continues uncaptured.
 """
 from __future__ import annotations
