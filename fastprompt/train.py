@@ -142,10 +142,8 @@ def run(config: TrainConfig) -> dict:
                         precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
-    tuner.encode(train)  # every template, data and context error surfaces here, before training
-    if test:
-        tuner.encode(test)
-    session.prepare(tuner)  # --resume: checkpoint restored; torchrun: engine sharded. Nothing written so far
+    session.encode(tuner, examples, train, test)  # every template, data and context error, named by file and line
+    session.prepare(tuner)  # checkpoint restored, first forward checked, --out locked, engine sharded. Nothing written so far
     metrics_path = os.path.join(out, "metrics.jsonl")
     if session.is_main:
         os.makedirs(out, exist_ok=True)
@@ -224,6 +222,7 @@ def plot_losses(path: str, history: list[dict]) -> None:
 
 def main(argv=None) -> int:
     from .guard import Interrupted
+    from .session import release_locks
 
     quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports for all
     try:
@@ -242,6 +241,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_locks()  # the --out lock (the kernel drops it anyway when the process ends)
     return 0
 
 
