@@ -30,14 +30,13 @@ import torch
 from . import checkpoint as ckpt
 from .data import content_hash
 from .distributed import setup
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, check_seed
 from .guard import Interrupted, StopSignals
 
 METRICS = "metrics.jsonl"
 # Every file a run writes in --out: what --overwrite (and a restart from step 0) may remove.
 OUTPUTS = (ckpt.TENSORS, ckpt.SIDECAR, METRICS, METRICS + ".tmp", "prompt.safetensors", "samples.txt",
            "nearest.txt", "loss.png", "hard_prompt.txt")
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
 class Session:
@@ -227,8 +226,7 @@ def check_options(config, every: int) -> None:
         raise ConfigError(f"unknown --cuda-graphs {config.cuda_graphs!r}: use auto, on or off")
     if config.samples < 0:
         raise ConfigError(f"--samples must be >= 0, got {config.samples}")
-    if not SEED_RANGE[0] <= config.seed <= SEED_RANGE[1]:
-        raise ConfigError(f"--seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {config.seed}")
+    check_seed(config.seed)
     if config.out is not None and not config.out:
         raise ConfigError("--out is empty: give a directory")
 

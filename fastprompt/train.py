@@ -5,8 +5,9 @@
     python -m fastprompt.train ... --out runs/x --resume          # continue its last checkpoint
     torchrun --nproc_per_node 2 -m fastprompt.train ...             # data parallel (fastprompt/distributed.py)
 
-Exit codes: 0 done; 2 bad input or options (one ``error:`` line); 3 NaN/inf losses or gradients stopped
-training (``NonFiniteError``); 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+Exit codes: 0 done; 2 bad input or options (one ``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
+prompt that is or gives NaN/inf, or losses or gradients that stopped training (``NonFiniteError``); 130 / 143
+stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, FastpromptError, NonFiniteError
+from .errors import ConfigError, FastpromptError, NonFiniteError, UsageParser
 from .template import DEFAULT_TEMPLATE
 
 
@@ -54,15 +55,10 @@ class TrainConfig:
     overwrite: bool = False
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # a usage error is one line and exit code 2, like every other input error
-        raise ConfigError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(prog="python -m fastprompt.train",
-                                description="Learn a soft prompt by backpropagation through a frozen causal LM.")
+    p = UsageParser(prog="python -m fastprompt.train",
+                    description="Learn a soft prompt by backpropagation through a frozen causal LM.")
     p.add_argument("--model", default=d.model, help="hub name, local directory, or 'tiny' (default: %(default)s)")
     p.add_argument("--data", default=d.data, help="'antonyms' or a .csv/.jsonl file (default: %(default)s)")
     p.add_argument("--template", default=d.template, help="template with {prompt} and a final {target}")
