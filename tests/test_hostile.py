@@ -177,11 +177,9 @@ MOMENTS = {  # where a run dies: (object, function, when)
         checkpoint, "save_checkpoint", lambda a, k: "after" if (k["epoch"], k["step"]) == (1, 0) else None),
     "during the final outputs": (__import__("fastprompt.train").train, "write_samples", lambda a, k: "before"),
 }
-SLOW_MOMENTS = ("after claiming --out, before the header", "after a mid-epoch checkpoint", "during the final outputs")
 
 
-@pytest.mark.parametrize("moment", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_MOMENTS else m
-                                    for m in sorted(MOMENTS)])
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
 def test_a_kill_at_any_moment_resumes_to_the_same_prompt(tmp_path, capsys, monkeypatch, finished, moment):
     target, name, when = MOMENTS[moment]
     out = str(tmp_path / "run")
