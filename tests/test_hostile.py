@@ -611,7 +611,7 @@ def test_every_output_follows_the_umask(tmp_path):
 def test_overwrite_removes_what_it_will_not_rewrite_and_nothing_else(tmp_path, capsys):
     out = tmp_path / "run"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main([*ARGS, "--epochs", "1", "--method", "relaxed", "--out", str(out)]) == 0
+        assert main([*ARGS, "--epochs", "0", "--method", "relaxed", "--out", str(out)]) == 0  # hard_prompt.txt
     (out / "notes.txt").write_text("mine")
     (out / "sub").mkdir()
     before = snapshot(str(out))
@@ -744,10 +744,10 @@ def test_property_random_files_and_options(tmp_path, capsys, monkeypatch, finish
     2 and 3 stderr is one ``error:`` line; on 2 --out is as it was. Cases that pass every check stop where
     the run would first write to --out (``Checked``, cheap); the first few of those run to the end."""
     rng = random.Random(1717)
-    full_runs_left = 3
+    full_runs_left = 2
     original_write_header = session.Session.write_header
     counts = {0: 0, 2: 0, 3: 0, "checked": 0}
-    for case in range(200):
+    for case in range(160):
         kind = rng.choice(["bytes", "csv", "jsonl", "options", "options"])
         args = [*ARGS, "--epochs", "1", "--train-size", "4"]
         if kind == "options":
@@ -783,4 +783,4 @@ def test_property_random_files_and_options(tmp_path, capsys, monkeypatch, finish
             assert snapshot(out) in (before, {}), (case, args)
         counts[code] += 1
     assert session.Session.write_header is original_write_header
-    assert counts[2] >= 60 and counts["checked"] + counts[0] >= 20, counts  # both kinds of paths were exercised
+    assert counts[2] >= 50 and counts["checked"] + counts[0] >= 15, counts  # both kinds of paths were exercised
