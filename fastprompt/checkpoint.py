@@ -8,14 +8,20 @@
 
 JSON state: ``epoch`` (0-based epoch in progress; all earlier epochs are done and in ``history``), ``step``
 (batches of that epoch already done), ``ce_sum`` / ``n_tokens`` (their summed loss), ``history``, the
-optimizer's param groups and scalar state, the method's schedule, the run's config and the model.
+optimizer's param groups and scalar state, the method's schedule, the run's config (with the data file's
+sha256) and the model, and ``checksum``: sha256 over every tensor (name, dtype, shape, bytes) and the rest
+of the JSON state. ``load_checkpoint`` checks it all (checksum, every tensor's shape, dtype and finiteness,
+the optimizer's and the RNG's state, the history) before a run writes anything: a damaged checkpoint, even
+one of finite garbage, is refused with one line.
 
 Batches are a function of (seed, epoch) (``PromptTuner.batches``) and python's ``random`` is not used
 otherwise, so a resumed run skips the ``step`` batches already done and continues bit for bit.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -87,6 +93,7 @@ def save_checkpoint(out: str, tuner, *, epoch: int, step: int, ce_sum: float, n_
         "config": config or {}, **meta,
         "tensors": {name: list(t.shape) for name, t in tensors.items()},
     }
+    state["checksum"] = checksum(tensors, state)
     text = json.dumps(state, sort_keys=True)
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, TENSORS),
@@ -94,6 +101,19 @@ def save_checkpoint(out: str, tuner, *, epoch: int, step: int, ce_sum: float, n_
     atomic_write(os.path.join(out, SIDECAR),
                   lambda tmp: _write_text(tmp, json.dumps(state, indent=1, sort_keys=True)))
     return state
+
+
+def checksum(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> str:
+    """sha256 of the tensors (sorted by name: name, dtype, shape, raw bytes) and of the JSON state without
+    its ``checksum`` (canonical: sorted keys; json round-trips it exactly)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    rest = {k: v for k, v in state.items() if k != "checksum"}
+    digest.update(json.dumps(rest, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def _write_text(path: str, text: str) -> None:
@@ -122,24 +142,111 @@ def load_checkpoint(out: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise PromptFileError(f"{path} is not a valid safetensors checkpoint ({str(e).strip()[:120]})") from None
     try:
         state = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         state = None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise PromptFileError(f"{path} is not a fastprompt checkpoint (no {FORMAT} state in its metadata)")
-    try:
-        n_params, epoch, step = int(state["n_params"]), int(state["epoch"]), int(state["step"])
-        history = state["history"]
-        assert isinstance(history, list) and len(history) == epoch and step >= 0
-        assert all(f"param.{i}" in tensors for i in range(n_params))
-    except (KeyError, TypeError, ValueError, AssertionError):
-        raise PromptFileError(f"{path}: the checkpoint's state is incomplete or inconsistent") from None
+    if state.get("checksum") != checksum(tensors, state):
+        why = "it has no checksum" if "checksum" not in state else "its checksum does not match its contents"
+        raise PromptFileError(f"{path} is damaged ({why}: edited, truncated or corrupt); it cannot be resumed")
+    problem = validate(tensors, state)
+    if problem:
+        raise PromptFileError(f"{path}: the checkpoint's state is inconsistent ({problem}); it cannot be resumed")
     return tensors, state
+
+
+def _is_int(x, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint whose checksum matched (a bug, or a hand-made file), or None: every
+    count, shape, dtype and reference that ``restore`` and the next step rely on."""
+    n_params, epoch, step = state.get("n_params"), state.get("epoch"), state.get("step")
+    if not (_is_int(n_params, 1) and _is_int(epoch) and _is_int(step)):
+        return "n_params, epoch and step must be non-negative integers"
+    if not (_is_number(state.get("ce_sum")) and math.isfinite(state["ce_sum"]) and _is_int(state.get("n_tokens"))):
+        return "ce_sum must be a finite number and n_tokens a non-negative integer"
+    history = state.get("history")
+    if not isinstance(history, list) or len(history) != epoch:
+        return f"history must list the {epoch} finished epochs"
+    for i, record in enumerate(history):
+        if not (isinstance(record, dict) and record.get("epoch") == i + 1 and _is_number(record.get("train_loss"))):
+            return f"history entry {i} is not epoch {i + 1}'s record"
+    shapes = state.get("tensors")
+    if not isinstance(shapes, dict) or set(shapes) != set(tensors):
+        return "its tensor list does not match the tensors in the file"
+    for name, t in tensors.items():
+        if list(t.shape) != shapes[name]:
+            return f"tensor {name} has shape {list(t.shape)}, the state says {shapes[name]}"
+    param_shapes = []
+    for i in range(n_params):
+        p = tensors.get(f"param.{i}")
+        if p is None or p.dtype != torch.float32 or p.dim() < 1 or not torch.isfinite(p).all():
+            return f"param.{i} must be a finite fp32 tensor"
+        param_shapes.append(p.shape)
+    rng = tensors.get("rng.torch")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        return "rng.torch is not a torch CPU generator state"
+    n_cuda = state.get("cuda_rng_states", 0)
+    if not _is_int(n_cuda) or any(tensors.get(f"rng.cuda.{i}") is None or tensors[f"rng.cuda.{i}"].dtype != torch.uint8
+                                  or tensors[f"rng.cuda.{i}"].dim() != 1 for i in range(n_cuda)):
+        return "the CUDA generator states are incomplete"
+    method = state.get("method")
+    if not (isinstance(method, dict) and isinstance(method.get("name"), str) and _is_int(method.get("step"))
+            and _is_int(method.get("total_steps"))):
+        return "the method's schedule (name, step, total_steps) is missing"
+    return _validate_optimizer(tensors, state.get("optimizer"), param_shapes)
+
+
+def _validate_optimizer(tensors, opt, param_shapes) -> str | None:
+    """Adam's param groups and per-parameter state (exp_avg, exp_avg_sq: the parameter's shape, finite,
+    exp_avg_sq >= 0; step: a finite scalar >= 0)."""
+    if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list) and isinstance(opt.get("state"), dict)):
+        return "the optimizer state is missing"
+    seen: list[int] = []
+    for group in opt["param_groups"]:
+        if not (isinstance(group, dict) and isinstance(group.get("params"), list)
+                and all(_is_int(i) for i in group["params"])):
+            return "an optimizer param group has no parameter list"
+        lr, betas, eps = group.get("lr"), group.get("betas"), group.get("eps")
+        if not (_is_number(lr) and lr > 0 and math.isfinite(lr) and _is_number(eps) and eps >= 0
+                and isinstance(betas, list) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            return "an optimizer param group has a bad lr, betas or eps"
+        seen += group["params"]
+    if sorted(seen) != list(range(len(param_shapes))):
+        return "the optimizer's param groups do not cover the trained tensors once each"
+    for pid, entry in opt["state"].items():
+        if not (pid.isdigit() and int(pid) < len(param_shapes) and isinstance(entry, dict)):
+            return f"optimizer state {pid!r} belongs to no trained tensor"
+        shape = param_shapes[int(pid)]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            ref = entry.get(key)
+            t = tensors.get(ref["tensor"]) if isinstance(ref, dict) and isinstance(ref.get("tensor"), str) else None
+            if t is None or t.dtype != torch.float32 or not torch.isfinite(t).all():
+                return f"optimizer state {pid}: {key} is missing or not a finite fp32 tensor"
+            if (t.shape != shape) if key != "step" else (t.dim() != 0 or t.item() < 0):
+                return f"optimizer state {pid}: {key} has shape {list(t.shape)}, the trained tensor {list(shape)}"
+        if (tensors[entry["exp_avg_sq"]["tensor"]] < 0).any():
+            return f"optimizer state {pid}: exp_avg_sq is negative"
+    return None
 
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], path: str) -> None:
     """The resumed run must compute what the checkpointed one did (``MUST_MATCH`` options)."""
     saved = state.get("config") or {}
     for key in MUST_MATCH:
+        if key == "data" and saved.get("data_sha256") and config.get("data_sha256"):  # the same bytes, any path
+            if saved["data_sha256"] != config["data_sha256"]:
+                raise ConfigError(f"--data {config.get('data')} is not the data {path} was trained on (its contents "
+                                  f"differ: sha256 {config['data_sha256'][:12]}..., trained on "
+                                  f"{saved['data_sha256'][:12]}...): resume with that data, or start afresh in "
+                                  "another --out")
+            continue
         if key in saved and key in config and saved[key] != config[key]:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{path} was written with {flag} {saved[key]!r}, this run has {config[key]!r}: "

@@ -1,4 +1,5 @@
 """Typed errors. Each carries one line a user can act on; the CLI prints it and exits with code 2."""
+import argparse
 
 
 class FastpromptError(Exception):
@@ -27,6 +28,23 @@ class ConfigError(FastpromptError, ValueError):
 
 class NonFiniteError(FastpromptError, FloatingPointError):
     """Training produced NaN/inf losses or gradients several steps in a row (the CLI exits with code 3)."""
+
+
+class UsageParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a ``ConfigError``: one ``error:`` line and exit code 2, like every
+    other bad input (plain argparse prints the whole usage block)."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed and torch.Generator take
+
+
+def check_seed(seed: int) -> int:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"--seed must fit in 64 bits ({SEED_RANGE[0]} to {SEED_RANGE[1]}), got {seed}")
+    return seed
 
 
 def exit_code(job, *args) -> int:

@@ -8,13 +8,14 @@ nearest tokens to the mixture), prefix (per-layer K/V: shapes and norms; no toke
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
+from typing import Any
 
 import torch
 
-from .errors import FastpromptError
+from .errors import ConfigError, FastpromptError, PromptFileError, UsageParser, check_seed
 from .models import embedding_table
 
 
@@ -28,7 +29,7 @@ def nearest_tokens(prompt: torch.Tensor, model, tokenizer, k: int = 5, metric: s
         scores = torch.nn.functional.normalize(p, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
         values, ids = scores.topk(k, dim=-1)
     elif metric == "euclidean":
-        candidates = torch.cdist(p, table).topk(k + 8, dim=-1, largest=False).indices  # (L, k + 8)
+        candidates = torch.cdist(p, table).topk(min(k + 8, table.shape[0]), dim=-1, largest=False).indices  # (L, k + 8)
         exact = (p[:, None] - table[candidates]).norm(dim=-1)  # direct differences: 0 for a vocabulary row
         values, order = exact.topk(k, dim=-1, largest=False)  # (cdist's matmul form rounds to ~1e-4)
         ids = candidates.gather(-1, order)
@@ -47,15 +48,14 @@ def format_nearest(prompt, model, tokenizer, k: int = 5, metric: str = "cosine")
     return "\n".join(lines) + "\n"
 
 
-def _relaxed_readout(logits, meta, tokenizer, k):
+def _relaxed_readout(logits, options, step, total_steps, tokenizer, k):
     tau = 1.0
-    options = json.loads(meta.get("method_options", "{}"))
     if options:
         from .methods import RelaxedMethod
 
         probe = RelaxedMethod.__new__(RelaxedMethod)  # only the temperature schedule is needed
         probe.tau_start, probe.tau_end = options["tau_start"], options["tau_end"]
-        probe.step, probe.total_steps = int(meta.get("method_step", 0)), int(meta.get("method_total_steps", 0))
+        probe.step, probe.total_steps = step, total_steps
         tau = probe.tau
     values, ids = torch.softmax(logits / tau, dim=-1).topk(k, dim=-1)
     lines = [f"# most probable tokens (softmax(logits / tau), tau {tau:.4g})"]
@@ -66,49 +66,104 @@ def _relaxed_readout(logits, meta, tokenizer, k):
     return "\n".join(lines) + "\n"
 
 
+def method_record(path: str, method: str, tensors: dict, meta: dict[str, str]) -> dict[str, Any]:
+    """A non-soft prompt file's method metadata, parsed and checked: ``options``, ``step``, ``total_steps``,
+    ``token_ids`` (or None). ``PromptFileError`` for what a hand edit or another tool could leave."""
+    from .methods import METHODS
+
+    if method not in METHODS:
+        raise PromptFileError(f"{path}: unknown method {method!r} in its metadata (known: {', '.join(METHODS)})")
+    need = {"relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}[method]
+    for name in need:
+        if name not in tensors:
+            raise PromptFileError(f"{path}: a {method} prompt file must hold the {name!r} tensor")
+    dims = {"prompt": 2, "logits": 2, "prefix": 5}
+    for name in need:
+        if tensors[name].dim() != dims[name]:
+            raise PromptFileError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
+                                  f"expected {dims[name]} dimensions")
+    record: dict[str, Any] = {}
+    try:
+        options = json.loads(meta.get("method_options", "{}"))
+        step, total = (json.loads(meta.get(key, "0")) for key in ("method_step", "method_total_steps"))
+        ids = json.loads(meta["token_ids"]) if "token_ids" in meta else None
+    except (ValueError, RecursionError):
+        raise PromptFileError(f"{path}: its method metadata is not valid JSON") from None
+    if not isinstance(options, dict):
+        raise PromptFileError(f"{path}: method_options must be a JSON object")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (step, total)):
+        raise PromptFileError(f"{path}: method_step and method_total_steps must be non-negative integers")
+    if method == "relaxed" and options:
+        taus = [options.get("tau_start"), options.get("tau_end")]
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in taus):
+            raise PromptFileError(f"{path}: relaxed method_options need tau_start and tau_end > 0")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in ids)):
+        raise PromptFileError(f"{path}: token_ids must be a JSON list of integers")
+    record.update(options=options, step=step, total_steps=total, token_ids=ids)
+    return record
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastprompt.interpret", description=__doc__.splitlines()[0])
+    parser = UsageParser(prog="python -m fastprompt.interpret", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="a prompt.safetensors written by fastprompt")
     parser.add_argument("--model", default=None, help="model name or path (default: the one in the file)")
     parser.add_argument("--k", type=int, default=5, help="tokens per prompt position")
     parser.add_argument("--metric", choices=["cosine", "euclidean", "both"], default="both")
     parser.add_argument("--seed", type=int, default=1337,
                         help="weights seed of a random model (tiny, random:*): the training run's --seed (default 1337)")
-    args = parser.parse_args(argv)
     try:
-        from .methods import read_method_file, saved_method
-        from .models import load_model
-        from .prompt import read_prompt
-
-        method = saved_method(args.prompt)
-        if method == "soft":
-            prompt, meta = read_prompt(args.prompt)
-        else:
-            tensors, meta = read_method_file(args.prompt)
-            prompt = tensors.get("prompt")
-        model, tokenizer = load_model(args.model or meta.get("model") or "gpt2-large", seed=args.seed)
-        if method != "soft":
-            print(f"# method: {method}")
-            if "token_ids" in meta:
-                ids = json.loads(meta["token_ids"])
-                print(f"tokens: {tokenizer.decode(ids)!r}\nids: {ids}\n")
-            if method == "relaxed":
-                print(_relaxed_readout(tensors["logits"], meta, tokenizer, args.k))
-            if method == "prefix":
-                kv = tensors["prefix"]
-                print(f"prefix K/V {tuple(kv.shape)} (n_layer, K/V, prompt_len, heads, head_dim): attention keys "
-                      "and values at every layer, not input embeddings; no vocabulary readout")
-                return 0
-        hidden = model.get_input_embeddings().weight.shape[1]
-        if prompt.shape[1] != hidden:
-            raise FastpromptError(f"{args.prompt} has hidden size {prompt.shape[1]}, the model has {hidden}")
-        for metric in (["cosine", "euclidean"] if args.metric == "both" else [args.metric]):
-            print(f"# nearest tokens by {metric}")
-            print(format_nearest(prompt, model, tokenizer, args.k, metric))
+        args = parser.parse_args(argv)
+        check_seed(args.seed)
+        if args.k < 1:
+            raise ConfigError(f"--k must be at least 1, got {args.k}")
+        interpret(args)
     except FastpromptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def interpret(args) -> None:
+    from .methods import read_method_file, saved_method
+    from .models import load_model
+    from .prompt import read_prompt
+
+    method = saved_method(args.prompt)
+    if method == "soft":
+        prompt, meta = read_prompt(args.prompt)
+        record = {}
+    else:
+        tensors, meta = read_method_file(args.prompt)
+        record = method_record(args.prompt, method, tensors, meta)
+        prompt = tensors.get("prompt")
+    model, tokenizer = load_model(args.model or meta.get("model") or "gpt2-large", seed=args.seed)
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    if args.k > vocab:
+        raise ConfigError(f"--k must be at most the vocabulary size, {vocab}; got {args.k}")
+    if method != "soft":
+        print(f"# method: {method}")
+        ids = record["token_ids"]
+        if ids is not None:
+            if not all(0 <= i < vocab for i in ids):
+                raise PromptFileError(f"{args.prompt}: token_ids lie outside this model's vocabulary of {vocab}")
+            print(f"tokens: {tokenizer.decode(ids)!r}\nids: {ids}\n")
+        if method == "relaxed":
+            logits = tensors["logits"]
+            if logits.shape[1] != vocab:
+                raise PromptFileError(f"{args.prompt} holds logits over {logits.shape[1]} tokens, the model has {vocab}")
+            print(_relaxed_readout(logits, record["options"], record["step"], record["total_steps"], tokenizer,
+                                   args.k))
+        if method == "prefix":
+            kv = tensors["prefix"]
+            print(f"prefix K/V {tuple(kv.shape)} (n_layer, K/V, prompt_len, heads, head_dim): attention keys "
+                  "and values at every layer, not input embeddings; no vocabulary readout")
+            return
+    if prompt.shape[1] != hidden:
+        raise PromptFileError(f"{args.prompt} has hidden size {prompt.shape[1]}, the model has {hidden}")
+    for metric in (["cosine", "euclidean"] if args.metric == "both" else [args.metric]):
+        print(f"# nearest tokens by {metric}")
+        print(format_nearest(prompt, model, tokenizer, args.k, metric))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
 import torch
 
@@ -72,6 +73,7 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: the mode open() gives every other output
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -87,6 +89,7 @@ def atomic_write_dir(path: str, write) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".", suffix=".tmpdir")  # not ".tmp": resume deletes those files
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode makedirs gives every other directory
         write(tmp)
         if not os.path.isdir(path):
             os.rename(tmp, path)
@@ -102,6 +105,13 @@ def atomic_write_dir(path: str, write) -> None:
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and back: Python offers no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
@@ -126,15 +136,17 @@ def read_prompt(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         raise PromptFileError(f"no prompt file at {path}")
     if path.endswith((".pt", ".pth", ".bin")):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols etc.: our one line says it all
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise PromptFileError(f"{path} is not a loadable tensor file ({type(e).__name__}); "
-                                  "only plain tensors are accepted") from None
+            raise PromptFileError(f"{path} is not a plain tensor file ({type(e).__name__}); it was not loaded "
+                                  "(fastprompt reads tensors only, never other pickled objects)") from None
         if isinstance(obj, dict) and "prompt" in obj:
             obj = obj["prompt"]
-        if not torch.is_tensor(obj) or obj.dim() != 2:
+        if not torch.is_tensor(obj):
             raise PromptFileError(f"{path} does not hold a (prompt_len, hidden) tensor")
-        return obj.float(), {}
+        return _checked_prompt(obj, path), {}
     from safetensors import safe_open
 
     try:
@@ -147,6 +159,15 @@ def read_prompt(path: str) -> tuple[torch.Tensor, dict[str, str]]:
         raise
     except Exception as e:
         raise PromptFileError(f"{path} is not a valid safetensors prompt file ({str(e)[:120]})") from None
-    if prompt.dim() != 2 or not torch.isfinite(prompt).all():
-        raise PromptFileError(f"{path}: the prompt must be a finite (prompt_len, hidden) tensor")
-    return prompt.float(), metadata
+    return _checked_prompt(prompt, path), metadata
+
+
+def _checked_prompt(t: torch.Tensor, path: str) -> torch.Tensor:
+    """A saved prompt as fp32: dense, real, 2-D and finite, or ``PromptFileError``."""
+    if t.layout != torch.strided or t.is_complex() or t.dtype == torch.bool or t.dim() != 2:
+        raise PromptFileError(f"{path}: the prompt must be a dense real (prompt_len, hidden) tensor, got "
+                              f"{t.dtype} {tuple(t.shape)}")
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise PromptFileError(f"{path}: the prompt holds NaN/inf values")
+    return t

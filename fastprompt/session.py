@@ -1,10 +1,19 @@
-"""What the CLI adds around ``PromptTuner.fit`` to make a run reliable (issue 8):
+"""What the CLI adds around ``PromptTuner.fit`` to make a run reliable (issues 8 and 17):
 
 * ``--out`` safety: a non-empty ``--out`` is refused unless ``--resume`` (continue its checkpoint) or
-  ``--overwrite``; everything is read and checked before anything is written.
+  ``--overwrite``. Every check that can fail runs before anything in ``--out`` changes: the path itself
+  (a file, a dangling symlink, a loop, no permission), the options, the data, the checkpoint, and the first
+  forward of the initial prompt (``preflight``: NaN/inf exit 3, the engine's one-time check against the
+  model). ``--overwrite`` then removes the outputs the run will not rewrite.
+* a lock: rank 0 holds an exclusive ``flock`` on the ``--out`` directory itself (nothing is written for it;
+  the kernel drops it when the process dies, so a killed run never blocks ``--resume``). A second run on
+  the same ``--out`` is refused at once.
 * checkpoints (``fastprompt.checkpoint``) at every epoch end, every ``--checkpoint-every`` steps and on
   SIGINT/SIGTERM (the step in flight is finished, the checkpoint written, ``Interrupted`` raised: the CLI
-  exits 130 / 143); ``--resume`` restores it, mid-epoch included, and rewrites ``metrics.jsonl`` to match.
+  exits 130 / 143). An epoch's checkpoint is written before its ``metrics.jsonl`` line, so a kill at any
+  moment leaves a directory that ``--resume`` continues: from the checkpoint, or, where the run had none
+  yet, from step 0 after the same config checks against the run header in ``metrics.jsonl``.
+* ``--resume`` compares the data by content (sha256), not by path.
 * ``torchrun``: the process group (``fastprompt.distributed``); rank 0 alone prints and writes; every rank
   takes part in each collective in the same order (the stop flag is all-reduced after every step).
 """
@@ -13,14 +22,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
+from .data import content_hash
 from .distributed import setup
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError, check_seed
 from .guard import Interrupted, StopSignals
+
+METRICS = "metrics.jsonl"
+# Every file a run writes in --out: what --overwrite (and a restart from step 0) may remove.
+OUTPUTS = (ckpt.TENSORS, ckpt.SIDECAR, METRICS, METRICS + ".tmp", "prompt.safetensors", "samples.txt",
+           "nearest.txt", "loss.png", "hard_prompt.txt")
 
 
 class Session:
@@ -30,27 +46,28 @@ class Session:
         self.every = int(getattr(config, "checkpoint_every", 0) or 0)
         self.resume = bool(getattr(config, "resume", False))
         self.overwrite = bool(getattr(config, "overwrite", False))
-        if self.every < 0:
-            raise ConfigError(f"--checkpoint-every must be >= 0 (0: epoch ends only), got {self.every}")
-        if getattr(config, "cuda_graphs", "auto") not in ("auto", "on", "off"):
-            raise ConfigError(f"unknown --cuda-graphs {config.cuda_graphs!r}: use auto, on or off")
-        if config.samples < 0:
-            raise ConfigError(f"--samples must be >= 0, got {config.samples}")
+        check_options(config, self.every)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.resume and not config.out:
             raise ConfigError("--resume needs the --out DIR of the run to continue")
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise ConfigError(f"--out {out} is a file, not a directory")
-        existing = sorted(os.listdir(out)) if os.path.isdir(out) else []
+        self.writer = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone writes (and locks)
+        self.data_hash = content_hash(config.data)
+        self.lock: OutLock | None = None
+        exists = check_out(out)
+        if exists and self.writer:
+            self.lock = OutLock(out)  # before looking inside: a second run stops here, at once
+        existing = sorted(os.listdir(out)) if exists else []
         self.saved: tuple[dict, dict] | None = None
+        self.restart = False  # --resume of a run that wrote no checkpoint yet: again from step 0
+        self.note = None  # said once the run starts writing
         if existing and not (self.resume or self.overwrite):
             shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
             raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume to continue its checkpoint, "
                               "--overwrite to replace it, or choose another --out")
-        if self.resume and existing:
-            self.saved = ckpt.load_checkpoint(out)  # PromptFileError: missing, corrupt or foreign
-            ckpt.check_compatible(self.saved[1], self.config_dict(), os.path.join(out, ckpt.TENSORS))
+        if self.resume:
+            self._check_resumable(existing)
+        self.fresh = not existing  # nothing of ours or anyone's in --out: it must still be so when we claim it
         self.ctx, self.device = setup(device)
         if self.ctx.active and getattr(config, "max_seconds", None) is not None:
             # each process would read its own clock and stop at a different step: use --max-steps
@@ -59,6 +76,25 @@ class Session:
         torch.manual_seed(config.seed)  # the global RNG (Gumbel noise); batches have their own seeded RNG
         self.signals = StopSignals()
         self.lr = config.lr
+        self.probe: list = []  # encoded training examples for the preflight (``encode``)
+
+    def _check_resumable(self, existing: list[str]) -> None:
+        out = self.out
+        if not existing:
+            self.note = f"nothing to resume: --out {out} {'is empty' if os.path.isdir(out) else 'does not exist'}; " \
+                        "starting a fresh run"
+        elif ckpt.exists(out):
+            self.saved = ckpt.load_checkpoint(out)  # PromptFileError: missing, corrupt, damaged or foreign
+            ckpt.check_compatible(self.saved[1], self.config_dict(), os.path.join(out, ckpt.TENSORS))
+        else:
+            header = run_header(os.path.join(out, METRICS))
+            if header is None:
+                raise ConfigError(f"nothing to resume in --out {out}: no {ckpt.TENSORS} and no run header in "
+                                  f"{METRICS}; choose another --out, or --overwrite")
+            state = {"config": {**(header.get("config") or {}), "data_sha256": header.get("data_sha256")}}
+            ckpt.check_compatible(state, self.config_dict(), os.path.join(out, METRICS))
+            self.restart = True
+            self.note = f"no checkpoint in {out} yet (the run stopped before its first one): starting again from step 0"
 
     # ------------------------------------------------------------------------------------ setup
     @property
@@ -66,47 +102,62 @@ class Session:
         return self.ctx.is_main
 
     def config_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
+        return {**dataclasses.asdict(self.config), "data_sha256": self.data_hash}
 
     def prepare(self, tuner) -> None:
-        """After every input was checked: restore the checkpoint (``--resume``), shard the engine."""
+        """After every input was checked: restore the checkpoint (``--resume``), run the preflight, claim
+        ``--out`` (created and locked; nothing written in it yet), shard the engine."""
         if self.saved is not None:
             tensors, state = self.saved
             ckpt.restore(tuner, tensors, state, self.lr, os.path.join(self.out, ckpt.TENSORS))
-            if self.is_main:  # half-written temp files of a run killed mid-write (SIGKILL) go
-                for name in os.listdir(self.out):
-                    if name.startswith(".") and name.endswith(".tmp"):
-                        os.remove(os.path.join(self.out, name))
+        preflight(tuner, self.probe)
+        if self.writer:
+            self.claim()
+            for name in os.listdir(self.out):  # half-written temp files of a run killed mid-write (SIGKILL) go
+                if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(self.out, name)):
+                    os.remove(os.path.join(self.out, name))
         self.ctx.wrap(tuner)
+
+    def claim(self) -> None:
+        """Create ``--out`` (if new) and lock it. Another run may have taken it since the checks: refused."""
+        if self.lock is None:
+            try:
+                os.makedirs(self.out, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create --out {self.out}: {e.strerror}") from None
+            self.lock = OutLock(self.out)
+        if self.fresh and os.listdir(self.out):
+            raise ConfigError(f"--out {self.out} was filled by another run meanwhile; choose another --out")
 
     def write_header(self, metrics_path: str, info: dict[str, Any], tuner) -> None:
         """metrics.jsonl: the run header; on resume the old headers, a resume event and the checkpoint's
-        epochs (lines of epochs after the checkpoint, from the interrupted run, are dropped)."""
+        epochs (lines of epochs after the checkpoint, from the interrupted run, are dropped).
+
+        A fresh start over earlier outputs (``--overwrite``, or ``--resume`` of a run without a checkpoint)
+        removes the old checkpoint first, then replaces metrics.jsonl, then removes the other old outputs:
+        a kill in between leaves a directory ``--resume`` continues from step 0."""
         info = {**info, **self.ctx.info(), "torch_threads": torch.get_num_threads(),
-                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+                "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                "data_sha256": self.data_hash}
+        if self.note:
+            print(self.note, flush=True)
         if self.saved is None:
-            if self.overwrite:
-                ckpt.remove(self.out)
+            if self.overwrite or self.restart:
+                remove_outputs(self.out, (ckpt.TENSORS, ckpt.SIDECAR))
             lines = [info]
+            if self.restart:
+                lines = old_headers(metrics_path) + [{**info, "event": "resume", "from_epoch": 1, "from_step": 0}]
         else:
             state = self.saved[1]
-            old = []
-            if os.path.exists(metrics_path):
-                with open(metrics_path, encoding="utf-8") as f:
-                    for line in f:
-                        try:
-                            record = json.loads(line)
-                        except ValueError:
-                            continue  # a line cut off by the kill
-                        if isinstance(record, dict) and record.get("event") in ("start", "resume"):
-                            old.append(record)
             resume = {**info, "event": "resume", "from_epoch": state["epoch"] + 1, "from_step": state["step"]}
-            lines = old + [resume] + list(tuner.history)
+            lines = old_headers(metrics_path) + [resume] + list(tuner.history)
             print(f"resuming {self.out} at epoch {state['epoch'] + 1}, step {state['step']}", flush=True)
         tmp = metrics_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in lines)
         os.replace(tmp, metrics_path)
+        if self.saved is None and (self.overwrite or self.restart):
+            remove_outputs(self.out, [name for name in OUTPUTS if name != METRICS])
 
     # --------------------------------------------------------------------------------- training
     def fit(self, tuner, train, test, log) -> None:
@@ -115,9 +166,11 @@ class Session:
         epochs = max(0, config.epochs - len(tuner.history))
 
         def epoch_end(record: dict[str, Any]) -> None:
+            # the checkpoint first: a kill before the metrics line leaves a checkpoint whose history has
+            # the epoch (--resume rewrites metrics.jsonl from it); the other way round it would be lost
+            self.save(tuner, epoch=len(tuner.history), step=0, ce_sum=0.0, n_tokens=0)
             if self.is_main:
                 log(record)
-            self.save(tuner, epoch=len(tuner.history), step=0, ce_sum=0.0, n_tokens=0)
             self.stop_if_asked(tuner, f"after epoch {len(tuner.history)}")
 
         def after_step(info: dict[str, Any]) -> None:
@@ -163,5 +216,173 @@ class Session:
         raise Interrupted(signum, f"stopped by {StopSignals.name(signum)} {where}; checkpoint written to "
                                   f"{self.out}; continue with --resume --out {self.out}")
 
+    def encode(self, tuner, examples, train, test) -> None:
+        """Tokenise and check both splits; a data error names the file and line of the first bad example."""
+        from .data import locate
+        from .errors import DataError
+
+        try:
+            self.probe = tuner.encode(train)[:8]  # the preflight's batch
+            if test:
+                tuner.encode(test)
+        except DataError as e:
+            raise locate(examples, tuner.encoder.encode, e) from None
+
     def close(self) -> None:
         self.ctx.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_options(config, every: int) -> None:
+    """Option values the model is not needed for (the rest are checked where they are used)."""
+    if every < 0:
+        raise ConfigError(f"--checkpoint-every must be >= 0 (0: epoch ends only), got {every}")
+    if getattr(config, "cuda_graphs", "auto") not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown --cuda-graphs {config.cuda_graphs!r}: use auto, on or off")
+    if config.samples < 0:
+        raise ConfigError(f"--samples must be >= 0, got {config.samples}")
+    check_seed(config.seed)
+    if config.out is not None and not config.out:
+        raise ConfigError("--out is empty: give a directory")
+
+
+def check_out(out: str) -> bool:
+    """True when ``--out`` is an existing directory we may write in, False when it can be created;
+    ``ConfigError`` otherwise (a file, below a file, a dangling symlink or a loop, no permission)."""
+    try:
+        mode = os.stat(out).st_mode
+    except FileNotFoundError:
+        if os.path.islink(out):
+            raise ConfigError(f"--out {out} is a symlink to nothing ({os.readlink(out)})") from None
+        _check_creatable(out)
+        return False
+    except NotADirectoryError:
+        raise ConfigError(f"--out {out} lies below a file, not a directory") from None
+    except OSError as e:  # ELOOP, ENAMETOOLONG, EACCES on a parent, ...
+        raise ConfigError(f"--out {out}: {e.strerror}") from None
+    except ValueError:  # an embedded NUL
+        raise ConfigError(f"--out {out!r} is not a usable path") from None
+    if not stat.S_ISDIR(mode):
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no permission to write in it")
+    return True
+
+
+def _check_creatable(out: str) -> None:
+    """The nearest existing ancestor of a new ``--out`` must be a directory we may create entries in."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while True:
+        try:
+            mode = os.stat(parent).st_mode
+        except FileNotFoundError:
+            if os.path.islink(parent):
+                raise ConfigError(f"--out {out}: {parent} is a symlink to nothing") from None
+            parent = os.path.dirname(parent)
+            continue
+        except NotADirectoryError:
+            raise ConfigError(f"--out {out} lies below a file, not a directory") from None
+        except OSError as e:
+            raise ConfigError(f"--out {out}: {e.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            raise ConfigError(f"--out {out} lies below {parent}, a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {out}: no permission to create it in {parent}")
+        return
+
+
+def preflight(tuner, batch) -> None:
+    """Before anything in ``--out`` changes: the initial (or restored) prompt is finite and gives a finite
+    loss on ``batch`` (a few encoded training examples). That forward also runs the engine's one-time check against the
+    model, so a model the engine cannot run is refused here too (``ConfigError``), not mid-training."""
+    params = tuner.prompt.detach()
+    if not torch.isfinite(params).all():
+        raise NonFiniteError("the initial prompt holds NaN/inf values (check --init and --method-opt); "
+                             "training not started")
+    with torch.no_grad():
+        prompt = tuner.method.embeddings(params)
+        if not torch.isfinite(prompt).all():
+            raise NonFiniteError("the initial prompt's vectors hold NaN/inf (check --init and --method-opt); "
+                                 "training not started")
+        if not batch:
+            return
+        ce_sum, _ = tuner.engine.loss_terms(prompt, batch)
+    if not torch.isfinite(ce_sum).all():
+        raise NonFiniteError(f"the initial prompt gives a NaN/inf loss (its largest value is "
+                             f"{params.abs().max().item():.3g}; check --init and --method-opt); training not started")
+
+
+# ------------------------------------------------------------------------------------ --out files
+class OutLock:
+    """An exclusive, non-blocking ``flock`` on the ``--out`` directory (an open descriptor of the directory
+    itself: nothing is written for it). The kernel releases it when the process ends, however it ends."""
+
+    def __init__(self, out: str):
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            return
+        try:
+            fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as e:
+            raise ConfigError(f"--out {out}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"--out {out} is in use by another fastprompt run; wait for it to end "
+                              "(then --resume) or choose another --out") from None
+        self.fd = fd
+        _HELD.append(self)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+        if self in _HELD:
+            _HELD.remove(self)
+
+
+_HELD: list[OutLock] = []
+
+
+def release_locks() -> None:
+    """Drop every ``--out`` lock this process holds (the CLI's ``main`` calls it however ``run`` ends)."""
+    for lock in list(_HELD):
+        lock.release()
+
+
+def run_header(metrics_path: str) -> dict[str, Any] | None:
+    """The last ``start`` record of a metrics.jsonl (None when there is none or the file is unreadable)."""
+    headers = [r for r in old_headers(metrics_path) if r.get("event") == "start"]
+    return headers[-1] if headers else None
+
+
+def old_headers(metrics_path: str) -> list[dict[str, Any]]:
+    """The ``start`` and ``resume`` records of an earlier metrics.jsonl, in order."""
+    records = []
+    try:
+        with open(metrics_path, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return records
+    for line in raw.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue  # a line cut off by a kill, or not ours
+        if isinstance(record, dict) and record.get("event") in ("start", "resume"):
+            records.append(record)
+    return records
+
+
+def remove_outputs(out: str, names) -> None:
+    """Remove the named regular files (and symlinks) from ``out``; never a directory or another name."""
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)

@@ -5,8 +5,9 @@
     python -m fastprompt.train ... --out runs/x --resume          # continue its last checkpoint
     torchrun --nproc_per_node 2 -m fastprompt.train ...             # data parallel (fastprompt/distributed.py)
 
-Exit codes: 0 done; 2 bad input or options (one ``error:`` line); 3 NaN/inf losses or gradients stopped
-training (``NonFiniteError``); 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+Exit codes: 0 done; 2 bad input or options (one ``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
+prompt that is or gives NaN/inf, or losses or gradients that stopped training (``NonFiniteError``); 130 / 143
+stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, FastpromptError, NonFiniteError
+from .errors import ConfigError, FastpromptError, NonFiniteError, UsageParser
 from .template import DEFAULT_TEMPLATE
 
 
@@ -59,15 +60,10 @@ class TrainConfig:
     peft_out: str | None = None
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # a usage error is one line and exit code 2, like every other input error
-        raise ConfigError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(prog="python -m fastprompt.train",
-                                description="Learn a soft prompt by backpropagation through a frozen causal LM.")
+    p = UsageParser(prog="python -m fastprompt.train",
+                    description="Learn a soft prompt by backpropagation through a frozen causal LM.")
     p.add_argument("--model", default=d.model, help="hub name, local directory, or 'tiny' (default: %(default)s)")
     p.add_argument("--data", default=d.data, help="'antonyms' or a .csv/.jsonl file (default: %(default)s)")
     p.add_argument("--template", default=d.template, help="template with {prompt} and a final {target}")
@@ -170,14 +166,13 @@ def run(config: TrainConfig) -> dict:
                         precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
-    tuner.encode(train)  # every template, data and context error surfaces here, before training
-    if test:
-        tuner.encode(test)
+    session.encode(tuner, examples, train, test)  # every template, data and context error, named by file and line
     if config.peft_out:  # refused (template, directory, no peft) before anything is trained or written
         from .peft_io import check_peft_out
 
         check_peft_out(tuner, config.peft_out)
-    session.prepare(tuner)  # --resume: checkpoint restored; torchrun: engine sharded. Nothing written so far
+    session.prepare(tuner)  # checkpoint restored, first forward checked, --out locked, engine sharded
+    # nothing has been written so far
     metrics_path = os.path.join(out, "metrics.jsonl")
     if session.is_main:
         os.makedirs(out, exist_ok=True)
@@ -263,6 +258,7 @@ def plot_losses(path: str, history: list[dict]) -> None:
 
 def main(argv=None) -> int:
     from .guard import Interrupted
+    from .session import release_locks
 
     quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports for all
     try:
@@ -281,6 +277,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_locks()  # the --out lock (the kernel drops it anyway when the process ends)
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, NonFiniteError
 from ..models import eval_mode
 from ..template import Encoded, TemplateEncoder
 from .base import Engine
@@ -242,6 +242,9 @@ class FusedEngine(Engine):
             with eval_mode(self.model):
                 full = self.model(inputs_embeds=embeds, use_cache=False).logits[0].float()
         full = full[example.target_start - 1 : len(example.ids) - 1]  # (n_targets, V)
+        if not (torch.isfinite(full).all() and torch.isfinite(ours).all()):  # a non-finite input, not a wrong model
+            raise NonFiniteError(f"the model's logits hold NaN/inf for this prompt (its largest value is "
+                                 f"{prompt.detach().abs().max().item():.3g}); check the initial prompt")
         exact = (self.precision == "fp32" and full.dtype == ours.dtype == torch.float32
                  and (self.device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"))
         tol = 1e-3 if exact else 5e-2  # loose enough for TF32/bf16 rounding, far below a real transform
