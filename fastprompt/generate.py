@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import ConfigError
 from .kvcache import cache_kwarg, expand_batch, new_cache
 from .models import eval_mode
 
@@ -54,22 +55,21 @@ def greedy_words(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Ten
     window = sliding_window(model.config)
     if window is not None and max(len(ids) for ids, _ in prefixes) + max_new_tokens > window:
         C = 0  # a sliding window counts cache slots: pads after a shared context would take slots of real tokens
-    kwarg = cache_kwarg(model)
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    forward = _Forward(model)
     out: list[str] = []
     with eval_mode(model), _autocast(device, autocast):
         context = None
         if C:  # the shared context, once for the whole call
             ids, slot = _ids_and_slots([(prefixes[0][0][:C], prefixes[0][1])], C, prompt.shape[0])
             context = new_cache(model.config)
-            model(inputs_embeds=_embed(model, ids.to(device), slot.to(device), prompt),
-                  position_ids=torch.arange(C, device=device)[None], use_cache=True, **{kwarg: context}, **keep_last)
+            forward.fill(_embed(model, ids.to(device), slot.to(device), prompt), None,
+                         torch.arange(C, device=device)[None], context)
         for i in range(0, len(prefixes), batch_size):
             batch = prefixes[i : i + batch_size]
             cache = copy.deepcopy(context) if context is not None else new_cache(model.config)
             if context is not None:
                 expand_batch(cache, len(batch))
-            out += _decode_batch(model, tokenizer, batch, prompt, C, cache, kwarg, keep_last, max_new_tokens)
+            out += _decode_batch(forward, tokenizer, batch, prompt, C, cache, max_new_tokens)
             if progress is not None:
                 progress(len(batch))
     return out
@@ -95,8 +95,40 @@ def sliding_window(config) -> int | None:
     return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
 
 
-def _decode_batch(model, tokenizer, batch, prompt, C, cache, kwarg, keep_last, max_new_tokens) -> list[str]:
-    device = prompt.device
+class _Forward:
+    """The model's forwards as the decoder uses them: ``fill`` runs rows into the cache through the base model
+    (no LM head: their logits are not needed), ``logits`` runs one new row per example through the causal LM
+    and returns its logits ``(B, V)``. One row per example matters beyond the LM head's work: the causal LM
+    slices the last position out of a longer block before its LM head, and torch multiplies that strided
+    ``(B, 1, d)`` slice by the ``(V, d)`` weight as a batched matmul over B copies of the weight (measured on
+    Gemma 3 270M: 2.5 s for one 256-row block, against ~0.2 s for the same rows contiguous)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.kwarg = cache_kwarg(model)
+        params = inspect.signature(model.forward).parameters
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.decoder = getattr(model, "base_model", model)
+        try:
+            self.decoder_kwarg = cache_kwarg(self.decoder) if self.decoder is not model else None
+        except ConfigError:
+            self.decoder_kwarg = None
+
+    def fill(self, embeds, mask, position, cache) -> None:
+        if self.decoder_kwarg is None:  # no separate base model: the causal LM, its logits unused
+            self.logits(embeds, mask, position, cache)
+            return
+        self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True,
+                     **{self.decoder_kwarg: cache})
+
+    def logits(self, embeds, mask, position, cache) -> torch.Tensor:
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True,
+                         **{self.kwarg: cache}, **self.keep_last)
+        return out.logits[:, -1]
+
+
+def _decode_batch(forward: _Forward, tokenizer, batch, prompt, C, cache, max_new_tokens) -> list[str]:
+    model, device = forward.model, prompt.device
     B, L = len(batch), prompt.shape[0]
     S = max(len(ids) for ids, _ in batch) - C  # the batch's own tokens, left-padded to the longest
     ids, slot = _ids_and_slots([(ids[C:], None if start is None else start - C) for ids, start in batch], S, L,
@@ -107,13 +139,14 @@ def _decode_batch(model, tokenizer, batch, prompt, C, cache, kwarg, keep_last, m
     position = (C + (mask[:, C:].cumsum(-1) - 1)).clamp(min=C)  # own tokens at C, C+1, ...; pads: any
     ids, slot, mask, position = ids.to(device), slot.to(device), mask.to(device), position.to(device)
     embeds = _embed(model, ids, slot, prompt)
+    if S > 1:  # all but the last own token into the cache; the last one gives the first logits
+        forward.fill(embeds[:, :-1], mask[:, :-1], position[:, :-1], cache)
+        embeds, position = embeds[:, -1:], position[:, -1:]
     words: list[list[int]] = [[] for _ in range(B)]
     alive = torch.arange(B, device=device)  # batch rows still being decoded -> example index
     next_pos = position[:, -1] + 1
     for step in range(max_new_tokens):
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True,
-                       **{kwarg: cache}, **keep_last).logits[:, -1]
-        next_ids = logits.float().argmax(-1)
+        next_ids = forward.logits(embeds, mask, position, cache).float().argmax(-1)
         stay = []
         for row, (b, tok) in enumerate(zip(alive.tolist(), next_ids.tolist())):
             if ends_word(tokenizer, tok, words[b]):
