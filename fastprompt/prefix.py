@@ -148,13 +148,21 @@ class PrefixMethod(Method):
         return params  # the prefix engines take the K/V themselves
 
     def make_engine(self, engine, precision, **options):
+        from .engines import engine_options
+        from .engines.base import PRECISIONS
+
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
         if engine == "naive":
+            engine_options("naive", options)
             return NaivePrefixEngine(self.model, self.encoder, precision)
         if engine not in ("auto", "generic"):
             raise ConfigError(f"--method prefix runs on engine auto/generic (fast) or naive, not {engine!r}")
         from .engines.prefix import PrefixEngine
 
-        return PrefixEngine(self.model, self.encoder, precision, **options)
+        if engine_options("generic", options).get("layout", "auto") not in ("auto", "padded"):
+            raise ConfigError("the prefix engine runs the padded layout only")
+        return PrefixEngine(self.model, self.encoder, precision)
 
     def readout(self, params, k=5):
         kv = params.detach().float()

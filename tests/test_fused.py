@@ -213,13 +213,17 @@ def test_fp32_engine_leaves_the_model_alone():
     assert rel_err(ce_sum, ref[0]) <= FP32_TOL
 
 
-def test_make_engine_builds_fused_and_rejects_unknown_kernels():
+def test_make_engine_builds_fused_and_rejects_unknown_kernels_and_options():
     model, enc = model_for(seed=1), TemplateEncoder(TEMPLATES["middle"], tokenizer(), 4)
-    engine = make_engine("fused", model, enc, "fp32", kernels="torch", cuda_graphs="off", future_option=1)
+    engine = make_engine("fused", model, enc, "fp32", kernels="torch", cuda_graphs="off", layout="auto")
     assert isinstance(engine, FusedEngine) and engine.cuda_graphs == "off" and engine.ops.name == "torch"
     assert isinstance(make_engine("auto", model, enc), FusedEngine)
     with pytest.raises(ConfigError):
         make_engine("fused", model, enc, kernels="cutlass")
+    with pytest.raises(ConfigError, match="unknown engine option future_option"):
+        make_engine("fused", model, enc, future_option=1)
+    with pytest.raises(ConfigError, match="layout='packed' is an option of the generic engine"):
+        make_engine("fused", model, enc, layout="packed")
 
 
 def test_rejects_other_activation():

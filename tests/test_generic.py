@@ -317,12 +317,16 @@ def test_layout_falls_back_to_padded():
         GenericEngine(model, encoder, layout="sideways")
 
 
-def test_options_for_fused_are_accepted():
+def test_fused_options_at_their_defaults_are_accepted_and_others_refused():
     model = tiny("gpt2")
     encoder, batch = encode(model, MIDDLE, 4, 3)
-    engine = make_engine("generic", model, encoder, "fp32", kernels="torch", cuda_graphs="off")
+    engine = make_engine("generic", model, encoder, "fp32", kernels="auto", cuda_graphs="auto")  # what the CLI passes
     assert isinstance(engine, GenericEngine)
     loss_and_grad(engine, random_prompt(model, 4), batch)
+    with pytest.raises(ConfigError, match="kernels='torch' is an option of the fused engine"):
+        make_engine("generic", model, encoder, "fp32", kernels="torch")
+    with pytest.raises(ConfigError, match="unknown engine option"):
+        make_engine("generic", model, encoder, "fp32", layuot="packed")
 
 
 def test_unknown_logit_transform_is_refused():

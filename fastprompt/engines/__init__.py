@@ -6,6 +6,29 @@ from ..models import is_gpt2_family
 from .base import PRECISIONS, Engine, resolve_precision
 
 ENGINES = ("auto", "naive", "generic", "fused")
+# Each engine's options and their defaults. An option of another engine is accepted at its default (the CLI
+# passes --kernels/--cuda-graphs whatever the engine) and refused at any other value: it would do nothing.
+ENGINE_OPTIONS = {
+    "naive": {},
+    "generic": {"layout": "auto"},
+    "fused": {"kernels": "auto", "cuda_graphs": "auto", "self_check": True},
+}
+
+
+def engine_options(name: str, options: dict) -> dict:
+    """The options of engine ``name`` (resolved, not ``auto``) out of ``options``; a name no engine knows, or
+    another engine's option set to a non-default value, is a ``ConfigError``."""
+    known = {key: engine for engine, opts in ENGINE_OPTIONS.items() for key in opts}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown engine option{'s' * (len(unknown) > 1)} {', '.join(unknown)}: the engines take "
+                          f"{', '.join(sorted(known))}")
+    own = ENGINE_OPTIONS[name]
+    for key, value in options.items():
+        if key not in own and value != ENGINE_OPTIONS[known[key]][key]:
+            raise ConfigError(f"{key}={value!r} is an option of the {known[key]} engine; the {name} engine "
+                              "does not use it")
+    return {key: value for key, value in options.items() if key in own}
 
 
 def resolve_engine_name(name: str, model) -> str:
@@ -19,11 +42,12 @@ def resolve_engine_name(name: str, model) -> str:
 
 
 def make_engine(name: str, model, encoder, precision: str = "fp32", **options) -> Engine:
-    """Build the engine ``name`` (``auto`` resolved for ``model``); ``options`` go to fast engines."""
+    """Build the engine ``name`` (``auto`` resolved for ``model``) with its ``options`` (``ENGINE_OPTIONS``)."""
     precision = resolve_precision(precision, next(model.parameters()).device, name)
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
     name = resolve_engine_name(name, model)
+    options = engine_options(name, options)
     if name == "naive":
         from .naive import NaiveEngine
 

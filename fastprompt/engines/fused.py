@@ -172,7 +172,7 @@ class FusedEngine(Engine):
     name = "fused"
 
     def __init__(self, model, encoder: TemplateEncoder, precision: str = "fp32", kernels: str = "auto",
-                 cuda_graphs: str = "auto", self_check: bool = True, **ignored_future_options):
+                 cuda_graphs: str = "auto", self_check: bool = True):
         super().__init__(model, encoder, precision)
         self.kernels = kernels
         if cuda_graphs not in ("auto", "on", "off"):
@@ -180,7 +180,6 @@ class FusedEngine(Engine):
         if cuda_graphs == "on" and self.device.type != "cuda":
             raise ConfigError("--cuda-graphs on needs a CUDA device; use auto or off on the CPU")
         self.cuda_graphs = cuda_graphs
-        self.options = dict(ignored_future_options)
         self.ops = get_ops(kernels, self.device, torch.bfloat16 if precision in ("bf16", "autocast") else None)
         self.weights = read_gpt2_weights(model, torch.bfloat16 if precision == "bf16" else None)
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None

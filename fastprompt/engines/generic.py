@@ -74,8 +74,7 @@ SHARED = -1  # owner of the packed head rows (examples own 0..B-1, padding rows 
 class GenericEngine(Engine):
     name = "generic"
 
-    def __init__(self, model, encoder, precision: str = "fp32", **options):
-        # options such as kernels= or cuda_graphs= belong to the fused engine: accepted and ignored here
+    def __init__(self, model, encoder, precision: str = "fp32", layout: str = "auto"):
         super().__init__(model, encoder, precision)
         self.runner = _bf16_runner(model) if precision == "bf16" else model  # the module whose forward runs
         self.decoder = self.runner.base_model  # GPT2Model, LlamaModel, Gemma3TextModel ...: last hidden state
@@ -87,7 +86,6 @@ class GenericEngine(Engine):
         self.cache_kwarg = cache_kwarg(self.decoder)
         self._prefix_cache = None  # (key, DynamicCache or None), built lazily
         self._checked = False
-        layout = options.get("layout", "auto")
         if layout not in ("auto", "packed", "padded"):
             raise ConfigError(f"layout must be auto, packed or padded, not {layout!r}")
         self.layout = layout

@@ -27,9 +27,9 @@ from .generic import GenericEngine
 class PrefixEngine(GenericEngine):
     name = "prefix"
 
-    def __init__(self, model, encoder, precision: str = "fp32", **options):
+    def __init__(self, model, encoder, precision: str = "fp32"):
         # the padded suffix layout (its loss_terms below runs _suffix_tensors / expand_batch itself)
-        super().__init__(model, encoder, precision, **{**options, "layout": "padded"})
+        super().__init__(model, encoder, precision, layout="padded")
         self.fallback = None
         if encoder.prompt_start is None:
             from ..prefix import NaivePrefixEngine
