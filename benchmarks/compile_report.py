@@ -243,7 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="examples a step, comma list")
     p.add_argument("--no-adam", action="store_true", help="leave out the Adam kernel")
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default: 90)")
-    p.add_argument("--out", default=None, help="write OUT.md and OUT.json (default with no --json: "
+    p.add_argument("--out", default=None, metavar="STEM",
+                   help="write the table and the JSON to STEM plus .md and .json (default with no --json: "
                    "benchmarks/results/compile-smARCH)")
     p.add_argument("--json", default=None, help="write only this JSON file")
     p.add_argument("--check", action="store_true", help="exit 1 on a compile error, spill or shared memory over the limit")

@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="soft,hard,relaxed")
     p.add_argument("--prompt-len", type=int, default=4)
     p.add_argument("--train-size", type=int, default=64)
-    p.add_argument("--test-limit", type=int, default=64, help="the first N pairs of the 20% test split")
+    p.add_argument("--test-limit", type=int, default=64, help="the first N pairs of the 20%% test split")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -66,7 +66,7 @@ def run(args) -> list[dict]:
                "tokens": tok.decode(ids) if ids is not None else (words if epochs == 0 else None),
                "seconds": time.perf_counter() - t0}
         if method == "relaxed":
-            from fastprompt.methods import hard_prompt_metrics
+            from fastprompt.report import hard_prompt_metrics
 
             argmax = hard_prompt_metrics(tuner, ids, test)
             row.update({"argmax_test_loss": argmax["loss"], "argmax_test_exact_match": argmax["exact_match"],

@@ -15,7 +15,6 @@ prompt (``embeddings``), so the engines stay unchanged and exact:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 
 from .errors import ConfigError, PromptFileError
 from .models import embedding_table
+from .nearest import format_nearest
 from .prompt import init_prompt, save_tensors
 
 METHODS = ("soft", "relaxed", "hard", "prefix")
@@ -87,8 +87,6 @@ class Method:
         return None
 
     def readout(self, params: torch.Tensor, k: int = 5) -> str:
-        from .interpret import format_nearest
-
         return format_nearest(self.embeddings(params.detach()), self.model, self.tokenizer, k=k, metric="cosine")
 
     def greedy(self, params, prefixes, max_new_tokens: int, autocast: bool, progress=None) -> list[str]:
@@ -167,7 +165,7 @@ class RelaxedMethod(Method):
         uses the one-hot ``argmax(theta + g)`` (a real token), the backward the softmax's gradient.
 
     Evaluation uses the deterministic mixture at the current temperature; ``token_ids`` is the argmax
-    readout, which ``hard_prompt_metrics`` (called by ``fastprompt.methods.final_report``) evaluates as a hard prompt.
+    readout, which ``fastprompt.report.hard_prompt_metrics`` evaluates as a hard prompt.
     """
 
     name = "relaxed"
@@ -316,28 +314,6 @@ class HardMethod(Method):
         return tensors["continuous"] if "continuous" in tensors else super().params_from(tensors)
 
 
-def method_class(name: str):
-    if name == "soft":
-        return Method
-    if name == "relaxed":
-        return RelaxedMethod
-    if name == "hard":
-        return HardMethod
-    if name == "prefix":
-        from .prefix import PrefixMethod
-
-        return PrefixMethod
-    raise ConfigError(f"unknown method {name!r}: use one of {', '.join(METHODS)}")
-
-
-def make_method(name: str, model, tokenizer, encoder, **options) -> Method:
-    cls = method_class(name)
-    try:
-        return cls(model, tokenizer, encoder, **options)
-    except TypeError as e:
-        raise ConfigError(f"bad option for method {name!r}: {e}") from None
-
-
 def parse_options(items) -> dict[str, Any]:
     """``["tau_end=0.05", "gumbel=true"]`` -> ``{"tau_end": 0.05, "gumbel": True}`` (CLI ``--method-opt``)."""
     out: dict[str, Any] = {}
@@ -391,74 +367,3 @@ def saved_method(path: str) -> str:
             return (f.metadata() or {}).get("method", "soft")
     except Exception:
         return "soft"  # read_prompt reports the bad file
-
-
-def load_tuner(cls, path, model, tokenizer, template=None, strict=True, **kwargs):
-    """``PromptTuner.load`` for files of a non-soft method: params, options and schedule state restored."""
-    tensors, meta = read_method_file(path)
-    name = meta.get("method", "soft")
-    saved_model = meta.get("model", "")
-    this_model = str(getattr(model.config, "_name_or_path", "") or "")
-    short = lambda s: s.rstrip("/").split("/")[-1]  # noqa: E731
-    if strict and saved_model and this_model and short(saved_model) != short(this_model):
-        raise PromptFileError(f"{path} was made for model {saved_model!r}, not {this_model!r} "
-                              "(pass strict=False to load it anyway)")
-    options = json.loads(meta.get("method_options", "{}"))
-    options.update(kwargs.pop("method_options", None) or {})
-    prompt_len = int(meta.get("prompt_len", 0)) or None
-    if template is None:
-        template = meta.get("template") or "Here are two {prompt} {input} and {target}"
-    params = method_class(name).params_from(tensors)
-    if prompt_len is None:
-        raise PromptFileError(f"{path} has no prompt_len in its metadata")
-    tuner = cls(model, tokenizer, template, prompt_len, method=name, method_options=options, prompt=params, **kwargs)
-    tuner.method.step = int(meta.get("method_step", 0))
-    tuner.method.total_steps = int(meta.get("method_total_steps", 0))
-    return tuner
-
-
-# -------------------------------------------------------------------------------------- reporting
-@torch.no_grad()
-def final_report(tuner, test, eval_size: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """What the CLI reports after training: the method's test metrics (loss on every test example, generation
-    metrics on at most ``eval_size``), its token readout, and for a relaxed prompt the metrics of its argmax
-    tokens used as a hard prompt."""
-    report: dict[str, Any] = {"event": "final", "method": tuner.method.name}
-    if test:
-        metrics = tuner.evaluate(test, generation_size=eval_size, progress=progress)
-        report.update({f"test_{k}": v for k, v in metrics.items()})
-        report["eval_size"] = min(len(test), eval_size or len(test))
-    ids = tuner.method.token_ids(tuner.prompt)
-    if ids is not None:
-        report["token_ids"] = ids
-        report["token_text"] = tuner.tokenizer.decode(ids)
-    if isinstance(tuner.method, RelaxedMethod) and test:
-        hard = hard_prompt_metrics(tuner, ids, test, eval_size, progress)
-        report.update({f"argmax_test_{k}": v for k, v in hard.items()})
-    return report
-
-
-def hard_prompt_metrics(tuner, ids: list[int], test, eval_size: int | None = None,
-                        progress: bool = False) -> dict[str, float]:
-    """Test metrics of the token sequence ``ids`` as the prompt (soft tuner on the vocabulary rows)."""
-    from .tuner import PromptTuner
-
-    rows = embedding_table(tuner.model).detach().float()[torch.tensor(ids, device=tuner.device)]
-    engine = tuner.engine.name if tuner.engine.name in ("naive", "generic", "fused") else "auto"
-    probe = PromptTuner(tuner.model, tuner.tokenizer, tuner.template, tuner.prompt_len, engine=engine,
-                        precision=tuner.precision, prompt=rows)
-    return probe.evaluate(test, generation_size=eval_size, progress=progress)
-
-
-def write_outputs(out: str, tuner, test, eval_size: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """``hard_prompt.txt`` for methods with a token readout; returns ``final_report``."""
-    report = final_report(tuner, test, eval_size, progress)
-    if "token_ids" in report:
-        with open(os.path.join(out, "hard_prompt.txt"), "w", encoding="utf-8") as f:
-            f.write(f"{report['token_text']}\n")
-            f.write(f"ids: {report['token_ids']}\n")
-            f.write(f"template: {tuner.template.text.replace('{prompt}', report['token_text'].strip())}\n")
-            for key in ("test_loss", "test_exact_match", "argmax_test_loss", "argmax_test_exact_match"):
-                if key in report:
-                    f.write(f"{key}: {report[key]:.4f}\n")
-    return report

@@ -25,13 +25,9 @@ here it is trained directly.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from .engines.base import target_count
-from .engines.naive import NaiveEngine
+from .engines.prefix import NaivePrefixEngine, PrefixEngine, gpt2_prefix_forward
 from .errors import ConfigError, PromptFileError
 from .generate import ends_word
 from .methods import Method
@@ -42,66 +38,6 @@ from .prompt import init_prompt
 def prefix_shape(model, prompt_len: int) -> tuple[int, int, int, int, int]:
     c = model.config
     return (c.n_layer, 2, prompt_len, c.n_head, c.n_embd // c.n_head)
-
-
-# ---------------------------------------------------------------------------------- own forward
-def gpt2_prefix_forward(model, embeds, position_ids, key_mask, slot=None, prefix_kv=None, capture=False):
-    """GPT-2's forward over ``embeds`` (B, T, d) token embeddings, returning the final hidden state
-    (B, T, d) (after ``ln_f``), or with ``capture`` also each layer's ``(k, v)`` (B, H, T, hd).
-
-    ``position_ids`` (B, T); ``key_mask`` (B, T) bool, the real rows; ``slot`` (B, T) long, the prefix row
-    a position holds or -1; ``prefix_kv`` (n_layer, 2, L, H, hd): written over K/V where ``slot >= 0``.
-    Causal attention over real keys; every row also sees itself, so padded rows stay finite.
-    """
-    tr, c = model.transformer, model.config
-    B, T, d = embeds.shape
-    H = c.n_head
-    hd = d // H
-    x = embeds + tr.wpe(position_ids)  # (B, T, d)
-    eye = torch.eye(T, dtype=torch.bool, device=embeds.device)
-    allowed = (torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril() & key_mask[:, None, :]) | eye
-    allowed = allowed[:, None]  # (B, 1, Tq, Tk)
-    in_slot = None if slot is None else (slot >= 0)[..., None, None]  # (B, T, 1, 1)
-    scale = 1.0 / math.sqrt(hd) if getattr(c, "scale_attn_weights", True) else 1.0
-    captured = []
-    for layer, block in enumerate(tr.h):
-        h = block.ln_1(x)
-        q, k, v = block.attn.c_attn(h).split(d, dim=-1)
-        q, k, v = (t.view(B, T, H, hd) for t in (q, k, v))  # (B, T, H, hd)
-        if prefix_kv is not None:
-            rows = slot.clamp(min=0)
-            k = torch.where(in_slot, prefix_kv[layer, 0].to(k.dtype)[rows], k)
-            v = torch.where(in_slot, prefix_kv[layer, 1].to(v.dtype)[rows], v)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        if capture:
-            captured.append((k, v))
-        layer_scale = scale / (layer + 1) if getattr(c, "scale_attn_by_inverse_layer_idx", False) else scale
-        att = (q @ k.transpose(-1, -2)).float() * layer_scale  # (B, H, T, T)
-        att = att.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
-        y = (att @ v).transpose(1, 2).reshape(B, T, d)
-        x = x + block.attn.c_proj(y)
-        x = x + block.mlp(block.ln_2(x))
-    x = tr.ln_f(x)
-    return (x, captured) if capture else x
-
-
-# ---------------------------------------------------------------------------------- naive engine
-class NaivePrefixEngine(NaiveEngine):
-    """Whole right-padded sequences through ``gpt2_prefix_forward``, logits everywhere (the reference).
-    The batch layout is the naive engine's; ``slot`` marks where the prefix K/V stand."""
-
-    def describe(self) -> str:
-        return f"prefix-naive ({self.precision})"
-
-    def loss_terms(self, prefix_kv, batch):
-        ids, mask, labels, slot = self.batch_tensors(batch)
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-        with eval_mode(self.model), self.autocast():
-            embeds = self.model.transformer.wte(ids)
-            hidden = gpt2_prefix_forward(self.model, embeds, positions, mask.bool(), slot, prefix_kv)
-            logits = self.model.lm_head(hidden)  # (B, T, V)
-        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return ce_sum, target_count(batch)
 
 
 # ------------------------------------------------------------------------------------- method
@@ -158,8 +94,6 @@ class PrefixMethod(Method):
             return NaivePrefixEngine(self.model, self.encoder, precision)
         if engine not in ("auto", "generic"):
             raise ConfigError(f"--method prefix runs on engine auto/generic (fast) or naive, not {engine!r}")
-        from .engines.prefix import PrefixEngine
-
         if engine_options("generic", options).get("layout", "auto") not in ("auto", "padded"):
             raise ConfigError("the prefix engine runs the padded layout only")
         return PrefixEngine(self.model, self.encoder, precision)

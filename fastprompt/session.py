@@ -244,6 +244,12 @@ def check_options(config, every: int) -> None:
         raise ConfigError(f"unknown --cuda-graphs {config.cuda_graphs!r}: use auto, on or off")
     if config.samples < 0:
         raise ConfigError(f"--samples must be >= 0, got {config.samples}")
+    if getattr(config, "eval_every", 0) < 0 or getattr(config, "eval_size", 1) < 1:
+        raise ConfigError("--eval-every must be >= 0 and --eval-size >= 1")
+    if getattr(config, "max_steps", None) is not None and config.max_steps < 0:
+        raise ConfigError(f"--max-steps must be >= 0, got {config.max_steps}")
+    if getattr(config, "max_seconds", None) is not None and not config.max_seconds >= 0:
+        raise ConfigError(f"--max-seconds must be >= 0, got {config.max_seconds}")
     check_seed(config.seed)
     if config.out is not None and not config.out:
         raise ConfigError("--out is empty: give a directory")

@@ -141,17 +141,12 @@ def run_info(config: TrainConfig, device: torch.device) -> dict:
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
-    from .methods import parse_options, write_outputs
+    from .methods import parse_options
+    from .report import write_outputs
     from .session import Session
 
     if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0 or not math.isfinite(config.lr):
         raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0 (finite)")
-    if config.eval_every < 0 or config.eval_size < 1:
-        raise ConfigError("--eval-every must be >= 0 and --eval-size >= 1")
-    if config.max_steps is not None and config.max_steps < 0:
-        raise ConfigError(f"--max-steps must be >= 0, got {config.max_steps}")
-    if config.max_seconds is not None and not config.max_seconds >= 0:
-        raise ConfigError(f"--max-seconds must be >= 0, got {config.max_seconds}")
     if config.prompt_len < 1 or config.prompt_len > 4096:
         raise ConfigError(f"--prompt-len must be between 1 and 4096, got {config.prompt_len}")
     device = resolve_device(config.device)

@@ -14,9 +14,10 @@ from .errors import ConfigError, DataError, PromptFileError
 from .engines.base import resolve_precision
 from .guard import NonFiniteGuard
 from .metrics import word_metrics
-from .methods import load_tuner, make_method, save_method_file, saved_method
+from .methods import read_method_file, save_method_file, saved_method
 from .models import max_positions
 from .prompt import read_prompt, save_prompt
+from .registry import make_method, method_class
 from .template import Encoded, Template, TemplateEncoder
 
 
@@ -299,7 +300,7 @@ class PromptTuner:
         """A tuner holding the prompt saved at ``path``. Refuses a prompt made for another hidden size, or
         (with ``strict``) for another model name."""
         if saved_method(path) != "soft":  # relaxed, hard, prefix: their own tensors and options
-            return load_tuner(cls, path, model, tokenizer, template, strict, **kwargs)
+            return _load_method_file(cls, path, model, tokenizer, template, strict, **kwargs)
         prompt, meta = read_prompt(path)
         hidden = model.get_input_embeddings().weight.shape[1]
         if prompt.shape[1] != hidden:
@@ -352,6 +353,29 @@ def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds:
     if max_steps is not None and taken >= max_steps:
         return True
     return max_seconds is not None and time.perf_counter() - started >= max_seconds
+
+
+def _load_method_file(cls, path, model, tokenizer, template=None, strict=True, **kwargs):
+    """``PromptTuner.load`` for files of a non-soft method: params, options and schedule state restored."""
+    tensors, meta = read_method_file(path)
+    name = meta.get("method", "soft")
+    saved_model = meta.get("model", "")
+    this_model = str(getattr(model.config, "_name_or_path", "") or "")
+    if strict and saved_model and this_model and _short(saved_model) != _short(this_model):
+        raise PromptFileError(f"{path} was made for model {saved_model!r}, not {this_model!r} "
+                              "(pass strict=False to load it anyway)")
+    options = json.loads(meta.get("method_options", "{}"))
+    options.update(kwargs.pop("method_options", None) or {})
+    prompt_len = int(meta.get("prompt_len", 0)) or None
+    if template is None:
+        template = meta.get("template") or "Here are two {prompt} {input} and {target}"
+    params = method_class(name).params_from(tensors)
+    if prompt_len is None:
+        raise PromptFileError(f"{path} has no prompt_len in its metadata")
+    tuner = cls(model, tokenizer, template, prompt_len, method=name, method_options=options, prompt=params, **kwargs)
+    tuner.method.step = int(meta.get("method_step", 0))
+    tuner.method.total_steps = int(meta.get("method_total_steps", 0))
+    return tuner
 
 
 def _short(name: str) -> str:

@@ -2,7 +2,8 @@
 import torch
 
 import fastprompt as fp
-from fastprompt.interpret import main, nearest_tokens
+from fastprompt.interpret import main
+from fastprompt.nearest import nearest_tokens
 from fastprompt.models import embedding_table
 
 from helpers import tiny_gpt2, tokenizer

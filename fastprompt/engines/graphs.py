@@ -65,8 +65,6 @@ def static_shape(packed, batch_size: int, prompt_in_trunk: bool, prompt_len: int
 
 def pad_packed(packed, shape: StaticShape) -> StaticBatch:
     """``packed`` padded to ``shape`` (see the module docstring); device ops, no host sync."""
-    from .fused import PackedBatch
-
     device = packed.token_ids.device
     rows, n_targets = packed.n_rows, packed.n_targets
     n_examples = packed.cu_seqlens.shape[0] - 1
@@ -80,7 +78,7 @@ def pad_packed(packed, shape: StaticShape) -> StaticBatch:
 
     cu = packed.cu_seqlens
     cu = torch.cat([cu, cu[-1:].expand(pad_examples), cu.new_full((1,), packed.n_prefix + shape.rows)])
-    padded = PackedBatch(
+    padded = type(packed)(  # fused.PackedBatch (not imported: fused imports this module)
         token_ids=cat(packed.token_ids, pad_rows, 0),
         positions=cat(packed.positions, pad_rows, 0),
         prompt_rows=cat(packed.prompt_rows, pad_prompt, rows),  # row `rows`: the first padding row
