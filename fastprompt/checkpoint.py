@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, NonFiniteError, PromptFileError
-from .prompt import atomic_write
+from .promptfile import atomic_write, check_fits
 
 FORMAT = "fastprompt-checkpoint-1"
 TENSORS = "checkpoint.safetensors"
@@ -257,9 +257,7 @@ def restore(tuner, tensors: dict[str, torch.Tensor], state: dict[str, Any], lr: 
             path: str = "checkpoint") -> None:
     """Put the checkpoint into ``tuner``: trainable tensors, optimizer, RNGs, history, method schedule and
     the resume point of the epoch in progress (consumed by the next ``fit``)."""
-    hidden = int(tuner.model.get_input_embeddings().weight.shape[1])
-    if state.get("hidden_size") not in (None, hidden):
-        raise PromptFileError(f"{path} was made for hidden size {state['hidden_size']}, this model has {hidden}")
+    check_fits(path, tuner.model, hidden=state.get("hidden_size"))
     if tuner.optimizer is None:
         tuner.optimizer = tuner.make_optimizer(lr)
     params = [p for group in tuner.optimizer.param_groups for p in group["params"]]

@@ -22,7 +22,7 @@ from .nearest import format_nearest
 def _relaxed_readout(logits, options, step, total_steps, tokenizer, k):
     tau = 1.0
     if options:
-        from .methods import RelaxedMethod
+        from .methods.relaxed import RelaxedMethod
 
         probe = RelaxedMethod.__new__(RelaxedMethod)  # only the temperature schedule is needed
         probe.tau_start, probe.tau_end = options["tau_start"], options["tau_end"]
@@ -38,21 +38,16 @@ def _relaxed_readout(logits, options, step, total_steps, tokenizer, k):
 
 
 def method_record(path: str, method: str, tensors: dict, meta: dict[str, str]) -> dict[str, Any]:
-    """A non-soft prompt file's method metadata, parsed and checked: ``options``, ``step``, ``total_steps``,
+    """A prompt file's method metadata, parsed and checked: ``options``, ``step``, ``total_steps``,
     ``token_ids`` (or None). ``PromptFileError`` for what a hand edit or another tool could leave."""
     from .methods import METHODS
 
     if method not in METHODS:
         raise PromptFileError(f"{path}: unknown method {method!r} in its metadata (known: {', '.join(METHODS)})")
-    need = {"relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}[method]
+    need = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}[method]
     for name in need:
         if name not in tensors:
             raise PromptFileError(f"{path}: a {method} prompt file must hold the {name!r} tensor")
-    dims = {"prompt": 2, "logits": 2, "prefix": 5}
-    for name in need:
-        if tensors[name].dim() != dims[name]:
-            raise PromptFileError(f"{path}: tensor {name!r} has shape {tuple(tensors[name].shape)}, "
-                                  f"expected {dims[name]} dimensions")
     record: dict[str, Any] = {}
     try:
         options = json.loads(meta.get("method_options", "{}"))
@@ -96,18 +91,13 @@ def main(argv=None) -> int:
 
 
 def interpret(args) -> None:
-    from .methods import read_method_file, saved_method
     from .models import load_model
-    from .prompt import read_prompt
+    from .promptfile import read_prompt_file
 
-    method = saved_method(args.prompt)
-    if method == "soft":
-        prompt, meta = read_prompt(args.prompt)
-        record = {}
-    else:
-        tensors, meta = read_method_file(args.prompt)
-        record = method_record(args.prompt, method, tensors, meta)
-        prompt = tensors.get("prompt")
+    tensors, meta = read_prompt_file(args.prompt)
+    method = meta.get("method", "soft")
+    record = method_record(args.prompt, method, tensors, meta)
+    prompt = tensors.get("prompt")
     model, tokenizer = load_model(args.model or meta.get("model") or "gpt2-large", seed=args.seed)
     vocab, hidden = model.get_input_embeddings().weight.shape
     if args.k > vocab:

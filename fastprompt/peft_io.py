@@ -32,7 +32,7 @@ import torch
 
 from .errors import ConfigError
 from .models import is_gpt2_family
-from .prompt import atomic_write_dir
+from .promptfile import atomic_write_dir
 
 PEFT_HINT = "pip install 'fastprompt[peft]'"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")  # what PEFT writes

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .methods import RelaxedMethod
+from .methods.relaxed import RelaxedMethod
 from .models import embedding_table
 from .tuner import PromptTuner
 

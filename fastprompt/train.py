@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -138,10 +139,28 @@ def run_info(config: TrainConfig, device: torch.device) -> dict:
     return info
 
 
+def parse_options(items) -> dict[str, Any]:
+    """``["tau_end=0.05", "gumbel=true"]`` -> ``{"tau_end": 0.05, "gumbel": True}`` (CLI ``--method-opt``)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--method-opt takes KEY=VALUE, got {item!r}")
+        value = value.strip()
+        if value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            parsed: Any = value.lower() in ("true", "yes", "on")
+        else:
+            try:
+                parsed = float(value) if any(c in value.lower() for c in ".e") or value.lower() in ("inf", "nan") else int(value)
+            except ValueError:
+                parsed = value
+        out[key.strip().replace("-", "_")] = parsed
+    return out
+
+
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
-    from .methods import parse_options
     from .report import write_outputs
     from .session import Session
 

@@ -14,10 +14,9 @@ from .errors import ConfigError, DataError, PromptFileError
 from .engines.base import resolve_precision
 from .guard import NonFiniteGuard
 from .metrics import word_metrics
-from .methods import read_method_file, save_method_file, saved_method
+from .methods import make_method, method_class
 from .models import max_positions
-from .prompt import read_prompt, save_prompt
-from .registry import make_method, method_class
+from .promptfile import check_fits, read_prompt_file, save_prompt_file
 from .template import Encoded, Template, TemplateEncoder
 
 
@@ -29,7 +28,7 @@ class PromptTuner:
     ``autocast`` (the post's bf16 autocast) or ``auto``, the default (bf16 on CUDA, fp32 on the CPU;
     ``self.precision`` holds the choice). The model is never modified.
 
-    ``method``: how the trained tensor ``prompt`` becomes the prompt (``fastprompt/methods.py``): ``soft``
+    ``method``: how the trained tensor ``prompt`` becomes the prompt (``fastprompt/methods/``): ``soft``
     (``prompt`` is the ``(prompt_len, d)`` prompt), ``relaxed`` (``prompt``: ``(prompt_len, V)`` vocabulary
     logits), ``hard`` (PEZ: ``prompt`` continuous, the forward uses its nearest tokens), ``prefix``
     (``prompt``: per-layer K/V, ``(n_layer, 2, prompt_len, heads, head_dim)``); ``method_options``: its options.
@@ -288,31 +287,34 @@ class PromptTuner:
         }
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """The prompt as safetensors with metadata (model, template, prompt length, hidden size)."""
-        if self.method.name == "soft":
-            save_prompt(path, self.prompt, {**self.metadata(), **(extra or {})})
-        else:
-            save_method_file(path, self.method.tensors(self.prompt), {**self.metadata(), **(extra or {})})
+        """The method's tensors as safetensors with metadata (model, template, prompt length, hidden size,
+        method, its options and schedule state)."""
+        save_prompt_file(path, self.method.tensors(self.prompt), {**self.metadata(), **(extra or {})})
 
     @classmethod
     def load(cls, path: str, model, tokenizer, template: Template | str | None = None, strict: bool = True,
              **kwargs) -> "PromptTuner":
-        """A tuner holding the prompt saved at ``path``. Refuses a prompt made for another hidden size, or
+        """A tuner holding the prompt saved at ``path`` (any method's file; a legacy .pt is a soft prompt),
+        its method's options and schedule state restored. Refuses a prompt made for another hidden size, or
         (with ``strict``) for another model name."""
-        if saved_method(path) != "soft":  # relaxed, hard, prefix: their own tensors and options
-            return _load_method_file(cls, path, model, tokenizer, template, strict, **kwargs)
-        prompt, meta = read_prompt(path)
-        hidden = model.get_input_embeddings().weight.shape[1]
-        if prompt.shape[1] != hidden:
-            raise PromptFileError(f"{path} was made for hidden size {prompt.shape[1]}, this model has {hidden}")
-        saved_model = meta.get("model", "")
-        this_model = str(getattr(model.config, "_name_or_path", "") or "")
-        if strict and saved_model and this_model and _short(saved_model) != _short(this_model):
-            raise PromptFileError(f"{path} was made for model {saved_model!r}, not {this_model!r} "
-                                  "(pass strict=False to load it anyway)")
+        tensors, meta = read_prompt_file(path)
+        name = meta.get("method", "soft")
+        method = method_class(name)
+        params = method.params_from(tensors)
+        check_fits(path, model, hidden=params.shape[1] if method.embedding_rows else None,
+                   saved_model=meta.get("model", "") if strict else "", hint=" (pass strict=False to load it anyway)")
+        options = json.loads(meta.get("method_options", "{}"))
+        options.update(kwargs.pop("method_options", None) or {})
+        prompt_len = params.shape[0] if method.embedding_rows else int(meta.get("prompt_len", 0))
+        if not prompt_len:
+            raise PromptFileError(f"{path} has no prompt_len in its metadata")
         if template is None:
             template = meta.get("template") or "Here are two {prompt} {input} and {target}"
-        return cls(model, tokenizer, template, prompt.shape[0], prompt=prompt, **kwargs)
+        tuner = cls(model, tokenizer, template, prompt_len, method=name, method_options=options, prompt=params,
+                    **kwargs)
+        tuner.method.step = int(meta.get("method_step", 0))
+        tuner.method.total_steps = int(meta.get("method_total_steps", 0))
+        return tuner
 
     # ---------------------------------------------------------------- Hugging Face stack (peft_io.py)
     def save_peft(self, path: str) -> None:
@@ -353,34 +355,6 @@ def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds:
     if max_steps is not None and taken >= max_steps:
         return True
     return max_seconds is not None and time.perf_counter() - started >= max_seconds
-
-
-def _load_method_file(cls, path, model, tokenizer, template=None, strict=True, **kwargs):
-    """``PromptTuner.load`` for files of a non-soft method: params, options and schedule state restored."""
-    tensors, meta = read_method_file(path)
-    name = meta.get("method", "soft")
-    saved_model = meta.get("model", "")
-    this_model = str(getattr(model.config, "_name_or_path", "") or "")
-    if strict and saved_model and this_model and _short(saved_model) != _short(this_model):
-        raise PromptFileError(f"{path} was made for model {saved_model!r}, not {this_model!r} "
-                              "(pass strict=False to load it anyway)")
-    options = json.loads(meta.get("method_options", "{}"))
-    options.update(kwargs.pop("method_options", None) or {})
-    prompt_len = int(meta.get("prompt_len", 0)) or None
-    if template is None:
-        template = meta.get("template") or "Here are two {prompt} {input} and {target}"
-    params = method_class(name).params_from(tensors)
-    if prompt_len is None:
-        raise PromptFileError(f"{path} has no prompt_len in its metadata")
-    tuner = cls(model, tokenizer, template, prompt_len, method=name, method_options=options, prompt=params, **kwargs)
-    tuner.method.step = int(meta.get("method_step", 0))
-    tuner.method.total_steps = int(meta.get("method_total_steps", 0))
-    return tuner
-
-
-def _short(name: str) -> str:
-    """Model names compared without the hub organisation ('openai-community/gpt2' == 'gpt2')."""
-    return name.rstrip("/").split("/")[-1]
 
 
 def metadata_json(meta: dict[str, Any]) -> str:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import fastprompt as fp
 from fastprompt import checkpoint, session
 from fastprompt.interpret import main as interpret
-from fastprompt.prompt import save_prompt
+from fastprompt.promptfile import save_prompt_file
 from fastprompt.train import main
 
 from helpers import tiny_gpt2, tokenizer
@@ -89,7 +89,7 @@ def write(path, data):
 # ------------------------------------------------------------- 1. every check before --out changes
 def big_prompt(tmp_path, value=3e38):
     path = str(tmp_path / "big.safetensors")
-    save_prompt(path, torch.full((4, 64), value), {"model": "tiny"})
+    save_prompt_file(path, {"prompt": torch.full((4, 64), value)}, {"model": "tiny"})
     return path
 
 
@@ -384,7 +384,7 @@ def test_seeds_beyond_64_bits_are_one_line_in_both_commands(tmp_path, capsys, se
     assert main([*ARGS, "--seed", seed, "--out", str(tmp_path / "o")]) == 2
     assert "--seed" in one_error_line(capsys.readouterr().err)
     path = str(tmp_path / "p.safetensors")
-    save_prompt(path, torch.randn(4, 64), {"model": "tiny"})
+    save_prompt_file(path, {"prompt": torch.randn(4, 64)}, {"model": "tiny"})
     assert interpret([path, "--model", "tiny", "--seed", seed]) == 2
     assert "--seed" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
@@ -392,11 +392,11 @@ def test_seeds_beyond_64_bits_are_one_line_in_both_commands(tmp_path, capsys, se
 
 def test_interpret_k_out_of_range(tmp_path, capsys):
     path = str(tmp_path / "p.safetensors")
-    save_prompt(path, torch.randn(4, 64), {"model": "tiny"})
+    save_prompt_file(path, {"prompt": torch.randn(4, 64)}, {"model": "tiny"})
     for k, message in (("0", "at least 1"), ("-3", "at least 1"), ("50258", "at most the vocabulary size, 50257")):
         assert interpret([path, "--model", "tiny", "--k", k]) == 2
         assert message in one_error_line(capsys.readouterr().err)
-    save_prompt(path, torch.randn(1, 64), {"model": "tiny"})
+    save_prompt_file(path, {"prompt": torch.randn(1, 64)}, {"model": "tiny"})
     assert interpret([path, "--model", "tiny", "--k", "50257", "--metric", "euclidean"]) == 0  # the edge itself
     assert capsys.readouterr().out.count("token_id:") == 50257
 

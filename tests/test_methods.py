@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastprompt as fp
-from fastprompt.methods import parse_options
+from fastprompt.train import parse_options
 from fastprompt.models import embedding_table
 from fastprompt.train import main
 

@@ -17,7 +17,7 @@ import fastprompt as fp
 from fastprompt.engines.naive import NaiveEngine
 from fastprompt.errors import ConfigError
 from fastprompt.peft_io import to_peft_rows
-from fastprompt.prefix import gpt2_prefix_forward
+from fastprompt.engines.prefix import gpt2_prefix_forward
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (the test extra)")
 

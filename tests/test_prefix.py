@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastprompt as fp
-from fastprompt.prefix import gpt2_prefix_forward
+from fastprompt.engines.prefix import gpt2_prefix_forward
 
 from helpers import rel_err, tiny_gpt2, tokenizer
 

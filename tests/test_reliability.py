@@ -210,10 +210,10 @@ def test_bad_data_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, name):
 
 
 def saved_prompt(tmp_path, name="p.safetensors", model_name="tiny", hidden=64, length=4):
-    from fastprompt.prompt import save_prompt
+    from fastprompt.promptfile import save_prompt_file
 
     path = str(tmp_path / name)
-    save_prompt(path, torch.randn(length, hidden), {"model": model_name, "hidden_size": hidden})
+    save_prompt_file(path, {"prompt": torch.randn(length, hidden)}, {"model": model_name, "hidden_size": hidden})
     return path
 
 

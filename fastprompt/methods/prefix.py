@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from .engines.prefix import NaivePrefixEngine, PrefixEngine, gpt2_prefix_forward
-from .errors import ConfigError, PromptFileError
-from .generate import ends_word
-from .methods import Method
-from .models import eval_mode, is_gpt2_family
-from .prompt import init_prompt
+from ..engines.prefix import NaivePrefixEngine, PrefixEngine, gpt2_prefix_forward
+from ..errors import ConfigError, PromptFileError
+from ..generate import ends_word
+from ..models import eval_mode, is_gpt2_family
+from .base import Method
+from .init import init_prompt
 
 
 def prefix_shape(model, prompt_len: int) -> tuple[int, int, int, int, int]:
@@ -84,8 +84,8 @@ class PrefixMethod(Method):
         return params  # the prefix engines take the K/V themselves
 
     def make_engine(self, engine, precision, **options):
-        from .engines import engine_options
-        from .engines.base import PRECISIONS
+        from ..engines import engine_options
+        from ..engines.base import PRECISIONS
 
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
@@ -149,9 +149,6 @@ class PrefixMethod(Method):
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=dev)], 1)
                 slot = torch.cat([slot, torch.full((B, 1), -1, dtype=torch.long, device=dev)], 1)
         return [tok.decode(g).strip() for g in generated]
-
-    def options(self):
-        return {}
 
     def metadata(self, params):
         c = self.model.config
