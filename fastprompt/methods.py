@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .engines.base import PromptInputs
 from .errors import ConfigError, PromptFileError
 from .models import embedding_table
 from .nearest import format_nearest
@@ -62,13 +63,13 @@ class Method:
                                   f"{self.prompt_len} and the model (expected {self.param_shape()})")
 
     def embeddings(self, params: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """The ``(L, d)`` prompt handed to the engine (differentiable w.r.t. ``params``)."""
+        """The ``(L, d)`` prompt (differentiable w.r.t. ``params``)."""
         return params
 
-    def make_engine(self, engine: str, precision: str, **options):
-        from .engines import make_engine
-
-        return make_engine(engine, self.model, self.encoder, precision, **options)
+    def inputs(self, params: torch.Tensor, train: bool = False) -> PromptInputs:
+        """What the engine takes (differentiable w.r.t. ``params``). With ``train``, inside the training step,
+        which may be captured as a CUDA graph: every per-step value must then come from a device tensor."""
+        return PromptInputs(embeds=self.embeddings(params, train))
 
     def param_groups(self, params: torch.Tensor, lr: float) -> list[dict]:
         return [{"params": [params], "lr": lr}]
@@ -181,6 +182,7 @@ class RelaxedMethod(Method):
         self.vocab = embedding_table(model).shape[0]
         self.init_peak = float(init_peak) if init_peak is not None else math.log(self.vocab)
         self._table = None
+        self._tau = None  # the temperature as a device tensor, for the training step (see ``inputs``)
 
     def table(self) -> torch.Tensor:
         """E (V, d) fp32 on the model's device, detached (the model is frozen)."""
@@ -210,15 +212,32 @@ class RelaxedMethod(Method):
     def probabilities(self, theta: torch.Tensor) -> torch.Tensor:
         return torch.softmax(theta.float() / self.tau, dim=-1)  # (L, V)
 
+    def tau_tensor(self, device) -> torch.Tensor:
+        """``tau`` in a device tensor, updated in place after every step (outside a captured graph)."""
+        if self._tau is None or self._tau.device != torch.device(device):
+            self._tau = torch.tensor(self.tau, dtype=torch.float32, device=device)
+        return self._tau
+
+    def after_step(self, params):
+        super().after_step(params)
+        if self._tau is not None:
+            self._tau.fill_(self.tau)
+
+    def plan(self, steps):
+        super().plan(steps)
+        if self._tau is not None:
+            self._tau.fill_(self.tau)
+
     def embeddings(self, theta, train=False):
         E = self.table().to(theta.device)
+        tau = self.tau_tensor(theta.device) if train else self.tau
         if train and self.gumbel:
             u = torch.rand_like(theta).clamp_(1e-10, 1 - 1e-10)
-            soft = torch.softmax((theta - torch.log(-torch.log(u))) / self.tau, dim=-1)
+            soft = torch.softmax((theta - torch.log(-torch.log(u))) / tau, dim=-1)
             hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
             weights = hard + (soft - soft.detach())  # straight-through
         else:
-            weights = self.probabilities(theta)
+            weights = torch.softmax(theta.float() / tau, dim=-1)  # (L, V)
         return weights @ E  # (L, d)
 
     def param_groups(self, params, lr):

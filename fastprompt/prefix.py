@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from .engines.prefix import NaivePrefixEngine, PrefixEngine, gpt2_prefix_forward
+from .engines.base import PromptInputs
+from .engines.naive import gpt2_reference_forward as gpt2_prefix_forward
 from .errors import ConfigError, PromptFileError
 from .generate import ends_word
 from .methods import Method
@@ -81,22 +82,10 @@ class PrefixMethod(Method):
         return out.float().cpu()  # (n_layer, 2, L, H, hd)
 
     def embeddings(self, params, train=False):
-        return params  # the prefix engines take the K/V themselves
+        raise ConfigError("a prefix is per-layer K/V: it has no (L, d) input embeddings")
 
-    def make_engine(self, engine, precision, **options):
-        from .engines import engine_options
-        from .engines.base import PRECISIONS
-
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
-        if engine == "naive":
-            engine_options("naive", options)
-            return NaivePrefixEngine(self.model, self.encoder, precision)
-        if engine not in ("auto", "generic"):
-            raise ConfigError(f"--method prefix runs on engine auto/generic (fast) or naive, not {engine!r}")
-        if engine_options("generic", options).get("layout", "auto") not in ("auto", "padded"):
-            raise ConfigError("the prefix engine runs the padded layout only")
-        return PrefixEngine(self.model, self.encoder, precision)
+    def inputs(self, params, train=False):
+        return PromptInputs(layer_kv=params)
 
     def readout(self, params, k=5):
         kv = params.detach().float()
