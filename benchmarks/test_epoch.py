@@ -7,7 +7,9 @@ Two configurations, picked automatically (``FASTPROMPT_BENCH_CONFIG=cpu|gpu`` fo
   cpu  (no CUDA)  GPT-2 small architecture, random weights; batch 32; prompt_len 4 and 20; a fixed seeded
                   subset of the built-in training split (CPU_EXAMPLES); engines naive, generic, fused
                   (torch ops), all fp32; PEFT prompt tuning fp32 where peft is installed, and beside it
-                  fastprompt training that same PEFT model (``PromptTuner.from_peft``, fused engine).
+                  fastprompt training that same PEFT model (``PromptTuner.from_peft``, fused engine);
+                  prefix-tuning (``method="prefix"``) on naive, generic and fused, timed against the
+                  naive prefix row.
   gpu  (CUDA)     GPT-2 Large architecture, random weights; batch 64; prompt_len 4; the whole built-in
                   training split (5,179 pairs); naive fp32 (TF32 off), naive autocast, PEFT bf16, generic
                   bf16, fused bf16 with CUDA graphs off and on.
@@ -65,20 +67,26 @@ class Case:
     precision: str  # fp32 | bf16 | autocast
     prompt_len: int
     options: tuple = ()  # engine options, e.g. (("cuda_graphs", "on"),)
+    method: str = "soft"  # soft | prefix
 
     @property
     def label(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in self.options if k != "kernels")
-        return f"{self.engine} {extra}".strip()
+        method = "" if self.method == "soft" else f"{self.method} "
+        return f"{method}{self.engine} {extra}".strip()
 
     @property
     def id(self) -> str:
         opts = "-".join(f"{v}" for k, v in self.options if k != "kernels")
-        return "-".join(p for p in (self.config, self.engine, self.precision, f"L{self.prompt_len}", opts) if p)
+        method = "" if self.method == "soft" else self.method
+        return "-".join(p for p in (self.config, method, self.engine, self.precision, f"L{self.prompt_len}", opts)
+                        if p)
 
 
 CPU_CASES = [Case("cpu", engine, "fp32", L, (("kernels", "torch"),) if engine in ("fused", "from_peft") else ())
              for L in (4, 20) for engine in ("naive", "generic", "fused", "peft", "from_peft")]
+CPU_CASES += [Case("cpu", engine, "fp32", L, (("kernels", "torch"),) if engine == "fused" else (), method="prefix")
+              for L in (4, 20) for engine in ("naive", "generic", "fused")]
 GPU_CASES = [
     Case("gpu", "naive", "fp32", 4),
     Case("gpu", "naive", "autocast", 4),
@@ -203,7 +211,7 @@ class TunerRunner:
 
     def __init__(self, case: Case, s: Setup):
         self.tuner = fp.PromptTuner(s.model, s.tokenizer, TEMPLATE, case.prompt_len, engine=case.engine,
-                                    precision=case.precision, seed=SEED, **dict(case.options))
+                                    precision=case.precision, seed=SEED, method=case.method, **dict(case.options))
         self.tuner.optimizer = self.tuner.make_optimizer(LR)
         self.tuner._batch_size = s.batch_size  # as fit() sets it: the CUDA-graph step's static batch size
         self.engine = self.tuner.engine
@@ -319,7 +327,8 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
         pytest.skip(f"{case.config} configuration (this run: {setup.config}; FASTPROMPT_BENCH_CONFIG selects)")
     s = setup
     gpu = s.device.type == "cuda"
-    record = dict(config=s.config, engine=case.engine, precision=case.precision, prompt_len=case.prompt_len,
+    record = dict(config=s.config, engine=case.engine, method=case.method, precision=case.precision,
+                  prompt_len=case.prompt_len,
                   label=case.label, device=s.device_name, model=s.model_name, batch_size=s.batch_size,
                   n_examples=s.n_examples, torch=torch.__version__, threads=torch.get_num_threads(),
                   status="ok", note="")
@@ -367,7 +376,7 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
         ref = reference_loss(case, s, batch0)
         rel = abs(loss0 - ref) / abs(ref)
         tol = 1e-4 if case.precision == "fp32" else 2e-2
-        record["loss_check"] = f"rel err {rel:.1e} vs naive fp32 (tol {tol:g})"
+        record["loss_check"] = f"rel err {rel:.1e} vs naive fp32{'' if case.method == 'soft' else ' ' + case.method} (tol {tol:g})"
         assert rel <= tol, f"{case.label} {case.precision}: loss {loss0} vs naive fp32 {ref}: rel err {rel:.2e} > {tol}"
 
     # what one timed round runs: the whole epoch, or (GPU naive/PEFT) its first full batches, extrapolated
@@ -441,6 +450,7 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
     _finish(record, epoch_results, note="; ".join(notes))
     benchmark.extra_info.update({k: v for k, v in record.items() if k != "loss_sums"})
     base = [r for r in epoch_results if r["engine"] == "naive" and r["precision"] == "fp32"
+            and r.get("method", "soft") == case.method
             and r["prompt_len"] == case.prompt_len and r["config"] == s.config and r.get("epoch_s")]
     if base:
         benchmark.extra_info["speedup_vs_naive_fp32"] = base[0]["epoch_s"] / epoch_s
@@ -470,10 +480,11 @@ def _encoder_tuner(case: Case, s: Setup):
 
 
 def reference_loss(case: Case, s: Setup, batch) -> float:
-    """naive fp32's loss on ``batch`` with the seeded initial prompt (cached per prompt length)."""
-    if case.prompt_len not in s.reference:
+    """naive fp32's loss on ``batch`` with the seeded initial prompt (cached per prompt length and method)."""
+    key = (case.prompt_len, case.method)
+    if key not in s.reference:
         tuner = fp.PromptTuner(s.model, s.tokenizer, TEMPLATE, case.prompt_len, engine="naive", precision="fp32",
-                               seed=SEED)
+                               seed=SEED, method=case.method)
         with torch.no_grad():
-            s.reference[case.prompt_len] = tuner.loss(batch).item()
-    return s.reference[case.prompt_len]
+            s.reference[key] = tuner.loss(batch).item()
+    return s.reference[key]

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .engines.base import target_count
+from .engines.base import as_inputs, target_count
 from .errors import ConfigError
 
 
@@ -68,13 +68,13 @@ class DataParallelEngine:
         n = len(batch)
         return batch[self.rank * n // self.world_size : (self.rank + 1) * n // self.world_size]
 
-    def loss_terms(self, prompt: torch.Tensor, batch):
+    def loss_terms(self, inputs, batch):
         shard = self.shard(batch)
-        prompt = _SumBackward.apply(prompt, self.group)
+        inputs = as_inputs(inputs).map(lambda t: _SumBackward.apply(t, self.group))
         if shard:
-            ce_local, _ = self.inner.loss_terms(prompt, shard)
+            ce_local, _ = self.inner.loss_terms(inputs, shard)
         else:  # fewer examples than ranks: this rank adds 0 but still joins both all-reduces
-            ce_local = (prompt * 0).sum().float()
+            ce_local = (inputs.tensor * 0).sum().float()
         return _SumForward.apply(ce_local, self.group), target_count(batch)
 
     def describe(self) -> str:

@@ -309,8 +309,8 @@ def preflight(tuner, batch) -> None:
         raise NonFiniteError("the initial prompt holds NaN/inf values (check --init and --method-opt); "
                              "training not started")
     with torch.no_grad():
-        prompt = tuner.method.embeddings(params)
-        if not torch.isfinite(prompt).all():
+        prompt = tuner.method.inputs(params)
+        if not torch.isfinite(prompt.tensor).all():
             raise NonFiniteError("the initial prompt's vectors hold NaN/inf (check --init and --method-opt); "
                                  "training not started")
         if not batch:

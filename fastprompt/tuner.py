@@ -11,12 +11,14 @@ import torch
 
 from . import __version__
 from .errors import ConfigError, DataError, PromptFileError
+from .engines import make_engine
 from .engines.base import resolve_precision
 from .guard import NonFiniteGuard
 from .metrics import word_metrics
 from .methods import make_method, method_class
 from .models import max_positions
 from .promptfile import check_fits, read_prompt_file, save_prompt_file
+from .step import TrainStep
 from .template import Encoded, Template, TemplateEncoder
 
 
@@ -56,14 +58,14 @@ class PromptTuner:
         self.method.check(prompt)
         self.prompt = torch.nn.Parameter(prompt.detach().float().to(self.device).clone())
         precision = resolve_precision(precision, self.device, engine)
-        self.engine = self.method.make_engine(engine, precision, **engine_options)
+        self.engine = make_engine(engine, model, self.encoder, precision, **engine_options)
         self.precision = precision
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteGuard(limit=3)  # NaN/inf steps are not applied; 3 in a row stop fit
         self.resume_at: dict[str, Any] | None = None  # an epoch in progress, set by fastprompt.checkpoint
         self.stopped: str | None = None  # why the last fit stopped early: "max_steps", "max_seconds" or None
-        self._static_step = None  # the fused engine's captured step (CUDA graphs), built by the first fit
+        self._step = None  # the training step (fastprompt/step.py), built by the first train_step
         self._batch_size = 64
 
     # ----------------------------------------------------------------------------------------- loss
@@ -78,46 +80,26 @@ class PromptTuner:
     def loss(self, examples: Sequence[Any]) -> torch.Tensor:
         """Token-weighted mean target cross-entropy over ``examples``, differentiable w.r.t. ``prompt``."""
         batch = examples if examples and isinstance(examples[0], Encoded) else self.encode(examples)
-        ce_sum, n_tokens = self.engine.loss_terms(self.method.embeddings(self.prompt), batch)
+        ce_sum, n_tokens = self.engine.loss_terms(self.method.inputs(self.prompt), batch)
         return ce_sum / n_tokens
 
     # ------------------------------------------------------------------------------------- training
     def uses_cuda_graphs(self) -> bool:
-        """The fused engine captures whole steps (soft prompts on CUDA; engines/graphs.py)."""
-        graphs = getattr(self.engine, "graphs_enabled", None)
-        return bool(graphs and graphs()) and self.method.name == "soft"
+        """Whether steps are captured as CUDA graphs (the engine decides: fused with --cuda-graphs; fastprompt/step.py)."""
+        return self.engine.graphs_enabled()
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         extra = {"capturable": True} if self.uses_cuda_graphs() else {}  # Adam's step counter on the device
         return torch.optim.Adam(self.method.param_groups(self.prompt, lr), lr=lr, **extra)
 
     def train_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
-        """One Adam step on ``batch``; returns the batch's summed CE (detached, on the device)."""
-        if self.uses_cuda_graphs():
-            return self._graphed_step(batch)
-        ce_sum, n_tokens = self.engine.loss_terms(self.method.embeddings(self.prompt, train=True), batch)
-        (grad,) = torch.autograd.grad(ce_sum / n_tokens, self.prompt)
-        if not self.nonfinite.check(ce_sum, grad):  # NaN/inf loss or gradient: the step is not applied
-            return ce_sum.detach()
-        self.prompt.grad = grad
-        self.optimizer.step()
-        self.prompt.grad = None
-        self.method.after_step(self.prompt)
-        return ce_sum.detach()
-
-    def _graphed_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
-        """The captured step: NaN/inf steps are skipped on the device; their streak is read back every
-        16 steps (a host sync), not after each one."""
-        step = self._static_step
+        """One Adam step on ``batch`` (fastprompt/step.py); returns the batch's summed CE (detached, on the
+        device; 0 for a NaN/inf step, which is not applied)."""
+        step = self._step
         if step is None or step.optimizer is not self.optimizer or step.batch_size != self._batch_size:
-            self._static_step = self.engine.static_step(self.prompt, self.optimizer, self._batch_size)
-            self._since_sync = 0
-        ce_sum = self._static_step(batch)
-        self._since_sync += 1
-        if self._since_sync >= 16:
-            self.nonfinite.streak = int(self._static_step.streak.item())
-            self._since_sync = 0
-        return ce_sum
+            self._step = TrainStep(self.method, self.engine, self.prompt, self.optimizer, self.nonfinite,
+                                   self._batch_size)
+        return self._step(batch)
 
     def batches(self, encoded: Sequence[Encoded], batch_size: int, epoch: int) -> list[list[Encoded]]:
         """The epoch's shuffled batches (seeded by ``seed`` and ``epoch``; the last one may be partial)."""
@@ -231,7 +213,7 @@ class PromptTuner:
 
         bar = tqdm(total=len(encoded) + n_gen, desc="evaluate", unit="ex", disable=not progress, leave=False)
         total, n_tokens = 0.0, 0
-        prompt = self.method.embeddings(self.prompt.detach())
+        prompt = self.method.inputs(self.prompt.detach())
         for i in range(0, len(encoded), batch_size):
             ce_sum, n = self.engine.loss_terms(prompt, encoded[i : i + batch_size])
             total += ce_sum.item()

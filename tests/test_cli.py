@@ -34,7 +34,7 @@ def test_cli_end_to_end(tmp_path):
     (["--prompt-len", "0"], "prompt-len"),
     (["--init", "zeros"], "init"),
     (["--engine", "naive", "--kernels", "torch"], "option of the fused engine"),
-    (["--method", "prefix", "--cuda-graphs", "off"], "option of the fused engine"),
+    (["--method", "prefix", "--engine", "generic", "--cuda-graphs", "off"], "option of the fused engine"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     code = main(["--model", "tiny", "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress", *args])

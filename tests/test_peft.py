@@ -17,7 +17,7 @@ import fastprompt as fp
 from fastprompt.engines.naive import NaiveEngine
 from fastprompt.errors import ConfigError
 from fastprompt.peft_io import to_peft_rows
-from fastprompt.engines.prefix import gpt2_prefix_forward
+from fastprompt.engines.naive import gpt2_reference_forward
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (the test extra)")
 
@@ -47,7 +47,7 @@ def own_logits(tuner, batch):
     embeds = tuner.model.transformer.wte(ids)
     if tuner.method.name == "prefix":
         positions = torch.arange(ids.shape[1]).expand_as(ids)
-        return tuner.model.lm_head(gpt2_prefix_forward(tuner.model, embeds, positions, mask.bool(), slot, tuner.prompt))
+        return tuner.model.lm_head(gpt2_reference_forward(tuner.model, embeds, positions, mask.bool(), slot, tuner.prompt))
     embeds = torch.where((slot >= 0)[..., None], tuner.prompt[slot.clamp(min=0)], embeds)
     return tuner.model(inputs_embeds=embeds, attention_mask=mask).logits
 

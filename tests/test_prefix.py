@@ -1,12 +1,14 @@
-"""Prefix-tuning on the tiny GPT-2: naive (own forward, K/V spliced at the slot) vs fast (generic machinery)
-exact in fp32, both against Hugging Face's own forward; init from text = the hand-written prompt."""
+"""Prefix-tuning on the tiny GPT-2: the naive engine's reference forward (K/V written at the slot) vs the
+generic and fused engines' packed (and padded) layouts, exact in fp32; the reference against Hugging Face's
+own forward; init from text = the hand-written prompt."""
 import inspect
 
 import pytest
 import torch
 
 import fastprompt as fp
-from fastprompt.engines.prefix import gpt2_prefix_forward
+from fastprompt.engines.base import PromptInputs
+from fastprompt.engines.naive import gpt2_reference_forward
 
 from helpers import rel_err, tiny_gpt2, tokenizer
 
@@ -15,14 +17,15 @@ PAIRS = [("hot", "cold"), ("up", "down"), ("good", "bad"), ("big", "small"), ("w
 TEMPLATES = ["Here are two {prompt} {input} and {target}",  # prompt mid-head, text after it
              "{prompt} {input} and {target}",  # prompt at the start: no constant prefix
              "Here are two {prompt}{input} and {target}",  # prompt ends the head
-             "Word {input}, {prompt} now: {target}"]  # a field before the prompt (naive fallback)
+             "Word {input}, {prompt} now: {target}",  # a field before the prompt
+             "{prompt}: {input} and {target}"]  # no constant text, text after the slot
 
 
 def test_own_forward_matches_hugging_face():
     model = tiny_gpt2(seed=1, initializer_range=0.2, n_embd=48, n_head=3)
     ids = torch.randint(0, 50257, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.bool)
-    ours = model.lm_head(gpt2_prefix_forward(model, model.transformer.wte(ids), torch.arange(9).expand(3, 9), mask))
+    ours = model.lm_head(gpt2_reference_forward(model, model.transformer.wte(ids), torch.arange(9).expand(3, 9), mask))
     theirs = model(input_ids=ids).logits
     assert rel_err(ours, theirs) < 1e-5
 
@@ -45,16 +48,22 @@ def test_naive_prefix_matches_a_hugging_face_cache_for_a_prompt_at_the_start():
                    attention_mask=torch.ones(1, 3 + T, dtype=torch.long)).logits[0]
     labels = torch.tensor(enc.ids[enc.target_start:])
     ce = torch.nn.functional.cross_entropy(logits[enc.target_start - 4 : T - 1], labels, reduction="sum")
-    ce_naive, _ = tuner.engine.loss_terms(kv, [enc])
+    ce_naive, _ = tuner.engine.loss_terms(PromptInputs(layer_kv=kv), [enc])
     assert rel_err(ce_naive, ce) < 1e-5
 
 
+@pytest.mark.parametrize("engine", ["fused", "generic-packed", "generic-padded"])
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_fast_equals_naive_fp32(template):
+def test_fast_equals_naive_fp32(template, engine):
     model, tok = tiny_gpt2(seed=3, initializer_range=0.2), tokenizer()
     naive = fp.PromptTuner(model, tok, template, 4, method="prefix", engine="naive", seed=5)
-    fast = fp.PromptTuner(model, tok, template, 4, method="prefix", engine="auto", prompt=naive.prompt.detach())
-    assert fast.engine.name == "prefix"
+    name, _, layout = engine.partition("-")
+    options = {"layout": layout} if layout else {}
+    if layout == "packed" and "{input}," in template:  # the slot after a field: the naive forward, no layout
+        options = {}
+    fast = fp.PromptTuner(model, tok, template, 4, method="prefix", engine=name, prompt=naive.prompt.detach(),
+                          **options)
+    assert fast.engine.name == name
     g = torch.Generator().manual_seed(0)
     kv = naive.prompt.detach() + 0.3 * torch.randn(naive.prompt.shape, generator=g)  # away from the init
     for tuner in (naive, fast):
@@ -67,13 +76,15 @@ def test_fast_equals_naive_fp32(template):
         grads.append(grad)
     assert rel_err(losses[1], losses[0]) <= 1e-5 and rel_err(grads[1], grads[0]) <= 1e-5
     assert grads[0].abs().sum() > 0 and torch.isfinite(grads[1]).all()
+    if layout == "packed" and options:
+        assert fast.engine._packed  # the packed layout ran (its check against the padded layout passed)
 
 
 def test_text_init_equals_the_hand_written_soft_prompt():
     model, tok = tiny_gpt2(seed=4, initializer_range=0.2), tokenizer()
     L = len(tok(" antonyms", add_special_tokens=False)["input_ids"])
     soft = fp.PromptTuner(model, tok, prompt_len=L, engine="naive", init="text:antonyms")
-    for engine in ("naive", "auto"):
+    for engine in ("naive", "generic", "fused"):
         prefix = fp.PromptTuner(model, tok, prompt_len=L, method="prefix", engine=engine, init="text:antonyms")
         assert rel_err(prefix.loss(PAIRS), soft.loss(PAIRS)) < 1e-5
     assert prefix.generate(["hot", "up"]) == soft.generate(["hot", "up"])  # greedy readout agrees too
@@ -105,8 +116,6 @@ def test_refusals():
     model, tok = tiny_gpt2(), tokenizer()
     with pytest.raises(fp.ConfigError, match="cannot directly"):
         fp.PromptTuner(model, tok, "Q: {input} A: {prompt} {target}", 2, method="prefix")
-    with pytest.raises(fp.ConfigError, match="engine"):
-        fp.PromptTuner(model, tok, prompt_len=2, method="prefix", engine="fused")
 
 
 def test_cli_prefix(tmp_path):

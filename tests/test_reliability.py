@@ -177,7 +177,8 @@ def test_api_inf_prompt_row_raises_nonfinite_error_and_leaves_the_prompt():
     with pytest.raises(fp.NonFiniteError, match=r"epoch 1, step 3"):
         tuner.fit(pairs, epochs=1, batch_size=2, progress=False)
     assert torch.equal(tuner.prompt.detach(), before) and tuner.nonfinite.skipped == 3
-    assert not tuner.optimizer.state  # no Adam step was taken
+    state = tuner.optimizer.state[tuner.prompt]  # no Adam step was taken: its state as before the first
+    assert state["step"].item() == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -1,13 +1,15 @@
 """What every engine provides: the summed target-token cross-entropy of a batch and its token count.
 
-``loss_terms(prompt, batch) -> (ce_sum, n_tokens)``: ``ce_sum`` is an fp32 scalar differentiable with
-respect to ``prompt`` (an fp32 ``(prompt_len, d)`` tensor); ``batch`` is a list of ``Encoded`` examples.
-The batch loss is ``ce_sum / n_tokens``: the token-weighted mean of docs/ARCHITECTURE.md, 'What is computed'.
+``loss_terms(inputs, batch) -> (ce_sum, n_tokens)``: ``inputs`` is the trained input at the template's
+``{prompt}`` slot (``PromptInputs``; a bare ``(prompt_len, d)`` tensor is taken as ``embeds``), ``ce_sum``
+an fp32 scalar differentiable with respect to it, ``batch`` a list of ``Encoded`` examples. The batch loss
+is ``ce_sum / n_tokens``: the token-weighted mean of docs/ARCHITECTURE.md, 'What is computed'.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,6 +29,44 @@ def resolve_precision(precision: str, device, engine: str = "auto") -> str:
     return "autocast" if engine == "naive" else "bf16"
 
 
+@dataclass(frozen=True)
+class PromptInputs:
+    """The trained input at the ``{prompt}`` slot: exactly one of
+
+    ``embeds``    ``(L, d)`` fp32: vectors in the space of the input-embedding module's output, standing
+                  where ``L`` tokens would (soft, relaxed and hard prompts)
+    ``layer_kv``  ``(n_layer, 2, L, H, hd)`` fp32: every layer's keys and values at the slot's ``L``
+                  positions, which hold no token (prefix-tuning); keys as the model's cache holds them
+    """
+
+    embeds: torch.Tensor | None = None
+    layer_kv: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if (self.embeds is None) == (self.layer_kv is None):
+            raise ValueError("PromptInputs takes exactly one of embeds and layer_kv")
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.embeds if self.embeds is not None else self.layer_kv
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "PromptInputs":
+        """The same kind of input with ``fn`` applied to its tensor."""
+        if self.embeds is not None:
+            return PromptInputs(embeds=fn(self.embeds))
+        return PromptInputs(layer_kv=fn(self.layer_kv))
+
+
+def as_inputs(inputs) -> PromptInputs:
+    """``inputs`` as ``PromptInputs``: a bare tensor is an ``(L, d)`` prompt (``embeds``)."""
+    if isinstance(inputs, PromptInputs):
+        return inputs
+    if inputs.dim() != 2:
+        raise ValueError(f"a bare tensor is an (L, d) prompt, not {tuple(inputs.shape)}: pass per-layer K/V as "
+                         "PromptInputs(layer_kv=...)")
+    return PromptInputs(embeds=inputs)
+
+
 class Engine:
     name = "engine"
 
@@ -36,8 +76,19 @@ class Engine:
         self.precision = precision
         self.device = next(model.parameters()).device
 
-    def loss_terms(self, prompt: torch.Tensor, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+    def loss_terms(self, inputs: PromptInputs | torch.Tensor, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    # Whole-step capture (fastprompt/step.py): an engine that can run a step on static shapes says so here
+    # and provides ``static_batch`` and ``static_loss``.
+    def graphs_enabled(self) -> bool:
+        return False
+
+    def static_batch(self, batch: Sequence[Encoded], batch_size: int):
+        raise NotImplementedError(f"the {self.name} engine has no static-shape step")
+
+    def static_loss(self, inputs: PromptInputs, static) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.name} engine has no static-shape step")
 
     def autocast(self):
         """The post's ``torch.autocast(bfloat16)`` context for precision='autocast', else a no-op."""

@@ -16,6 +16,12 @@ rows that predict a target token go on (c_proj, MLP, ln_f, LM head + CE): ``lm_h
 ``sum_b |target_b|`` rows. Weights are read from the Hugging Face model as detached views (never
 modified); ``precision="bf16"`` keeps one bf16 copy, made here. Ops come from ``ops.get_ops`` so the
 Triton / CUDA kernels replace the torch ones behind the same signatures.
+
+Prefix-tuning (``PromptInputs.layer_kv``): the slot's rows are ordinary rows of the block (placeholder
+tokens), and every layer's K/V at those rows are overwritten by the given ones (``index_copy``: the
+gradient of a K/V row is the sum over its copies). What those rows compute is seen by nothing but
+themselves, so this is exactly the naive engine's reference forward, on the packed layout, wherever the
+slot stands (in the trunk, or in every suffix after a field).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 from ..errors import ConfigError, DataError, NonFiniteError
 from ..models import eval_mode
 from ..template import Encoded, TemplateEncoder
-from .base import Engine
+from .base import Engine, PromptInputs, as_inputs
 from ..nvtx import nvtx_range
 from .ops import get_ops
 
@@ -195,12 +201,23 @@ class FusedEngine(Engine):
         """Whole-step CUDA graphs: ``on``, or ``auto`` on a CUDA device."""
         return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and self.device.type == "cuda")
 
-    def static_step(self, prompt: torch.nn.Parameter, optimizer, batch_size: int):
-        """The whole training step on bucketed static shapes, captured as CUDA graphs (engines/graphs.py).
-        ``optimizer`` must be ``torch.optim.Adam(..., capturable=True)`` for capture."""
-        from .graphs import StaticStep
+    def static_batch(self, batch: Sequence[Encoded], batch_size: int):
+        """``batch`` packed and padded to its bucket (engines/graphs.py), for a step on static shapes."""
+        from .graphs import pad_packed, static_shape
 
-        return StaticStep(self, prompt, optimizer, batch_size, capture=self.graphs_enabled())
+        packed = self.pack(batch)
+        shape = static_shape(packed, batch_size, self.encoder.prompt_start is not None, self.encoder.prompt_len)
+        return pad_packed(packed, shape)
+
+    def static_loss(self, inputs: PromptInputs, static) -> torch.Tensor:
+        """Summed target CE of a padded batch (``static_batch``): no host sync, capturable."""
+        return self.packed_loss(inputs, static.packed, static.target_weight)
+
+    def prepare(self, inputs: PromptInputs, example: Encoded) -> None:
+        """Once, before a step is captured: the comparison with the model and the constant prefix's K/V."""
+        if not self._checked:
+            self.check_against_model(inputs, example)
+        self.prefix_kv()
 
     def pack(self, batch: Sequence[Encoded]) -> PackedBatch:
         return PackedBatch.build(self.encoder, batch, self.device)
@@ -211,27 +228,32 @@ class FusedEngine(Engine):
         n_rows = (S - self.encoder.n_prefix) + sum(len(e.ids) - 1 - S for e in batch)
         return n_rows / len(batch)
 
-    def loss_terms(self, prompt: torch.Tensor, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+    def loss_terms(self, inputs, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+        inputs = as_inputs(inputs)
         packed = self.pack(batch)
         if not self._checked:
-            self.check_against_model(prompt, batch[0])
-        return self.packed_loss(prompt, packed), packed.n_targets
+            self.check_against_model(inputs, batch[0])
+        return self.packed_loss(inputs, packed), packed.n_targets
 
-    def packed_loss(self, prompt: torch.Tensor, packed: PackedBatch,
+    def packed_loss(self, inputs: PromptInputs, packed: PackedBatch,
                     target_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Summed target CE of a packed batch; ``target_weight`` (n_targets,) masks padded target rows."""
         with self.autocast(), nvtx_range("forward"):
             prefix_kv = self.prefix_kv()
-            x = self.embed(prompt, packed)  # (rows, d)
-            h = self.blocks(x, prefix_kv, packed)  # (n_targets, d) after ln_f
+            x = self.embed(inputs.embeds, packed)  # (rows, d)
+            h = self.blocks(x, prefix_kv, packed, layer_kv=inputs.layer_kv)  # (n_targets, d) after ln_f
             loss = self.ops.lm_head_ce(h, self.weights.lm_head, packed.target_ids).float()  # (n_targets,) fp32
         return loss.sum() if target_weight is None else (loss * target_weight).sum()
 
-    def check_against_model(self, prompt: torch.Tensor, example: Encoded) -> None:
+    def check_against_model(self, inputs: PromptInputs, example: Encoded) -> None:
         """Once per engine: our logits at one example's target rows must be the model's own (its forward
-        may differ from vanilla GPT-2: a subclass, an output transform). One unbatched forward, no grad."""
+        may differ from vanilla GPT-2: a subclass, an output transform). One unbatched forward, no grad;
+        for ``layer_kv`` inputs with the placeholder token's embedding as the prompt (the forward is the same)."""
         packed = self.pack([example])
         L, start = self.encoder.prompt_len, example.prompt_start
+        prompt = inputs.embeds
+        if prompt is None:
+            prompt = self.model.get_input_embeddings()(torch.zeros(L, dtype=torch.long, device=self.device)).float()
         with torch.no_grad(), self.autocast():
             h = self.blocks(self.embed(prompt.detach(), packed), self.prefix_kv(), packed)  # (n_targets, d)
             ours = (h @ self.weights.lm_head.to(h.dtype).t()).float()  # (n_targets, V)
@@ -255,10 +277,11 @@ class FusedEngine(Engine):
         self._checked = True
 
     # ----------------------------------------------------------------------------------- forward
-    def embed(self, prompt: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    def embed(self, prompt: torch.Tensor | None, packed: PackedBatch) -> torch.Tensor:
+        """Input rows: token and position embeddings, the ``(L, d)`` prompt at its rows (None: placeholders)."""
         W = self.weights
         x = W.wte[packed.token_ids]  # (rows, d); no grad: wte is a detached view
-        if packed.prompt_rows.numel():
+        if prompt is not None and packed.prompt_rows.numel():
             vectors = prompt[packed.prompt_slots].to(x.dtype)  # (n_prompt_rows, d); grad sums over copies
             x = x.index_copy(0, packed.prompt_rows, vectors)
         return x + W.wpe[packed.positions]
@@ -282,9 +305,10 @@ class FusedEngine(Engine):
             self._prefix_kv = [(k.detach().contiguous(), v.detach().contiguous()) for k, v in kv]
         return self._prefix_kv
 
-    def blocks(self, x, prefix_kv, packed: PackedBatch, collect_kv: bool = False):
+    def blocks(self, x, prefix_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None):
         """The transformer over the packed rows. Returns ln_f(h) at the target rows (n_targets, d), or with
-        ``collect_kv`` each layer's (K, V) of the rows (for the prefix cache)."""
+        ``collect_kv`` each layer's (K, V) of the rows (for the prefix cache). ``layer_kv`` (n_layer, 2, L, H, D):
+        K/V written over the prompt rows' at every layer (see the module docstring)."""
         ops, W = self.ops, self.weights
         rows, d = x.shape
         H = W.n_head
@@ -300,6 +324,9 @@ class FusedEngine(Engine):
                 collected.append((k, v))
                 if last:
                     return collected
+            if layer_kv is not None and packed.prompt_rows.numel():
+                k = k.index_copy(0, packed.prompt_rows, layer_kv[i, 0][packed.prompt_slots].to(k.dtype))
+                v = v.index_copy(0, packed.prompt_rows, layer_kv[i, 1][packed.prompt_slots].to(v.dtype))
             if prefix_kv is not None and packed.n_prefix:
                 pk, pv = prefix_kv[i]
                 k = torch.cat([pk.to(k.dtype), k])  # (n_prefix + rows, H, D)

@@ -28,6 +28,11 @@ One step, for a template whose tokens split as ``prefix | head | suffix_b`` (doc
 Where a field stands before the prompt the head is empty and the prompt is written into each example's
 suffix embeddings at its own offset. Tokens after the last input row are never computed.
 
+Prefix-tuning (``PromptInputs.layer_kv``): the slot's K/V are appended to every layer of the prefix cache's
+copy, with grad, and the head is the fixed text after the slot; the suffixes run as above. Where a field
+precedes the prompt the K/V would stand inside every suffix, which the model's forward cannot take: that
+case runs the naive engine's reference forward (``describe`` says so).
+
 Logits only at target rows: the decoder's last hidden state (``model.base_model``, i.e. after the final
 norm) is gathered at the rows that predict target tokens, then the model's output embeddings (LM head)
 run on those rows only, followed by the logit transform of the model's own ``forward``. Known transforms:
@@ -56,7 +61,7 @@ from ..errors import ConfigError, NonFiniteError
 from ..kvcache import cache_kwarg, expand_batch, new_cache
 from ..models import eval_mode
 from ..template import Encoded
-from .base import Engine, target_count
+from .base import Engine, PromptInputs, as_inputs, target_count
 
 
 # Target rows are rounded up to a multiple of ROW_BUCKET with zero rows the loss ignores. Fewer rows than
@@ -92,6 +97,7 @@ class GenericEngine(Engine):
         # packed layout usable? None: not yet checked (auto checks once against the padded layout)
         self._packed = False if layout == "padded" else None
         self.packed_reason = None  # why the packed layout was not taken (auto), once checked
+        self._naive = None  # layer_kv inputs where a field precedes the prompt (see the module docstring)
 
     # --------------------------------------------------------------------------------------- layout
     @property
@@ -156,7 +162,10 @@ class GenericEngine(Engine):
         self._checked = True
 
     # ----------------------------------------------------------------------------------------- loss
-    def loss_terms(self, prompt, batch):
+    def loss_terms(self, inputs, batch):
+        prompt = as_inputs(inputs)
+        if prompt.layer_kv is not None and self.encoder.prompt_start is None:
+            return self._naive_engine().loss_terms(prompt, batch)
         with eval_mode(self.runner), self.autocast():
             if not self._checked:
                 self._check_logits(batch[0])
@@ -166,7 +175,7 @@ class GenericEngine(Engine):
             suffix_h, where = None, None
             if self._packed and max(lens) > 0 and _pack_shape(lens)[0] == 1:
                 # one pack: head and suffixes in one forward (the head's rows are shared by every example)
-                head_h, suffix_h, where = self._suffix_packed(prompt, batch, lens, self._prefix(), with_head=True)
+                head_h, suffix_h, where = self._suffix_packed(prompt, batch, lens, self._context(prompt), with_head=True)
             else:
                 cache, head_h = self._shared(prompt)
                 # suffix: every example from its first field on, against the shared cache
@@ -182,26 +191,60 @@ class GenericEngine(Engine):
         ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
         return ce_sum, target_count(batch)
 
+    def _naive_engine(self):
+        if self._naive is None:
+            from .naive import NaiveEngine
+
+            self._naive = NaiveEngine(self.model, self.encoder, "fp32" if self.precision == "fp32" else "autocast")
+        return self._naive
+
+    def describe(self) -> str:
+        if self._naive is not None:
+            return f"{self.name} ({self.precision}; prefix K/V after a field: the naive reference forward)"
+        return super().describe()
+
+    def _context(self, prompt: PromptInputs):
+        """A fresh cache of what precedes the head's rows: the constant prefix and, for ``layer_kv``, the slot's
+        K/V (1, H, L, hd) per layer, appended with grad. None where that is nothing."""
+        cache = self._prefix()
+        if prompt.layer_kv is None:
+            return cache
+        if cache is None:
+            cache = self._new_cache()
+        kv = prompt.layer_kv.to(self.lm_head.weight.dtype)
+        for layer in range(kv.shape[0]):
+            cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+        return cache
+
+    def _head_start(self, prompt: PromptInputs) -> int:
+        """The head's first position: the prompt's, or after the slot where the slot holds K/V, not rows."""
+        enc = self.encoder
+        return enc.n_prefix + (enc.prompt_len if prompt.layer_kv is not None else 0)
+
     def _shared(self, prompt):
-        """The prefix cache (copied) extended by the head: the prompt and the fixed text up to the first field,
+        """The context cache extended by the head: the prompt and the fixed text up to the first field,
         once, batch 1, with grad. Returns ``(cache or None, head hidden state (1, H, d) or None)``."""
         enc, dev = self.encoder, self.device
-        cache = self._prefix()
+        cache = self._context(prompt)
         head_h = None
-        if self.head_len > 0:
+        start = self._head_start(prompt)
+        if enc.n_shared > start:
             if cache is None:
                 cache = self._new_cache()
-            head_h = self._forward(self._head_embeds(prompt), torch.arange(enc.n_prefix, enc.n_shared, device=dev)[None],
+            head_h = self._forward(self._head_embeds(prompt), torch.arange(start, enc.n_shared, device=dev)[None],
                                    cache=cache)
         return cache, head_h
 
     def _head_embeds(self, prompt):
-        """``(1, H, d)``: the head's token embeddings with the prompt written in."""
+        """``(1, H, d)``: the head's token embeddings with the prompt written in (``embeds``)."""
         enc = self.encoder
-        ids = torch.tensor([enc.head_ids[enc.n_prefix:]], device=self.device)  # (1, H)
+        start = self._head_start(prompt)
+        ids = torch.tensor([enc.head_ids[start:]], device=self.device)  # (1, H)
         embeds = self.runner.get_input_embeddings()(ids)  # (1, H, d)
+        if prompt.embeds is None:
+            return embeds
         at = enc.prompt_start - enc.n_prefix  # the prompt opens the head (n_prefix == prompt_start)
-        return torch.cat([embeds[:, :at], prompt.to(embeds.dtype)[None], embeds[:, at + enc.prompt_len:]], dim=1)
+        return torch.cat([embeds[:, :at], prompt.embeds.to(embeds.dtype)[None], embeds[:, at + enc.prompt_len:]], dim=1)
 
     def _suffix_padded(self, prompt, batch, lens, cache):
         """Padded layout: the suffixes at batch B, right-padded to the longest, against the cache expanded over
@@ -211,7 +254,7 @@ class GenericEngine(Engine):
         ids, mask, slot = self._suffix_tensors(batch, lens, T)
         embeds = self.runner.get_input_embeddings()(ids)  # (B, T, d)
         if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
-            embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+            embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
         if cache is not None:
             expand_batch(cache, B)
         positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
@@ -229,7 +272,7 @@ class GenericEngine(Engine):
         mask."""
         enc, dev = self.encoder, self.device
         n_shared, L = enc.n_shared, enc.prompt_len
-        H = self.head_len if with_head else 0
+        H = n_shared - self._head_start(prompt) if with_head else 0
         where, P, N = _assign_packs(lens)
         if H and P != 1:
             raise AssertionError("the head is packed with the suffixes only where they fit one pack")
@@ -240,7 +283,7 @@ class GenericEngine(Engine):
         owner = -2 - torch.arange(P * N).view(P, N)  # padding rows: each its own (negative) example
         slot = torch.full((P, N), -1, dtype=torch.long)
         if H:
-            pos[0, :H] = torch.arange(enc.n_prefix, n_shared)
+            pos[0, :H] = torch.arange(n_shared - H, n_shared)
             owner[0, :H] = SHARED
         for b, (e, n, (p, at)) in enumerate(zip(batch, lens, where)):
             if n == 0:
@@ -259,7 +302,7 @@ class GenericEngine(Engine):
             return None, None, None
         if enc.prompt_start is None:  # a field precedes the prompt: it lies in the suffix
             slot = slot[:, H:].to(dev)
-            embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+            embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
         if H:
             embeds = torch.cat([self._head_embeds(prompt), embeds], dim=1)
         if P > 1:
@@ -323,7 +366,7 @@ class GenericEngine(Engine):
         try:
             with torch.no_grad():
                 if self.head_len > 0 and _pack_shape(lens)[0] == 1:  # the head in the pack, as loss_terms runs it
-                    _, packed, where = self._suffix_packed(prompt, sub, lens, self._prefix(), with_head=True)
+                    _, packed, where = self._suffix_packed(prompt, sub, lens, self._context(prompt), with_head=True)
                     cache, _ = self._shared(prompt)
                 else:
                     cache, _ = self._shared(prompt)

@@ -1,21 +1,67 @@
 """The reference engine: the post's notebook loop, exactly.
 
-Whole right-padded sequences run through the Hugging Face model with ``inputs_embeds``; the prompt is
-written over its slot; logits are computed at every position; the loss is the masked token-mean
-cross-entropy over the target tokens. fp32, or the post's bf16 autocast. Every fast engine is tested
-against this one.
+Whole right-padded sequences run through the model; logits are computed at every position; the loss is
+the masked token-mean cross-entropy over the target tokens. fp32, or the post's bf16 autocast. Every fast
+engine is tested against this one.
+
+    embeds    the Hugging Face model's own forward with ``inputs_embeds``, the prompt written over its slot
+              (the post's loop; any causal LM)
+    layer_kv  ``gpt2_reference_forward``: GPT-2's forward written out (nanoGPT-style, reading the model's
+              weights), every layer's K/V overwritten at the slot by the given ones (prefix-tuning; the
+              GPT-2 family). Hugging Face's forward has no way to put keys and values in mid-sequence.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..models import eval_mode
+from ..models import eval_mode, is_gpt2_family
 from ..template import Encoded
-from .base import Engine, target_count
+from .base import Engine, as_inputs, target_count
+
+
+def gpt2_reference_forward(model, embeds, position_ids, key_mask, slot=None, layer_kv=None, capture=False):
+    """GPT-2's forward over ``embeds`` (B, T, d) token embeddings, returning the final hidden state
+    (B, T, d) (after ``ln_f``), or with ``capture`` also each layer's ``(k, v)`` (B, H, T, hd).
+
+    ``position_ids`` (B, T); ``key_mask`` (B, T) bool, the real rows; ``slot`` (B, T) long, the prompt row
+    a position holds or -1; ``layer_kv`` (n_layer, 2, L, H, hd): written over K/V where ``slot >= 0``.
+    Causal attention over real keys; every row also sees itself, so padded rows stay finite.
+    """
+    tr, c = model.transformer, model.config
+    B, T, d = embeds.shape
+    H = c.n_head
+    hd = d // H
+    x = embeds + tr.wpe(position_ids)  # (B, T, d)
+    eye = torch.eye(T, dtype=torch.bool, device=embeds.device)
+    allowed = (torch.ones(T, T, dtype=torch.bool, device=embeds.device).tril() & key_mask[:, None, :]) | eye
+    allowed = allowed[:, None]  # (B, 1, Tq, Tk)
+    in_slot = None if slot is None else (slot >= 0)[..., None, None]  # (B, T, 1, 1)
+    scale = 1.0 / math.sqrt(hd) if getattr(c, "scale_attn_weights", True) else 1.0
+    captured = []
+    for layer, block in enumerate(tr.h):
+        h = block.ln_1(x)
+        q, k, v = block.attn.c_attn(h).split(d, dim=-1)
+        q, k, v = (t.view(B, T, H, hd) for t in (q, k, v))  # (B, T, H, hd)
+        if layer_kv is not None:
+            rows = slot.clamp(min=0)
+            k = torch.where(in_slot, layer_kv[layer, 0].to(k.dtype)[rows], k)
+            v = torch.where(in_slot, layer_kv[layer, 1].to(v.dtype)[rows], v)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if capture:
+            captured.append((k, v))
+        layer_scale = scale / (layer + 1) if getattr(c, "scale_attn_by_inverse_layer_idx", False) else scale
+        att = (q @ k.transpose(-1, -2)).float() * layer_scale  # (B, H, T, T)
+        att = att.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        y = (att @ v).transpose(1, 2).reshape(B, T, d)
+        x = x + block.attn.c_proj(y)
+        x = x + block.mlp(block.ln_2(x))
+    x = tr.ln_f(x)
+    return (x, captured) if capture else x
 
 
 class NaiveEngine(Engine):
@@ -43,12 +89,25 @@ class NaiveEngine(Engine):
             slot[b, e.prompt_start : e.prompt_start + L] = torch.arange(L)
         return [t.to(self.device, non_blocking=True) for t in (ids, mask, labels, slot)]
 
-    def loss_terms(self, prompt, batch):
+    def loss_terms(self, inputs, batch):
+        inputs = as_inputs(inputs)
         ids, mask, labels, slot = self.batch_tensors(batch)
-        embeds = self.model.get_input_embeddings()(ids)  # (B, T, d)
-        in_prompt = (slot >= 0).unsqueeze(-1)
-        embeds = torch.where(in_prompt, prompt.to(embeds.dtype)[slot.clamp(min=0)], embeds)
-        with eval_mode(self.model), self.autocast():
-            logits = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+        if inputs.layer_kv is not None:
+            logits = self._layer_kv_logits(inputs.layer_kv, ids, mask, slot)
+        else:
+            embeds = self.model.get_input_embeddings()(ids)  # (B, T, d)
+            in_prompt = (slot >= 0).unsqueeze(-1)
+            embeds = torch.where(in_prompt, inputs.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
+            with eval_mode(self.model), self.autocast():
+                logits = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # (B, T, V)
         ce_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return ce_sum, target_count(batch)
+
+    def _layer_kv_logits(self, layer_kv, ids, mask, slot):
+        if not is_gpt2_family(self.model):
+            raise ConfigError("per-layer K/V at the prompt slot (prefix-tuning) are defined for the GPT-2 family only")
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        with eval_mode(self.model), self.autocast():
+            embeds = self.model.transformer.wte(ids)
+            hidden = gpt2_reference_forward(self.model, embeds, positions, mask.bool(), slot, layer_kv)
+            return self.model.lm_head(hidden)  # (B, T, V)

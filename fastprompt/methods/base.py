@@ -1,15 +1,15 @@
 """The interface every prompt parametrisation provides, and the behaviour they share.
 
-Every engine computes ``loss_terms(prompt, batch)`` for an fp32 ``(L, d)`` prompt in the space of the
-model's input embeddings. A *method* owns the trainable tensor (``PromptTuner.prompt``) and maps it to that
-prompt (``embeddings``), so the engines stay unchanged and exact:
+Every engine computes ``loss_terms(inputs, batch)`` for ``PromptInputs``: an fp32 ``(L, d)`` prompt in the
+space of the model's input embeddings, or per-layer K/V at the slot. A *method* owns the trainable tensor
+(``PromptTuner.prompt``) and maps it to those inputs (``inputs``; ``embeddings`` for the ``(L, d)`` ones),
+so the engines stay unchanged and exact:
 
     soft      P (L, d)                     -> P                                   (the post; soft.py)
     relaxed   theta (L, V) vocabulary logits -> softmax(theta / tau) @ E          (the post's "Better
                                                                                    interpretability"; relaxed.py)
     hard      P (L, d) continuous          -> E[nearest(P)], gradient to P         (PEZ, Wen et al. 2023; hard.py)
-    prefix    K/V (n_layer, 2, L, H, hd)   -> spliced into every layer's attention (Li & Liang 2021;
-                                               own engines; prefix.py)
+    prefix    K/V (n_layer, 2, L, H, hd)   -> every layer's K/V at the slot (Li & Liang 2021; prefix.py)
 
 ``E`` is the embedding table in the space of the embedding module's output (``models.embedding_table``).
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..engines.base import PromptInputs
 from ..errors import ConfigError, PromptFileError
 from ..nearest import format_nearest
 
@@ -60,14 +61,14 @@ class Method:
                                   f"{self.prompt_len} and the model (expected {self.param_shape()})")
 
     def embeddings(self, params: torch.Tensor, train: bool = False) -> torch.Tensor:
-        """The ``(L, d)`` prompt handed to the engine (differentiable w.r.t. ``params``)."""
+        """The ``(L, d)`` prompt (differentiable w.r.t. ``params``)."""
         raise NotImplementedError
 
-    def make_engine(self, engine: str, precision: str, **options):
-        """The engine that takes ``embeddings``: the ``(L, d)`` prompt engines by name."""
-        from ..engines import make_engine
-
-        return make_engine(engine, self.model, self.encoder, precision, **options)
+    def inputs(self, params: torch.Tensor, train: bool = False) -> PromptInputs:
+        """What the engine takes (differentiable w.r.t. ``params``). With ``train``, inside the training step,
+        which may be captured as a CUDA graph: a per-step value must then come from a device tensor that
+        ``after_step`` updates (fastprompt/step.py)."""
+        return PromptInputs(embeds=self.embeddings(params, train))
 
     def param_groups(self, params: torch.Tensor, lr: float) -> list[dict]:
         return [{"params": [params], "lr": lr}]

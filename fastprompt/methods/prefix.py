@@ -8,15 +8,10 @@ so nothing is ever predicted from them: a template whose ``{target}`` directly f
 refused.
 
 GPT-2 family only (learned absolute positions: keys carry no rotary phase, so a key vector means the
-same wherever it stands). Two engines, exact against each other in fp32:
-
-    naive ("naive")   ``gpt2_prefix_forward``: our own GPT-2 forward (nanoGPT-style, reading the HF
-                      weights) over whole right-padded sequences, the prefix K/V written over each
-                      layer's K/V at the prompt slot, logits at every position; any prompt position.
-    fast (auto, generic)  ``fastprompt.engines.prefix.PrefixEngine``: the generic engine's machinery —
-                      constant text before the prompt cached once, the prefix K/V appended to that
-                      cache (the shared head), the rest of the head once per step, every example's
-                      suffix against the cache expanded over the batch, logits at target rows only.
+same wherever it stands). The method hands the engines ``PromptInputs(layer_kv=...)``; every engine runs
+it (docs/ARCHITECTURE.md, 'The engine contract'): naive through ``engines/naive.py:
+gpt2_reference_forward`` (the reference: K/V written over every layer's at the slot), generic with the
+K/V appended to its context cache, fused with them written over the slot's rows in its packed block.
 
 Initialisation (``init``): the K/V a soft prompt of the same ``init`` (random / vocab / text:WORDS)
 produces at the slot, in its fixed context. So ``init="text:antonyms"`` starts exactly at the
@@ -27,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engines.prefix import NaivePrefixEngine, PrefixEngine, gpt2_prefix_forward
+from ..engines.base import PromptInputs
+from ..engines.naive import gpt2_reference_forward
 from ..errors import ConfigError, PromptFileError
 from ..generate import ends_word
 from ..models import eval_mode, is_gpt2_family
@@ -74,29 +70,17 @@ class PrefixMethod(Method):
             embeds = self.model.transformer.wte(ids).float().clone()
             embeds[0, start : start + L] = prompt.to(dev, embeds.dtype)
             T = ids.shape[1]
-            _, kv = gpt2_prefix_forward(self.model, embeds, torch.arange(T, device=dev)[None],
+            _, kv = gpt2_reference_forward(self.model, embeds, torch.arange(T, device=dev)[None],
                                         torch.ones((1, T), dtype=torch.bool, device=dev), capture=True)
         out = torch.stack([torch.stack([k[0, :, start : start + L].transpose(0, 1),
                                         v[0, :, start : start + L].transpose(0, 1)]) for k, v in kv])
         return out.float().cpu()  # (n_layer, 2, L, H, hd)
 
     def embeddings(self, params, train=False):
-        return params  # the prefix engines take the K/V themselves
+        raise ConfigError("a prefix is per-layer K/V: it has no (L, d) input embeddings")
 
-    def make_engine(self, engine, precision, **options):
-        from ..engines import engine_options
-        from ..engines.base import PRECISIONS
-
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
-        if engine == "naive":
-            engine_options("naive", options)
-            return NaivePrefixEngine(self.model, self.encoder, precision)
-        if engine not in ("auto", "generic"):
-            raise ConfigError(f"--method prefix runs on engine auto/generic (fast) or naive, not {engine!r}")
-        if engine_options("generic", options).get("layout", "auto") not in ("auto", "padded"):
-            raise ConfigError("the prefix engine runs the padded layout only")
-        return PrefixEngine(self.model, self.encoder, precision)
+    def inputs(self, params, train=False):
+        return PromptInputs(layer_kv=params)
 
     def readout(self, params, k=5):
         kv = params.detach().float()
@@ -116,7 +100,7 @@ class PrefixMethod(Method):
         return out
 
     def _greedy_batch(self, kv, prefixes, max_new_tokens, autocast):
-        """Left-padded greedy decoding through ``gpt2_prefix_forward`` (recomputed each token: small models)."""
+        """Left-padded greedy decoding through ``gpt2_reference_forward`` (recomputed each token: small models)."""
         model, tok, L = self.model, self.tokenizer, self.prompt_len
         dev = next(model.parameters()).device
         B, T = len(prefixes), max(len(ids) for ids, _ in prefixes)
@@ -134,7 +118,7 @@ class PrefixMethod(Method):
         with eval_mode(model), ctx:
             for _ in range(max_new_tokens):
                 positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-                hidden = gpt2_prefix_forward(model, model.transformer.wte(ids), positions, mask, slot, kv.to(dev))
+                hidden = gpt2_reference_forward(model, model.transformer.wte(ids), positions, mask, slot, kv.to(dev))
                 next_ids = model.lm_head(hidden[:, -1]).float().argmax(-1)
                 for b, t in enumerate(next_ids.tolist()):
                     if done[b]:

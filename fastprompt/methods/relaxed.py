@@ -53,6 +53,7 @@ class RelaxedMethod(Method):
         self.vocab = embedding_table(model).shape[0]
         self.init_peak = float(init_peak) if init_peak is not None else math.log(self.vocab)
         self._table = None
+        self._tau = None  # the temperature as a device tensor, for the training step (``tau_tensor``)
 
     def table(self) -> torch.Tensor:
         """E (V, d) fp32 on the model's device, detached (the model is frozen)."""
@@ -82,15 +83,32 @@ class RelaxedMethod(Method):
     def probabilities(self, theta: torch.Tensor) -> torch.Tensor:
         return torch.softmax(theta.float() / self.tau, dim=-1)  # (L, V)
 
+    def tau_tensor(self, device) -> torch.Tensor:
+        """``tau`` in a device tensor, updated in place by ``plan`` and ``after_step`` (outside a captured step)."""
+        if self._tau is None or self._tau.device != torch.device(device):
+            self._tau = torch.tensor(self.tau, dtype=torch.float32, device=device)
+        return self._tau
+
+    def plan(self, steps):
+        super().plan(steps)
+        if self._tau is not None:
+            self._tau.fill_(self.tau)
+
+    def after_step(self, params):
+        super().after_step(params)
+        if self._tau is not None:
+            self._tau.fill_(self.tau)
+
     def embeddings(self, theta, train=False):
         E = self.table().to(theta.device)
+        tau = self.tau_tensor(theta.device) if train else self.tau
         if train and self.gumbel:
             u = torch.rand_like(theta).clamp_(1e-10, 1 - 1e-10)
-            soft = torch.softmax((theta - torch.log(-torch.log(u))) / self.tau, dim=-1)
+            soft = torch.softmax((theta - torch.log(-torch.log(u))) / tau, dim=-1)
             hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
             weights = hard + (soft - soft.detach())  # straight-through
         else:
-            weights = self.probabilities(theta)
+            weights = torch.softmax(theta.float() / tau, dim=-1)  # (L, V)
         return weights @ E  # (L, d)
 
     def param_groups(self, params, lr):
