@@ -32,6 +32,7 @@ from .data import content_hash
 from .distributed import setup
 from .errors import ConfigError, NonFiniteError, check_seed
 from .guard import Interrupted, StopSignals
+from .tuner import check_budgets
 
 METRICS = "metrics.jsonl"
 # Every file a run writes in --out: what --overwrite (and a restart from step 0) may remove.
@@ -240,16 +241,10 @@ def check_options(config, every: int) -> None:
     """Option values the model is not needed for (the rest are checked where they are used)."""
     if every < 0:
         raise ConfigError(f"--checkpoint-every must be >= 0 (0: epoch ends only), got {every}")
-    if getattr(config, "cuda_graphs", "auto") not in ("auto", "on", "off"):
-        raise ConfigError(f"unknown --cuda-graphs {config.cuda_graphs!r}: use auto, on or off")
     if config.samples < 0:
         raise ConfigError(f"--samples must be >= 0, got {config.samples}")
-    if getattr(config, "eval_every", 0) < 0 or getattr(config, "eval_size", 1) < 1:
-        raise ConfigError("--eval-every must be >= 0 and --eval-size >= 1")
-    if getattr(config, "max_steps", None) is not None and config.max_steps < 0:
-        raise ConfigError(f"--max-steps must be >= 0, got {config.max_steps}")
-    if getattr(config, "max_seconds", None) is not None and not config.max_seconds >= 0:
-        raise ConfigError(f"--max-seconds must be >= 0, got {config.max_seconds}")
+    check_budgets(getattr(config, "eval_every", 0), getattr(config, "eval_size", None),
+                  getattr(config, "max_steps", None), getattr(config, "max_seconds", None), cli=True)
     check_seed(config.seed)
     if config.out is not None and not config.out:
         raise ConfigError("--out is empty: give a directory")

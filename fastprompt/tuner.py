@@ -127,10 +127,7 @@ class PromptTuner:
         first epoch skips the batches already done and carries their summed loss."""
         if epochs < 0 or batch_size < 1 or not lr > 0:
             raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
-        _check_budget("eval_every", eval_every, minimum=0)
-        _check_budget("eval_size", eval_size, minimum=1)
-        _check_budget("max_steps", max_steps, minimum=0)
-        _check_budget("max_seconds", max_seconds, minimum=0)
+        check_budgets(eval_every, eval_size, max_steps, max_seconds)
         encoded = self.encode(train)
         if eval_data:
             self.encode(eval_data)  # check the evaluation data before training starts
@@ -323,13 +320,17 @@ class PromptTuner:
         return inputs_embeds(self, inputs)
 
 
-def _check_budget(name: str, value, minimum: float) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum \
-            or (name != "max_seconds" and not isinstance(value, int)):
-        kind = "a number" if name == "max_seconds" else "an integer"
-        raise ConfigError(f"{name} must be {kind} >= {minimum:g}, got {value!r}")
+def check_budgets(eval_every, eval_size, max_steps, max_seconds, cli: bool = False) -> None:
+    """``fit``'s evaluation and budget arguments (the CLI's options of the same names, with ``cli``)."""
+    for name, value, minimum in (("eval_every", eval_every, 0), ("eval_size", eval_size, 1),
+                                 ("max_steps", max_steps, 0), ("max_seconds", max_seconds, 0)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum \
+                or (name != "max_seconds" and not isinstance(value, int)):
+            kind = "a number" if name == "max_seconds" else "an integer"
+            shown = "--" + name.replace("_", "-") if cli else name
+            raise ConfigError(f"{shown} must be {kind} >= {minimum:g}, got {value!r}")
 
 
 def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds: float | None) -> bool:

@@ -13,10 +13,18 @@ ENGINE_OPTIONS = {
     "generic": {"layout": "auto"},
     "fused": {"kernels": "auto", "cuda_graphs": "auto", "self_check": True},
 }
+# The values an option takes, where they are a fixed set (``kernels`` is checked by ``ops.get_ops``, which
+# knows which implementations exist).
+OPTION_VALUES = {
+    "layout": ("auto", "packed", "padded"),
+    "cuda_graphs": ("auto", "on", "off"),
+    "self_check": (True, False),
+}
 
 
 def engine_options(name: str, options: dict) -> dict:
-    """The options of engine ``name`` (resolved, not ``auto``) out of ``options``; a name no engine knows, or
+    """The options of engine ``name`` (resolved, not ``auto``) out of ``options``, their values checked: the
+    one place engine options are validated. A name no engine knows, a value the option does not take, or
     another engine's option set to a non-default value, is a ``ConfigError``."""
     known = {key: engine for engine, opts in ENGINE_OPTIONS.items() for key in opts}
     unknown = sorted(set(options) - set(known))
@@ -25,6 +33,9 @@ def engine_options(name: str, options: dict) -> dict:
                           f"{', '.join(sorted(known))}")
     own = ENGINE_OPTIONS[name]
     for key, value in options.items():
+        allowed = OPTION_VALUES.get(key)
+        if allowed is not None and (value not in allowed or type(value) is not type(allowed[0])):
+            raise ConfigError(f"unknown {key} {value!r}: use {', '.join(str(v) for v in allowed)}")
         if key not in own and value != ENGINE_OPTIONS[known[key]][key]:
             raise ConfigError(f"{key}={value!r} is an option of the {known[key]} engine; the {name} engine "
                               "does not use it")

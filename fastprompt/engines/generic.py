@@ -91,8 +91,6 @@ class GenericEngine(Engine):
         self.cache_kwarg = cache_kwarg(self.decoder)
         self._prefix_cache = None  # (key, DynamicCache or None), built lazily
         self._checked = False
-        if layout not in ("auto", "packed", "padded"):
-            raise ConfigError(f"layout must be auto, packed or padded, not {layout!r}")
         self.layout = layout
         # packed layout usable? None: not yet checked (auto checks once against the padded layout)
         self._packed = False if layout == "padded" else None
