@@ -80,9 +80,12 @@ class Engine:
         raise NotImplementedError
 
     # Whole-step capture (fastprompt/step.py): an engine that can run a step on static shapes says so here
-    # and provides ``static_batch`` and ``static_loss``.
+    # and provides ``prepare``, ``static_batch`` and ``static_loss``.
     def graphs_enabled(self) -> bool:
         return False
+
+    def prepare(self, inputs: PromptInputs, example: Encoded) -> None:
+        """Once, before a step is captured: one-time checks and lazily built constants (never inside a graph)."""
 
     def static_batch(self, batch: Sequence[Encoded], batch_size: int):
         raise NotImplementedError(f"the {self.name} engine has no static-shape step")
