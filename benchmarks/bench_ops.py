@@ -138,16 +138,3 @@ def test_tree_attention(benchmark, cuda, impl):
     # useful FLOPs only (visible pairs): fwd 2 GEMMs, bwd 5 GEMM-equivalents (incl. recompute of S)
     flops = 2 * HEAD_DIM * HEADS * visible * (2 + 5)
     _run(benchmark, _fwd_bwd(lambda: fn(q, k, v, n_trunk, cu), (q, k, v)), flops=flops)
-
-
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_adam_step(benchmark, cuda, impl):
-    from fastprompt.kernels import adam_step, adam_step_ref
-
-    fn = adam_step if impl == "triton" else adam_step_ref
-    n = 4 * D  # the prompt: 4 vectors of d
-    p, g = torch.randn(n, device=cuda), torch.randn(n, device=cuda)
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    step = torch.ones((), device=cuda) if impl == "triton" else 1  # torch's reference reads a host int
-    _run(benchmark, lambda: fn(p, g, m, v, step, 1e-3), bytes_moved=n * 4 * 7)
-

@@ -6,7 +6,6 @@ Importing this package never needs Triton (``TRITON_AVAILABLE`` says whether it 
 Triton function without it raises with the install hint. The ``*_ref`` functions work everywhere.
 """
 from ._common import TRITON_AVAILABLE
-from .adam import adam_step, adam_step_ref
 from .bias_gelu import bias_gelu, bias_gelu_ref
 from .layer_norm import add_layer_norm, add_layer_norm_ref
 from .linear import linear, linear_ref
@@ -20,5 +19,4 @@ __all__ = [
     "linear", "linear_ref",
     "lm_head_ce", "lm_head_ce_ref",
     "tree_attention", "tree_attention_ref", "tree_attention_mask",
-    "adam_step", "adam_step_ref",
 ]

@@ -276,41 +276,6 @@ def test_tree_attention_custom_scale_and_partial_grads():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------- Adam
-@pytest.mark.parametrize("step_as_tensor", [False, True])
-@pytest.mark.parametrize("grad_dtype", DTYPES)
-def test_adam_matches_torch_optim(step_as_tensor, grad_dtype):
-    torch.manual_seed(0)
-    p = torch.randn(3001)
-    p_ref = torch.nn.Parameter(p.clone())
-    opt = torch.optim.Adam([p_ref], lr=3e-3, betas=(0.8, 0.99), eps=1e-6, foreach=False)
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    m2, v2, p2 = m.clone(), v.clone(), p.clone()
-    step = torch.zeros((), dtype=torch.float32)
-    for i in range(1, 6):
-        g = torch.randn_like(p).to(grad_dtype)
-        p_ref.grad = g.float()
-        opt.step()
-        step += 1
-        K.adam_step(p, g, m, v, step if step_as_tensor else i, 3e-3, 0.8, 0.99, 1e-6)
-        K.adam_step_ref(p2, g, m2, v2, i, 3e-3, 0.8, 0.99, 1e-6)
-    st = opt.state[p_ref]
-    torch.testing.assert_close(m, st["exp_avg"], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(v, st["exp_avg_sq"], rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(p, p_ref.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(p2, p_ref.detach(), rtol=0, atol=0)  # the reference is torch's update
-    assert torch.isfinite(p).all()
-
-
-def test_adam_large_step_bias_correction():
-    p, g = torch.randn(100), torch.randn(100)
-    m, v = torch.randn(100) * 0.1, torch.rand(100) * 0.1
-    p2, m2, v2 = p.clone(), m.clone(), v.clone()
-    K.adam_step(p, g, m, v, torch.tensor([123457.0]), 1e-3)
-    K.adam_step_ref(p2, g, m2, v2, 123457, 1e-3)
-    torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
-
-
 # ----------------------------------------------------------------------------------- packaging
 def test_import_without_triton_fails_only_at_use():
     code = (
@@ -363,26 +328,3 @@ def test_gpu_bf16_vs_fp32_reference(op):
         ref = lambda q, k, v: K.tree_attention_ref(q, k, v, n_trunk, cu)  # noqa: E731
         n_outs = 1
     _compare(fn, ref, args, bf, device=dev, n_outs=n_outs)
-
-
-@pytest.mark.gpu
-def test_gpu_adam_step_tensor_in_cuda_graph():
-    dev = "cuda"
-    p, g = torch.randn(5000, device=dev), torch.randn(5000, device=dev)
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    p2, m2, v2 = p.clone(), m.clone(), v.clone()
-    step = torch.zeros(1, device=dev)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm up (compiles) on a side stream
-        pw, mw, vw = p.clone(), m.clone(), v.clone()
-        K.adam_step(pw, g, mw, vw, torch.ones(1, device=dev), 1e-3)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step.add_(1)
-        K.adam_step(p, g, m, v, step, 1e-3)
-    for i in range(1, 4):
-        graph.replay()
-        K.adam_step_ref(p2, g, m2, v2, i, 1e-3)
-    torch.testing.assert_close(p, p2, rtol=1e-6, atol=1e-7)
