@@ -125,7 +125,8 @@ def _tree(device):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_tree_attention(benchmark, cuda, impl):
-    from fastprompt.kernels import tree_attention, tree_attention_mask, tree_attention_ref
+    from fastprompt.engines.tree import tree_mask
+    from fastprompt.kernels import tree_attention, tree_attention_ref
 
     fn = tree_attention if impl == "triton" else tree_attention_ref
     n_prefix, n_trunk, cu = _tree(cuda)
@@ -134,7 +135,7 @@ def test_tree_attention(benchmark, cuda, impl):
     q = torch.randn(nq, HEADS, HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)
     k = torch.randn(nk, HEADS, HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)
     v = torch.randn(nk, HEADS, HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)
-    visible = int(tree_attention_mask(nq, nk, n_trunk, cu).sum())
+    visible = int(tree_mask(nq, nk, n_trunk, cu).sum())
     # useful FLOPs only (visible pairs): fwd 2 GEMMs, bwd 5 GEMM-equivalents (incl. recompute of S)
     flops = 2 * HEAD_DIM * HEADS * visible * (2 + 5)
     _run(benchmark, _fwd_bwd(lambda: fn(q, k, v, n_trunk, cu), (q, k, v)), flops=flops)

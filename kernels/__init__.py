@@ -10,7 +10,7 @@ from .bias_gelu import bias_gelu, bias_gelu_ref
 from .layer_norm import add_layer_norm, add_layer_norm_ref
 from .linear import linear, linear_ref
 from .lm_head_ce import lm_head_ce, lm_head_ce_ref
-from .tree_attention import tree_attention, tree_attention_mask, tree_attention_ref
+from .tree_attention import tree_attention, tree_attention_ref
 
 __all__ = [
     "TRITON_AVAILABLE",
@@ -18,5 +18,5 @@ __all__ = [
     "bias_gelu", "bias_gelu_ref",
     "linear", "linear_ref",
     "lm_head_ce", "lm_head_ce_ref",
-    "tree_attention", "tree_attention_ref", "tree_attention_mask",
+    "tree_attention", "tree_attention_ref",
 ]

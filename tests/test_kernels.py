@@ -251,19 +251,6 @@ def test_lm_head_ce_exact_at_gpu_tiles(monkeypatch):
             _compare(K.lm_head_ce, K.lm_head_ce_ref, [h, w, t], torch.float32)
 
 
-def test_tree_attention_mask():
-    # prefix 1, trunk 3, segments [2, 1]: key rows 0..5; queries at key indices 1..5
-    m = K.tree_attention_mask(5, 6, 3, _cu(3, [2, 1]))
-    expect = torch.tensor([
-        [1, 1, 0, 0, 0, 0],  # trunk query at key 1: causal in the trunk
-        [1, 1, 1, 0, 0, 0],  # trunk query at key 2
-        [1, 1, 1, 1, 0, 0],  # segment 0, first row: whole trunk + itself
-        [1, 1, 1, 1, 1, 0],  # segment 0, second row
-        [1, 1, 1, 0, 0, 1],  # segment 1: trunk + itself, not segment 0
-    ], dtype=torch.bool)
-    assert torch.equal(m, expect)
-
-
 def test_tree_attention_custom_scale_and_partial_grads():
     n_trunk, segs = 6, [3, 1]
     cu = _cu(n_trunk, segs)

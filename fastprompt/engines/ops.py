@@ -13,14 +13,9 @@ Every weight is frozen: the torch versions read ``.detach()``ed views, so autogr
 input-gradient path (``dX = dY @ W^T``; no ``dW``, no ``dgamma``/``dbeta``, no bias reduction), whatever
 the caller's parameters' ``requires_grad`` says.
 
-Tree attention (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask'). Query rows ``(Nq, H, D)`` and
-key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r`` is key row ``r + (Nk - Nq)``: the first
-``Nk - Nq`` key rows are a constant precomputed prefix without queries. Key rows ``[0, n_trunk)`` are the causal
-trunk (prefix + shared rows); ``cu_seqlens`` ``(B + 1,)`` holds the key-row offsets of the examples' segments
-(``cu[0] = n_trunk``, ``cu[-1] = Nk``; empty segments allowed). A trunk query sees the trunk keys up to itself;
-a segment query sees every trunk key and its own segment's keys up to itself:
-
-    allowed[i, j] = j <= key(i)  and  (j < n_trunk  or  segment(j) == segment(key(i)))
+Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r``
+is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are a constant precomputed prefix without queries.
+The mask (``n_trunk``, ``cu_seqlens``) is ``engines/tree.py``'s.
 """
 from __future__ import annotations
 
@@ -31,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .tree import tree_mask
 
 KERNELS = ("auto", "torch", "triton", "cuda")
 OP_NAMES = ("add_layer_norm", "linear", "bias_gelu", "tree_attention", "lm_head_ce")
@@ -55,20 +51,6 @@ def linear(x, weight, bias=None):
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias) (GPT-2's gelu_new)."""
     return F.gelu(x + bias.detach(), approximate="tanh")
-
-
-def tree_mask(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The dense (Nq, Nk) boolean mask of the module docstring (True = may attend)."""
-    device = cu_seqlens.device
-    keys = torch.arange(n_keys, device=device)  # (Nk,) key row index
-    query_keys = keys[n_keys - n_queries :]  # (Nq,) the key row of each query row
-    # segment of each key row: -1 in the trunk, else s with cu[s] <= j < cu[s + 1] (right=True skips empty ones)
-    segment = torch.searchsorted(cu_seqlens.to(torch.long), keys, right=True) - 1
-    segment = torch.where(keys < n_trunk, torch.full_like(segment, -1), segment)  # (Nk,)
-    query_segment = segment[n_keys - n_queries :]  # (Nq,)
-    causal = keys[None, :] <= query_keys[:, None]
-    same_branch = (segment[None, :] == -1) | (segment[None, :] == query_segment[:, None])
-    return causal & same_branch  # (Nq, Nk)
 
 
 _MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, additive mask)]: the last CPU mask
