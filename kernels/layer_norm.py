@@ -187,13 +187,3 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5):
     if residual is None:
         return AddLayerNormFn.apply(x, None, weight, bias, eps), x
     return AddLayerNormFn.apply(x, residual, weight, bias, eps)
-
-
-def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5, upcast=False):
-    """Plain torch. upcast=True computes everything in fp32 and returns fp32."""
-    if upcast:
-        x, weight, bias = x.float(), weight.float(), bias.float()
-        residual = residual.float() if residual is not None else None
-    h = x + residual if residual is not None else x
-    y = torch.nn.functional.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps)
-    return y, h

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from fastprompt.engines.tree import segment_bounds, tree_mask
+from fastprompt.engines.tree import segment_bounds
 
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
 
@@ -376,16 +376,3 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return TreeAttentionFn.apply(q, k, v, int(n_trunk), cu_seqlens, float(scale))
-
-
-def tree_attention_ref(q, k, v, n_trunk, cu_seqlens, scale=None, upcast=False):
-    """Plain torch with the dense (Nq, Nk) boolean mask."""
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    mask = tree_mask(q.shape[0], k.shape[0], n_trunk, cu_seqlens.to(q.device))
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (H, Nq, Nk)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", p, v)

@@ -13,6 +13,9 @@ Every weight is frozen: the torch versions read ``.detach()``ed views, so autogr
 input-gradient path (``dX = dY @ W^T``; no ``dW``, no ``dgamma``/``dbeta``, no bias reduction), whatever
 the caller's parameters' ``requires_grad`` says.
 
+These torch ops are the only torch implementation of each op: the CPU path, and the reference the kernels
+are tested and benchmarked against (on fp64 inputs they compute in fp64: the tests' ground truth).
+
 Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r``
 is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are a constant precomputed prefix without queries.
 The mask (``n_trunk``, ``cu_seqlens``) is ``engines/tree.py``'s.
@@ -75,8 +78,8 @@ def tree_mask_bias(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.
 def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     """softmax(q k^T * scale + tree mask) v. q: (Nq, H, D); k, v: (Nk, H, D) -> (Nq, H, D) in q's dtype.
 
-    On CPU: explicit fp32 math (exact reference): one batched GEMM over the heads with the cached additive
-    mask as its initial value (``baddbmm``), softmax, one batched GEMM. On CUDA:
+    On CPU: explicit fp32 math (fp64 for fp64 inputs): one batched GEMM over the heads with the cached
+    additive mask as its initial value (``baddbmm``), softmax, one batched GEMM. On CUDA:
     ``scaled_dot_product_attention`` with the boolean mask (memory-efficient backend), in the inputs' dtype.
     """
     n_queries, n_keys = q.shape[0], k.shape[0]
@@ -91,12 +94,13 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
         )
         return out[0].transpose(0, 1)  # (Nq, H, D)
     bias = tree_mask_bias(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        qh = q.float().transpose(0, 1)  # (H, Nq, D)
-        kh = k.float().permute(1, 2, 0)  # (H, D, Nk)
-        scores = torch.baddbmm(bias, qh, kh, alpha=scale)  # (H, Nq, Nk); every query sees itself
+        qh = q.to(dtype).transpose(0, 1)  # (H, Nq, D)
+        kh = k.to(dtype).permute(1, 2, 0)  # (H, D, Nk)
+        scores = torch.baddbmm(bias.to(dtype), qh, kh, alpha=scale)  # (H, Nq, Nk); every query sees itself
         probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, v.float().transpose(0, 1))  # (H, Nq, D)
+        out = torch.bmm(probs, v.to(dtype).transpose(0, 1))  # (H, Nq, D)
     return out.transpose(0, 1).to(q.dtype)  # (Nq, H, D)
 
 
@@ -104,7 +108,8 @@ VOCAB_CHUNK = 2048  # vocabulary rows per chunk of the one-pass LM head (a chunk
 
 
 class _LMHeadCE(torch.autograd.Function):
-    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits; h: (rows, d), W: (V, d) frozen).
+    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits, fp64 for fp64 h; h: (rows, d), W: (V, d)
+    frozen).
 
     One streaming pass over the vocabulary in chunks of ``VOCAB_CHUNK`` rows of W, online softmax (running
     max ``m``, running sum ``s``): each chunk's logits ``z_c = h W_c^T`` are used at once, while W_c is in
@@ -125,19 +130,20 @@ class _LMHeadCE(torch.autograd.Function):
         rows, V = h.shape[0], weight.shape[0]
         want_grad = ctx.needs_input_grad[0]
         w_dtype = weight.dtype
-        m = torch.full((rows,), float("-inf"), device=h.device)  # running max of the logits
-        s_other = torch.zeros(rows, device=h.device)  # running sum of exp(z - m) over v != y
-        acc = torch.zeros(rows, h.shape[1], device=h.device) if want_grad else None  # sum_{v != y} e_v W_v
+        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))  # fp32 (fp64 for fp64 h)
+        m = torch.full((rows,), float("-inf"), **kw)  # running max of the logits
+        s_other = torch.zeros(rows, **kw)  # running sum of exp(z - m) over v != y
+        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None  # sum_{v != y} e_v W_v
         n_chunks = -(-V // VOCAB_CHUNK)
         chunk_of = torch.div(targets, VOCAB_CHUNK, rounding_mode="floor")
         local = (targets - chunk_of * VOCAB_CHUNK)[:, None]  # (rows, 1): the target's column in its chunk
-        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).float()  # (rows, n_chunks)
+        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).to(kw["dtype"])  # (rows, n_chunks)
         keep = 1.0 - hit
-        z_y = torch.zeros(rows, 1, device=h.device)  # the target's logit, from the same product as the rest
+        z_y = torch.zeros(rows, 1, **kw)  # the target's logit, from the same product as the rest
         for c in range(n_chunks):
             start = c * VOCAB_CHUNK
             w = weight[start : start + VOCAB_CHUNK]  # (C, d): read from memory once, used twice from cache
-            z = (h @ w.to(h.dtype).t()).float()  # (rows, C)
+            z = (h @ w.to(h.dtype).t()).to(kw["dtype"])  # (rows, C)
             col = local if w.shape[0] == VOCAB_CHUNK else local.clamp(max=w.shape[0] - 1)
             z_y.addcmul_(z.gather(1, col), hit[:, c : c + 1])
             m_new = torch.maximum(m, z.amax(dim=1))
@@ -146,14 +152,14 @@ class _LMHeadCE(torch.autograd.Function):
             e.scatter_(1, col, e.gather(1, col).mul_(keep[:, c : c + 1]))  # leave the target's term out
             s_other = s_other.mul_(rescale).add_(e.sum(dim=1))
             if want_grad:
-                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == torch.float32 \
-                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).float())
+                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == acc.dtype \
+                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).to(acc.dtype))
             m = m_new
         z_y = z_y[:, 0]
         s = s_other + torch.exp(z_y - m)  # sum of exp(z - m) over the whole vocabulary
         loss = (m - z_y) + torch.log(s)
         if want_grad:
-            w_y = weight[targets].float()  # (rows, d)
+            w_y = weight[targets].to(acc.dtype)  # (rows, d)
             grad = (acc - s_other[:, None] * w_y) / s[:, None]  # d loss_r / d h_r
             ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
@@ -162,12 +168,12 @@ class _LMHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return (grad * dloss[:, None].float()).to(ctx.h_dtype), None, None
+        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None
 
 
 def lm_head_ce(h, weight, targets):
-    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32. h: (rows, d) — only the rows
-    that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,) fp32."""
+    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32 (fp64 for fp64 h). h: (rows, d) —
+    only the rows that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,)."""
     loss = _LMHeadCE.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1))
     return loss.view(targets.shape)
 
