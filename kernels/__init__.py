@@ -1,16 +1,19 @@
 """Triton kernels for the fused GPT-2 engine, imported as ``fastprompt.kernels``.
 
-One op a file: Triton kernel -> launcher -> autograd.Function -> public function. Only input gradients:
-weights are frozen everywhere. Each op's torch implementation, the CPU path and these kernels' reference in tests and
+One op a file: Triton kernel -> launcher -> autograd.Function -> public function; ``add_layer_norm_cuda`` is
+the same function with the CUDA C++ extension's launchers. Only input gradients: weights are frozen
+everywhere. Each op's torch implementation, the CPU path and these kernels' reference in tests and
 benchmarks, is the one in ``fastprompt.engines.ops``.
 Importing this package never needs Triton (``TRITON_AVAILABLE`` says whether it is there); calling a
 Triton function without it raises with the install hint.
 """
 from ._common import TRITON_AVAILABLE
 from .bias_gelu import bias_gelu
-from .layer_norm import add_layer_norm
+from .layer_norm import add_layer_norm, add_layer_norm_cuda
 from .linear import linear
 from .lm_head_ce import lm_head_ce
 from .tree_attention import tree_attention
 
-__all__ = ["TRITON_AVAILABLE", "add_layer_norm", "bias_gelu", "linear", "lm_head_ce", "tree_attention"]
+__all__ = [
+    "TRITON_AVAILABLE", "add_layer_norm", "add_layer_norm_cuda", "bias_gelu", "linear", "lm_head_ce", "tree_attention",
+]

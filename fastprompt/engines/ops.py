@@ -1,7 +1,7 @@
 """The five ops of the fused engine, in plain torch, and the registry that picks an implementation.
 
-The fused engine calls its ops only through an ``Ops`` object, so the Triton kernels (``fastprompt.kernels``)
-and the CUDA extension (``fastprompt.cuda_ops``) plug in behind the same signatures:
+The fused engine calls its ops only through an ``Ops`` object, so the Triton kernels (``fastprompt.kernels``,
+``add_layer_norm`` also from the CUDA extension ``fastprompt._C``) plug in behind the same signatures:
 
     add_layer_norm(x, residual, weight, bias, eps) -> (y, h)   h = x + residual (or x); y = LN(h)
     linear(x, weight, bias=None)                               x @ weight + bias; weight (in, out) (Conv1D)
@@ -204,14 +204,19 @@ def _triton_available() -> bool:
     return True
 
 
-def _import_ops(module_name: str, names, hint: str) -> dict:
-    """``{name: function}`` from ``module_name``; a clear ConfigError when the module or a name is missing."""
+def _import(module_name: str, hint: str):
+    """The module, or a clear ConfigError where it does not import."""
     import importlib
 
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except Exception as e:  # ImportError, or triton/CUDA failing inside the module's own imports
         raise ConfigError(f"kernels unavailable: cannot import {module_name} ({type(e).__name__}: {e}); {hint}") from None
+
+
+def _import_ops(module_name: str, names, hint: str) -> dict:
+    """``{name: function}`` from ``module_name``; a clear ConfigError when the module or a name is missing."""
+    module = _import(module_name, hint)
     missing = [n for n in names if not callable(getattr(module, n, None))]
     if missing:
         raise ConfigError(f"kernels unavailable: {module_name} has no {', '.join(missing)}; {hint}")
@@ -238,9 +243,9 @@ def _select_ops(kernels: str = "auto", device: torch.device | str | None = None)
     """The ops for ``kernels`` in ``auto|torch|triton|cuda`` on ``device``.
 
     ``torch``: the plain-torch ops above. ``triton``: all five from ``fastprompt.kernels``. ``cuda``: the
-    Triton ops with ``add_layer_norm`` from the CUDA extension (``fastprompt.cuda_ops``). ``auto``: Triton
-    on CUDA devices where triton imports (an op ``fastprompt.kernels`` does not provide yet stays torch),
-    torch otherwise.
+    Triton ops with ``add_layer_norm`` through the CUDA extension (``kernels.add_layer_norm_cuda``). ``auto``:
+    Triton on CUDA devices where triton imports (an op ``fastprompt.kernels`` does not provide yet stays
+    torch), torch otherwise.
     """
     if kernels not in KERNELS:
         raise ConfigError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
@@ -264,10 +269,8 @@ def _select_ops(kernels: str = "auto", device: torch.device | str | None = None)
     if kernels == "cuda":
         cuda_hint = ("build the CUDA extension (pip install -e . with a CUDA torch and nvcc, "
                      "FASTPROMPT_BUILD_CUDA=1), or pass kernels='triton'")
-        chosen.update(_import_ops("fastprompt.cuda_ops", ("add_layer_norm",), cuda_hint))
-        from fastprompt.cuda_ops import CUDA_EXT_AVAILABLE
-
-        if not CUDA_EXT_AVAILABLE:
+        if not _import("fastprompt.cuda_ops", cuda_hint).CUDA_EXT_AVAILABLE:
             raise ConfigError(f"kernels='cuda' needs the fastprompt._C extension, which is not built: {cuda_hint}")
+        chosen["add_layer_norm"] = _import("fastprompt.kernels", hint).add_layer_norm_cuda
         sources["add_layer_norm"] = "cuda"
     return Ops(**chosen, name=kernels, sources=sources)
