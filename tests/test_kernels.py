@@ -15,6 +15,7 @@ import torch
 
 from fastprompt import kernels as K
 from fastprompt.engines import ops as T
+from fastprompt.engines import tree
 
 pytestmark = pytest.mark.skipif(not K.TRITON_AVAILABLE, reason="needs triton")
 
@@ -48,9 +49,10 @@ def _check(out, ref_hi, base=None, name=""):
         assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (torch bf16: {base_err:.3g})"
 
 
-def _compare(fn, ref_fn, inputs, dtype, device="cpu", n_outs=1):
-    """Run fn on inputs cast to dtype, ref_fn in fp64 on the same rounded values (and ref_fn at dtype
-    as the bf16 baseline); compare outputs and input gradients under a random upstream gradient."""
+def _compare(fn, ref_fn, inputs, dtype, device="cpu", n_outs=1, base_fn=None):
+    """Run fn on inputs cast to dtype, ref_fn in fp64 on the same rounded values (and base_fn, by default
+    ref_fn, at dtype as the bf16 baseline); compare outputs and input gradients under a random upstream
+    gradient."""
     rounded = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in inputs]
     hi = torch.float64
 
@@ -70,7 +72,7 @@ def _compare(fn, ref_fn, inputs, dtype, device="cpu", n_outs=1):
     base_outs, base_g = [None] * n_outs, [None] * len(g)
     if dtype != torch.float32:
         xs_lo = prep(dtype)
-        base_outs = ref_fn(*xs_lo)
+        base_outs = (base_fn or ref_fn)(*xs_lo)
         base_outs = base_outs if n_outs > 1 else (base_outs,)
         base_g = _grads(base_outs, [t for t in xs_lo if t is not None and t.requires_grad],
                         [go.to(o.dtype) for go, o in zip(gouts, base_outs)])
@@ -212,7 +214,18 @@ def test_tree_attention(dtype, case):
     cu = _cu(n_trunk, segs, torch.int64 if d == 16 else torch.int32)
     q, k, v = _rand(nq, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
     _compare(lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu),
-             lambda q, k, v: T.tree_attention(q, k, v, n_trunk, cu), [q, k, v], dtype)
+             lambda q, k, v: T.tree_attention(q, k, v, n_trunk, cu), [q, k, v], dtype,
+             base_fn=lambda q, k, v: _attention_in_dtype(q, k, v, n_trunk, cu))
+
+
+def _attention_in_dtype(q, k, v, n_trunk, cu):
+    """The bf16 check's baseline: plain torch attention with every step in the inputs' dtype. The torch op
+    computes in fp32 on the CPU (rounding only its output), which is no bf16 baseline for a kernel that,
+    like any FlashAttention-style one, keeps O in bf16 for its backward (on CUDA it runs SDPA in bf16)."""
+    mask = tree.tree_mask(q.shape[0], k.shape[0], n_trunk, cu)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5  # (H, Nq, Nk)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
 
 
 def _gpu_choices(module_name, choose, monkeypatch):
