@@ -8,7 +8,7 @@ nothing here checks values). So the variants are exactly the ones a real step la
 block-size choice, the dtypes each precision gives each op, Triton's argument specialisation. Models:
 GPT-2 small and Large architectures (random weights, 2 layers: the first layer, a middle boundary and the
 last layer's row selection all occur); batch sizes chosen so the target rows hit every branch of the block
-choice (~15 to ~410 packed rows, 5 to ~215 target rows). Plus the Adam kernel, which the engine does not launch.
+choice (~15 to ~410 packed rows, 5 to ~215 target rows).
 
 These are compiler figures, not GPU timings: a kernel without spills can still be slow.
 
@@ -50,7 +50,7 @@ def _kernel_modules():
     import fastprompt.kernels  # noqa: F401
 
     return {name: sys.modules[f"fastprompt.kernels.{name}"]
-            for name in ("tree_attention", "lm_head_ce", "layer_norm", "bias_gelu", "adam")}
+            for name in ("tree_attention", "lm_head_ce", "layer_norm", "bias_gelu")}
 
 
 def _jit_functions():
@@ -98,18 +98,6 @@ def engine_cases(models, precisions, batches):
             for n in batches:
                 yield f"{model_name} {precision} train batch {n}", lambda s=step, n=n: s(n, True)
             yield f"{model_name} {precision} eval batch {batches[-1]}", lambda s=step, n=batches[-1]: s(n, False)
-
-
-def adam_cases():
-    from fastprompt.kernels import adam_step
-
-    def run(n, tensor_step):
-        p, g, m, v = (torch.zeros(n) for _ in range(4))
-        adam_step(p, g, m, v, torch.tensor(3.0) if tensor_step else 3, 1e-3)
-        return f"{n} prompt values"
-
-    yield "adam fp32 prompt (4 x 1280), step int", lambda: run(4 * 1280, False)
-    yield "adam fp32 prompt (4 x 1280), step tensor", lambda: run(4 * 1280, True)
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -241,7 +229,6 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help="comma list of %s" % ", ".join(MODELS))
     p.add_argument("--precisions", default=",".join(PRECISIONS), help="comma list of fp32, bf16, autocast")
     p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="examples a step, comma list")
-    p.add_argument("--no-adam", action="store_true", help="leave out the Adam kernel")
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default: 90)")
     p.add_argument("--out", default=None, metavar="STEM",
                    help="write the table and the JSON to STEM plus .md and .json (default with no --json: "
@@ -263,8 +250,6 @@ def main(argv=None) -> int:
         if m not in MODELS:
             p.error(f"unknown model {m!r}")
     cases = list(engine_cases(models, precisions, batches))
-    if not args.no_adam and not args.sweep:
-        cases += list(adam_cases())
     meta = {"arch": args.arch, "versions": versions(), "models": models, "precisions": precisions,
             "batches": batches, "cases": [c[0] for c in cases]}
     if args.sweep:

@@ -1,5 +1,5 @@
 // Torch glue for fastprompt._C: checks, allocation, the current CUDA stream, then the raw-pointer
-// launchers of layer_norm.cu. The autograd wiring lives in fastprompt/cuda_ops.py.
+// launchers of layer_norm.cu. The autograd wiring is the Triton op's (kernels/layer_norm.py: add_layer_norm_cuda).
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>

@@ -1,24 +1,19 @@
 """Triton kernels for the fused GPT-2 engine, imported as ``fastprompt.kernels``.
 
-One op a file: Triton kernel -> launcher -> autograd.Function -> public function, with a plain-torch
-reference (``*_ref``) beside it. Only input gradients: weights are frozen everywhere.
+One op a file: Triton kernel -> launcher -> autograd.Function -> public function; ``add_layer_norm_cuda`` is
+the same function with the CUDA C++ extension's launchers. Only input gradients: weights are frozen
+everywhere. Each op's torch implementation, the CPU path and these kernels' reference in tests and
+benchmarks, is the one in ``fastprompt.engines.ops``.
 Importing this package never needs Triton (``TRITON_AVAILABLE`` says whether it is there); calling a
-Triton function without it raises with the install hint. The ``*_ref`` functions work everywhere.
+Triton function without it raises with the install hint.
 """
 from ._common import TRITON_AVAILABLE
-from .adam import adam_step, adam_step_ref
-from .bias_gelu import bias_gelu, bias_gelu_ref
-from .layer_norm import add_layer_norm, add_layer_norm_ref
-from .linear import linear, linear_ref
-from .lm_head_ce import lm_head_ce, lm_head_ce_ref
-from .tree_attention import tree_attention, tree_attention_mask, tree_attention_ref
+from .bias_gelu import bias_gelu
+from .layer_norm import add_layer_norm, add_layer_norm_cuda
+from .linear import linear
+from .lm_head_ce import lm_head_ce
+from .tree_attention import tree_attention
 
 __all__ = [
-    "TRITON_AVAILABLE",
-    "add_layer_norm", "add_layer_norm_ref",
-    "bias_gelu", "bias_gelu_ref",
-    "linear", "linear_ref",
-    "lm_head_ce", "lm_head_ce_ref",
-    "tree_attention", "tree_attention_ref", "tree_attention_mask",
-    "adam_step", "adam_step_ref",
+    "TRITON_AVAILABLE", "add_layer_norm", "add_layer_norm_cuda", "bias_gelu", "linear", "lm_head_ce", "tree_attention",
 ]

@@ -2,7 +2,7 @@
 
 Importing ``fastprompt.kernels`` never fails where Triton is missing: ``triton`` / ``tl`` become inert
 stand-ins so the ``@triton.jit`` definitions still parse, and every launcher calls ``require_triton``
-first, which raises with the install hint. The torch references work everywhere.
+first, which raises with the install hint.
 """
 import os
 
@@ -34,7 +34,7 @@ except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install rais
 
 INSTALL_HINT = (
     "fastprompt.kernels needs Triton for this function: `pip install triton` (Linux, CUDA GPU), "
-    "or use the torch reference (`*_ref`) / kernels='torch'."
+    "or use the torch ops (fastprompt.engines.ops, kernels='torch')."
 )
 
 
@@ -51,7 +51,7 @@ def require_triton(*tensors):
         if t is not None and not t.is_cuda:
             raise RuntimeError(
                 "fastprompt.kernels Triton kernels need CUDA tensors (got a tensor on "
-                f"{t.device}); use the torch reference (`*_ref`) on CPU, or set TRITON_INTERPRET=1 "
+                f"{t.device}); use the torch ops (kernels='torch') on CPU, or set TRITON_INTERPRET=1 "
                 "before importing triton to run them (slowly) in the interpreter."
             )
 

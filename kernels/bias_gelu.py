@@ -113,10 +113,3 @@ class BiasGeluFn(torch.autograd.Function):
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias). x: (..., n) fp32/bf16; bias: (n,) frozen. Output in x's dtype."""
     return BiasGeluFn.apply(x, bias)
-
-
-def bias_gelu_ref(x, bias, upcast=False):
-    """Plain torch (F.gelu(approximate='tanh') == GPT-2's gelu_new)."""
-    if upcast:
-        x, bias = x.float(), bias.float()
-    return torch.nn.functional.gelu(x + bias.to(x.dtype), approximate="tanh")

@@ -1,12 +1,18 @@
-"""Fused residual-add + LayerNorm with an input-gradient-only backward.
+"""Fused residual-add + LayerNorm with an input-gradient-only backward, from Triton or CUDA C++.
 
     h = x + residual            (h = x when residual is None)
     y = (h - mean(h)) * rstd(h) * weight + bias,   rstd = 1 / sqrt(var(h) + eps)
 
 One program per row; the whole row (d <= 8192) sits in one block. weight/bias are frozen: no
 dgamma/dbeta, so the backward is a per-row map with no cross-row reduction.
+
+One autograd function, two sets of launchers with one contract: the Triton kernels here
+(``add_layer_norm``) and the CUDA C++ extension ``fastprompt._C`` (csrc/layer_norm.cu, loaded by
+``fastprompt.cuda_ops``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
 """
 import torch
+
+from fastprompt import cuda_ops
 
 from ._common import check_float, next_power_of_2, require_triton, tl, triton
 
@@ -106,7 +112,8 @@ def _num_warps(block_d):
 
 
 def add_ln_fwd(x, residual, weight, bias, eps):
-    """x, residual: (..., d); returns y (..., d), h (..., d) or None, mean (rows,), rstd (rows,)."""
+    """x, residual: (..., d); returns y (..., d), h (..., d; x itself without residual), mean (rows,), rstd
+    (rows,)."""
     require_triton(x, residual, weight, bias)
     check_float(x, "x")
     shape, d = x.shape, x.shape[-1]
@@ -128,7 +135,7 @@ def add_ln_fwd(x, residual, weight, bias, eps):
             h.stride(0) if h is not None else 0, d, eps,
             HAS_RESIDUAL=residual is not None, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )
-    return y.view(shape), (h.view(shape) if h is not None else None), mean, rstd
+    return y.view(shape), (h.view(shape) if h is not None else x), mean, rstd
 
 
 def add_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
@@ -154,28 +161,57 @@ def add_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
     return (dx.view(shape) if dx is not None else None), (dr.view(shape) if dr is not None else None)
 
 
+def cuda_ln_fwd(x, residual, weight, bias, eps):
+    """``add_ln_fwd`` through ``fastprompt._C`` (csrc/bindings.cpp), which takes contiguous tensors; h is
+    the contiguous x without residual. The extension is looked up at call time (tests put in a stand-in)."""
+    residual = None if residual is None else residual.contiguous()
+    return cuda_ops.require_ext().add_layer_norm_fwd(x.contiguous(), residual, weight.contiguous(),
+                                                     bias.contiguous(), float(eps))
+
+
+def cuda_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
+    """``add_ln_bwd`` through ``fastprompt._C``: one dx, returned for both x and residual."""
+    if not (need_dx or need_dr):
+        return None, None
+    dh = None if dh is None else dh.contiguous()
+    dx = cuda_ops.require_ext().add_layer_norm_bwd(dy.contiguous(), dh, h, weight.contiguous(), mean, rstd)
+    return (dx if need_dx else None), (dx if need_dr else None)
+
+
 class AddLayerNormFn(torch.autograd.Function):
+    """(x, residual, weight, bias, eps, launchers) -> y, or (y, h) with a residual; ``launchers`` is
+    ``(fwd, bwd)``: ``(add_ln_fwd, add_ln_bwd)`` or ``(cuda_ln_fwd, cuda_ln_bwd)``."""
+
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, h, mean, rstd = add_ln_fwd(x, residual, weight, bias, eps)
-        if h is None:
-            h = x  # only saved, never returned from here (see add_layer_norm)
+    def forward(ctx, x, residual, weight, bias, eps, launchers):
+        fwd, ctx.bwd = launchers
+        y, h, mean, rstd = fwd(x, residual, weight, bias, eps)
         ctx.has_residual = residual is not None
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero reads
-        ctx.save_for_backward(h, weight, mean, rstd)
+        ctx.save_for_backward(h, weight, mean, rstd)  # backward re-derives xhat from h: no (rows, d) xhat saved
         if residual is None:
-            return y
+            return y  # h is x: add_layer_norm returns x itself, whose gradient autograd adds up directly
         return y, h
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        h, weight, mean, rstd = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
         need_dr = ctx.has_residual and ctx.needs_input_grad[1]
         if dy is None:  # y unused: only the identity path through h remains
-            dy = torch.zeros_like(h)
-        dx, dr = add_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr)
-        return dx, dr, None, None, None  # weight, bias frozen; eps not a tensor
+            return (dh if need_dx else None), (dh if need_dr else None), None, None, None, None
+        h, weight, mean, rstd = ctx.saved_tensors
+        dx, dr = ctx.bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr)
+        return dx, dr, None, None, None, None  # weight, bias frozen; eps, launchers not tensors
+
+
+_TRITON = (add_ln_fwd, add_ln_bwd)
+_CUDA = (cuda_ln_fwd, cuda_ln_bwd)
+
+
+def _apply(launchers, x, residual, weight, bias, eps):
+    if residual is None:  # h is x itself, not an output of the autograd node
+        return AddLayerNormFn.apply(x, None, weight, bias, eps, launchers), x
+    return AddLayerNormFn.apply(x, residual, weight, bias, eps, launchers)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-5):
@@ -184,16 +220,10 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5):
     x, residual: (..., d) fp32/bf16; weight, bias: (d,) frozen (never get gradients). Statistics in
     fp32; outputs in x's dtype. Backward: dx = dresidual = dh + LayerNorm-backward(dy).
     """
-    if residual is None:
-        return AddLayerNormFn.apply(x, None, weight, bias, eps), x
-    return AddLayerNormFn.apply(x, residual, weight, bias, eps)
+    return _apply(_TRITON, x, residual, weight, bias, eps)
 
 
-def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5, upcast=False):
-    """Plain torch. upcast=True computes everything in fp32 and returns fp32."""
-    if upcast:
-        x, weight, bias = x.float(), weight.float(), bias.float()
-        residual = residual.float() if residual is not None else None
-    h = x + residual if residual is not None else x
-    y = torch.nn.functional.layer_norm(h, (h.shape[-1],), weight.to(h.dtype), bias.to(h.dtype), eps)
-    return y, h
+def add_layer_norm_cuda(x, residual, weight, bias, eps=1e-5):
+    """``add_layer_norm`` through the CUDA C++ extension ``fastprompt._C`` (CUDA tensors, fp32 or bf16, one
+    dtype for all); a RuntimeError with the build command where it is not built."""
+    return _apply(_CUDA, x, residual, weight, bias, eps)

@@ -46,12 +46,3 @@ class LinearFn(torch.autograd.Function):
 def linear(x, weight, bias=None):
     """y = x @ weight + bias with weight (in, out) (GPT-2 Conv1D); weight and bias are frozen."""
     return LinearFn.apply(x, weight, bias)
-
-
-def linear_ref(x, weight, bias=None, upcast=False):
-    """Plain torch (what HF's Conv1D computes)."""
-    if upcast:
-        x, weight = x.float(), weight.float()
-        bias = bias.float() if bias is not None else None
-    y = x @ weight.to(x.dtype)
-    return y + bias.to(x.dtype) if bias is not None else y

@@ -213,11 +213,3 @@ def lm_head_ce(h, weight, targets):
     d = h.shape[-1]
     loss = LMHeadCEFn.apply(h.reshape(-1, d), weight, targets.reshape(-1))
     return loss.view(targets.shape)
-
-
-def lm_head_ce_ref(h, weight, targets, upcast=False):
-    """Plain torch: full logits, F.cross_entropy(reduction='none'), returned in fp32."""
-    if upcast:
-        h, weight = h.float(), weight.float()
-    logits = h @ weight.to(h.dtype).t()
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")

@@ -7,7 +7,8 @@ the rest into segments b = [cu[b], cu[b+1]). Query at key index i sees key j iff
 
     j <= i  and  (j < n_trunk  or  j >= seg_start(i))
 
-with seg_start(i) the first key row of i's segment (a trunk query has j <= i < n_trunk anyway). So a
+with seg_start(i) the first key row of i's segment (a trunk query has j <= i < n_trunk anyway; the
+bounds come from fastprompt/engines/tree.py, which states the mask for every backend). So a
 trunk query is plain causal over the trunk; a segment query sees the whole trunk and its own segment
 causally. Every query sees at least itself: no empty softmax rows.
 
@@ -22,32 +23,11 @@ import math
 
 import torch
 
+from fastprompt.engines.tree import segment_bounds
+
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
 
 _LOG2E = 1.4426950408889634
-
-
-def _segment_bounds(nk, n_trunk, cu_seqlens, device):
-    """Per key row: seg_start (first key row visible from its segment; 0 in the trunk) and seg_end
-    (one past the last key index whose query can see it; Nk in the trunk). Both (Nk,) int32. Device
-    ops only (no host sync), so this can sit inside a CUDA graph."""
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    idx = torch.arange(nk, device=device)
-    seg = torch.searchsorted(cu, idx, right=True) - 1  # -1 in the trunk, else the segment number
-    cu_ext = torch.cat([cu, cu[-1:]])  # so seg + 1 indexes safely when B = 0
-    trunk = idx < n_trunk
-    seg_start = torch.where(trunk, 0, cu_ext[seg.clamp(min=0)])
-    seg_end = torch.where(trunk, nk, cu_ext[seg + 1])
-    return seg_start.to(torch.int32), seg_end.to(torch.int32)
-
-
-def tree_attention_mask(nq, nk, n_trunk, cu_seqlens):
-    """(nq, nk) bool: True where query row r (key index r + nk - nq) may attend to key row j."""
-    device = cu_seqlens.device
-    seg_start, _ = _segment_bounds(nk, n_trunk, cu_seqlens, device)
-    i = torch.arange(nq, device=device) + (nk - nq)  # key index of each query
-    j = torch.arange(nk, device=device)
-    return (j[None, :] <= i[:, None]) & ((j[None, :] < n_trunk) | (j[None, :] >= seg_start[i][:, None]))
 
 
 @triton.jit
@@ -317,7 +297,7 @@ def tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale):
     block_d = next_power_of_2(d)
     if block_d > 256:
         raise ValueError(f"tree_attention supports head dim <= 256, got {d}")
-    seg_start, seg_end = _segment_bounds(nk, n_trunk, cu_seqlens, q.device)
+    seg_start, seg_end = segment_bounds(nk, n_trunk, cu_seqlens.to(q.device))
     o = torch.empty_like(q)
     lse = torch.empty(nh, nq, device=q.device, dtype=torch.float32)
     lowp = use_lowp_dot(q, k, v)
@@ -396,16 +376,3 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return TreeAttentionFn.apply(q, k, v, int(n_trunk), cu_seqlens, float(scale))
-
-
-def tree_attention_ref(q, k, v, n_trunk, cu_seqlens, scale=None, upcast=False):
-    """Plain torch with the dense (Nq, Nk) boolean mask."""
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    mask = tree_attention_mask(q.shape[0], k.shape[0], n_trunk, cu_seqlens.to(q.device))
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # (H, Nq, Nk)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", p, v)

@@ -1,7 +1,9 @@
-"""The flash-attn varlen path's layout logic, checked on the CPU with a torch stand-in for flash-attn."""
+"""The tree mask every backend shares (engines/tree.py), and the flash-attn varlen path's layout logic,
+checked on the CPU with a torch stand-in for flash-attn."""
 import pytest
 import torch
 
+from fastprompt.engines import tree
 from fastprompt.engines.attention import varlen_attention_ref, varlen_layout, varlen_tree_attention
 from fastprompt.engines.ops import tree_attention as torch_tree_attention
 
@@ -39,3 +41,19 @@ def test_varlen_layout_offsets():
     assert cu_q.tolist() == [0, 3, 5, 6] and cu_k.tolist() == [0, 5, 12, 18]
     assert key_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 7]
     assert max_q >= 3 and max_k >= 7
+
+
+def test_tree_mask_and_segment_bounds():
+    # prefix 1, trunk 3, segments [2, 1]: key rows 0..5; queries at key indices 1..5
+    cu = torch.tensor([3, 5, 6])
+    m = tree.tree_mask(5, 6, 3, cu)
+    expect = torch.tensor([
+        [1, 1, 0, 0, 0, 0],  # trunk query at key 1: causal in the trunk
+        [1, 1, 1, 0, 0, 0],  # trunk query at key 2
+        [1, 1, 1, 1, 0, 0],  # segment 0, first row: whole trunk + itself
+        [1, 1, 1, 1, 1, 0],  # segment 0, second row
+        [1, 1, 1, 0, 0, 1],  # segment 1: trunk + itself, not segment 0
+    ], dtype=torch.bool)
+    assert torch.equal(m, expect)
+    seg_start, seg_end = tree.segment_bounds(6, 3, cu)  # what the kernels walk: the same mask
+    assert seg_start.tolist() == [0, 0, 0, 3, 3, 5] and seg_end.tolist() == [6, 6, 6, 5, 5, 6]

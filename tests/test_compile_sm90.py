@@ -37,7 +37,7 @@ def report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # target rows ~5, ~22 and ~50: every branch of the LM head's row-block choice
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--models", "gpt2-large",
-           "--precisions", "bf16,fp32,autocast", "--batches", "2,10,24", "--no-adam", "--json", str(out)]
+           "--precisions", "bf16,fp32,autocast", "--batches", "2,10,24", "--json", str(out)]
     run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return json.loads(out.read_text())

@@ -1,8 +1,9 @@
-"""The CUDA C++ extension fastprompt._C (csrc/) and its Python side, fastprompt.cuda_ops.
+"""The CUDA C++ extension fastprompt._C (csrc/, loaded by fastprompt.cuda_ops) and the op that runs it,
+fastprompt.kernels.add_layer_norm_cuda: the Triton op's autograd function with _C's launchers.
 
 On CPU: the .cu sources compile (nvcc, no GPU needed), the missing extension fails loudly, and the autograd
 wiring plus the backward formula of the kernel are checked against autograd through a torch stand-in for
-_C. On a GPU (`gpu` marker): the real kernels against the fp32 reference.
+_C. On a GPU (`gpu` marker): the real kernels against the torch op (fastprompt.engines.ops) on fp32 copies.
 """
 import os
 import shutil
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from fastprompt import cuda_ops
-from fastprompt.cuda_ops import add_layer_norm, add_layer_norm_ref
+from fastprompt.engines.ops import add_layer_norm as torch_add_layer_norm
+from fastprompt.kernels import add_layer_norm_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 COMPILE_CHECK = REPO / "csrc" / "compile_check.sh"
@@ -72,12 +74,10 @@ def _compare_to_reference(fn, rows, d, dtype, atol, rtol, with_residual, with_dh
     dh = torch.randn(rows, d, device=device).to(dtype) if with_dh else None
 
     got = _run(fn, *_leaves(x, residual), weight, bias, dy, dh)
-    # Truth: everything in fp32. Baseline: plain torch in the inputs' dtype.
-    truth = _run(
-        lambda *a: add_layer_norm_ref(*a, upcast=True),
-        *_leaves(x, residual, torch.float32), weight, bias, dy.float(), None if dh is None else dh.float(),
-    )
-    baseline = _run(add_layer_norm_ref, *_leaves(x, residual), weight, bias, dy, dh)
+    # Truth: the torch op on fp32 copies. Baseline: the torch op in the inputs' dtype.
+    truth = _run(torch_add_layer_norm, *_leaves(x, residual, torch.float32), weight.float(), bias.float(),
+                 dy.float(), None if dh is None else dh.float())
+    baseline = _run(torch_add_layer_norm, *_leaves(x, residual), weight, bias, dy, dh)
 
     for i, name in enumerate(["y", "h", "dx", "dresidual"]):
         if got[i] is None:
@@ -125,7 +125,7 @@ def test_missing_extension_raises_with_build_hint(monkeypatch):
     x, residual, weight, bias = _inputs(2, 8, torch.float32, True, "cpu")
     hint = r"fastprompt\._C.*FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation -e \."
     with pytest.raises(RuntimeError, match=hint):
-        add_layer_norm(x, residual, weight, bias)
+        add_layer_norm_cuda(x, residual, weight, bias)
 
 
 def _fake_fwd(x, residual, weight, bias, eps):
@@ -163,25 +163,25 @@ def fake_ext(monkeypatch):
 def test_autograd_wiring_and_backward_formula_with_stand_in(
     fake_ext, rows, d, dtype, atol, rtol, with_residual, with_dh
 ):
-    _compare_to_reference(add_layer_norm, rows, d, dtype, atol, rtol, with_residual, with_dh, "cpu")
+    _compare_to_reference(add_layer_norm_cuda, rows, d, dtype, atol, rtol, with_residual, with_dh, "cpu")
 
 
 def test_unused_outputs_and_frozen_weights_with_stand_in(fake_ext):
     x, residual, weight, bias = _inputs(3, 16, torch.float32, True, "cpu")
     x, residual = _leaves(x, residual)
     weight.requires_grad_()  # even if a caller left it trainable, the op gives it no gradient
-    y, h = add_layer_norm(x, residual, weight, bias)
+    y, h = add_layer_norm_cuda(x, residual, weight, bias)
     dh = torch.randn_like(h)
     dx, dres, dw = torch.autograd.grad([h], [x, residual, weight], [dh], allow_unused=True)
     torch.testing.assert_close(dx, dh, atol=0, rtol=0)  # y unused: h's gradient passes straight through
     torch.testing.assert_close(dres, dh, atol=0, rtol=0)
     assert dw is None
 
-    y, h = add_layer_norm(x, None, weight, bias)  # no residual: h is x itself, as in the Triton op
+    y, h = add_layer_norm_cuda(x, None, weight, bias)  # no residual: h is x itself, as in the Triton op
     assert h is x
     dy = torch.randn_like(y)
     (dx,) = torch.autograd.grad([y, h], [x], [dy, dh])
-    (dx_ref,) = torch.autograd.grad(add_layer_norm_ref(x, None, weight, bias), [x], [dy, dh])
+    (dx_ref,) = torch.autograd.grad(torch_add_layer_norm(x, None, weight, bias), [x], [dy, dh])
     torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
 
 
@@ -212,7 +212,7 @@ def ext():
 @pytest.mark.parametrize("d", HIDDEN)
 @pytest.mark.parametrize("rows", ROWS)
 def test_add_layer_norm_cuda_matches_reference(ext, rows, d, dtype, atol, rtol, with_residual):
-    _compare_to_reference(add_layer_norm, rows, d, dtype, atol, rtol, with_residual, True, "cuda")
+    _compare_to_reference(add_layer_norm_cuda, rows, d, dtype, atol, rtol, with_residual, True, "cuda")
 
 
 @pytest.mark.gpu
@@ -220,19 +220,15 @@ def test_add_layer_norm_cuda_matches_reference(ext, rows, d, dtype, atol, rtol, 
 def test_add_layer_norm_cuda_without_dh_and_3d(ext, dtype, atol, rtol):
     """Only y used downstream (dh is None in the kernel); a (batch, seq, d) input."""
     def fn_3d(x, residual, weight, bias, eps):
-        y, h = add_layer_norm(x.view(2, 5, 80), residual.view(2, 5, 80), weight, bias, eps)
+        y, h = add_layer_norm_cuda(x.view(2, 5, 80), residual.view(2, 5, 80), weight, bias, eps)
         return y.view(10, 80), h.view(10, 80)
-
-    def ref_3d(x, residual, weight, bias, eps, upcast=False):
-        return add_layer_norm_ref(x, residual, weight, bias, eps, upcast=upcast)
 
     x, residual, weight, bias = _inputs(10, 80, dtype, True, "cuda")
     dy = torch.randn(10, 80, device="cuda").to(dtype)
     got = _run(fn_3d, *_leaves(x, residual), weight, bias, dy, None)
-    truth = _run(
-        lambda *a: ref_3d(*a, upcast=True), *_leaves(x, residual, torch.float32), weight, bias, dy.float(), None
-    )
-    baseline = _run(ref_3d, *_leaves(x, residual), weight, bias, dy, None)
+    truth = _run(torch_add_layer_norm, *_leaves(x, residual, torch.float32), weight.float(), bias.float(),
+                 dy.float(), None)
+    baseline = _run(torch_add_layer_norm, *_leaves(x, residual), weight, bias, dy, None)
     for i, name in enumerate(["y", "h", "dx", "dresidual"]):
         _check(name, got[i], truth[i], baseline[i], dtype, atol, rtol)
 
@@ -241,12 +237,12 @@ def test_add_layer_norm_cuda_without_dh_and_3d(ext, dtype, atol, rtol):
 def test_add_layer_norm_cuda_unaligned_rows_use_scalar_path(ext):
     """A view starting one element in: the launchers must fall back from 16-byte vectors."""
     x, residual, weight, bias = _inputs(7, 65, torch.float32, True, "cuda")
-    x, residual = x[:, 1:], residual[:, 1:]  # non-contiguous: add_layer_norm makes contiguous copies
+    x, residual = x[:, 1:], residual[:, 1:]  # non-contiguous: add_layer_norm_cuda makes contiguous copies
     buf = torch.empty(7 * 64 + 1, device="cuda")
     x_unaligned = buf[1:].view(7, 64).copy_(x)  # contiguous but 4 bytes past a 16-byte boundary
     weight, bias, residual = weight[1:].contiguous(), bias[1:].contiguous(), residual.contiguous()
     y, h, mean, rstd = ext.add_layer_norm_fwd(x_unaligned, residual, weight, bias, 1e-5)
-    y_ref, h_ref = add_layer_norm_ref(x_unaligned, residual, weight, bias)
+    y_ref, h_ref = torch_add_layer_norm(x_unaligned, residual, weight, bias)
     torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
 

@@ -314,7 +314,7 @@ def test_layout_falls_back_to_padded():
     finally:
         handle.remove()
     with pytest.raises(ConfigError, match="layout"):
-        GenericEngine(model, encoder, layout="sideways")
+        make_engine("generic", model, encoder, layout="sideways")  # options are checked where engines are made
 
 
 def test_fused_options_at_their_defaults_are_accepted_and_others_refused():

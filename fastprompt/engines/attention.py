@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from .tree import key_segments
+
 try:  # optional extra: pip install 'fastprompt[flash-attn]'
     from flash_attn import flash_attn_varlen_func
 except Exception:  # ImportError, or a binary built for another torch
@@ -57,7 +59,7 @@ def varlen_layout(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.T
     trunk_slots = (cu_k[:-1, None] + trunk_rows[None, :]).flatten()  # each sequence starts with the trunk
     key_index[trunk_slots] = trunk_rows.repeat(n_segments + 1)
     own = torch.arange(n_trunk, n_keys, device=device)  # key rows in segments
-    segment = torch.searchsorted(cu, own, right=True) - 1  # (Nk - n_trunk,)
+    segment = key_segments(n_keys, n_trunk, cu)[n_trunk:]  # (Nk - n_trunk,)
     key_index[cu_k[segment + 1] + n_trunk + (own - cu[segment])] = own
     max_q = max(n_trunk - n_prefix, n_queries - (n_trunk - n_prefix))
     max_k = n_trunk + (n_keys - n_trunk)

@@ -316,13 +316,15 @@ class GenericEngine(Engine):
         (an example's index) or of the SHARED rows (the head, where packed)."""
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+        from .tree import tree_allowed
+
         impl = getattr(self.runner.config, "_attn_implementation", None)
         layers = getattr(cache, "layers", None)
         if impl not in ("sdpa", "eager") or not layers or not all(isinstance(x, DynamicLayer) for x in layers):
             return None
         P, N = pos.shape
         q = pos[:, :, None]  # (P, N, 1)
-        own = ((owner[:, :, None] == owner[:, None, :]) | (owner[:, None, :] == SHARED)) & (pos[:, None, :] <= q)
+        own = tree_allowed(pos, owner, pos, owner, trunk=SHARED)  # (P, N, N): the tree over the packed rows
         masks, keys = {}, []
         for layer in layers:
             k = getattr(layer, "keys", None)

@@ -1,7 +1,7 @@
 """The five ops of the fused engine, in plain torch, and the registry that picks an implementation.
 
-The fused engine calls its ops only through an ``Ops`` object, so the Triton kernels (``fastprompt.kernels``)
-and the CUDA extension (``fastprompt.cuda_ops``) plug in behind the same signatures:
+The fused engine calls its ops only through an ``Ops`` object, so the Triton kernels (``fastprompt.kernels``,
+``add_layer_norm`` also from the CUDA extension ``fastprompt._C``) plug in behind the same signatures:
 
     add_layer_norm(x, residual, weight, bias, eps) -> (y, h)   h = x + residual (or x); y = LN(h)
     linear(x, weight, bias=None)                               x @ weight + bias; weight (in, out) (Conv1D)
@@ -13,14 +13,12 @@ Every weight is frozen: the torch versions read ``.detach()``ed views, so autogr
 input-gradient path (``dX = dY @ W^T``; no ``dW``, no ``dgamma``/``dbeta``, no bias reduction), whatever
 the caller's parameters' ``requires_grad`` says.
 
-Tree attention (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask'). Query rows ``(Nq, H, D)`` and
-key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r`` is key row ``r + (Nk - Nq)``: the first
-``Nk - Nq`` key rows are a constant precomputed prefix without queries. Key rows ``[0, n_trunk)`` are the causal
-trunk (prefix + shared rows); ``cu_seqlens`` ``(B + 1,)`` holds the key-row offsets of the examples' segments
-(``cu[0] = n_trunk``, ``cu[-1] = Nk``; empty segments allowed). A trunk query sees the trunk keys up to itself;
-a segment query sees every trunk key and its own segment's keys up to itself:
+These torch ops are the only torch implementation of each op: the CPU path, and the reference the kernels
+are tested and benchmarked against (on fp64 inputs they compute in fp64: the tests' ground truth).
 
-    allowed[i, j] = j <= key(i)  and  (j < n_trunk  or  segment(j) == segment(key(i)))
+Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r``
+is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are a constant precomputed prefix without queries.
+The mask (``n_trunk``, ``cu_seqlens``) is ``engines/tree.py``'s.
 """
 from __future__ import annotations
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .tree import tree_mask
 
 KERNELS = ("auto", "torch", "triton", "cuda")
 OP_NAMES = ("add_layer_norm", "linear", "bias_gelu", "tree_attention", "lm_head_ce")
@@ -57,20 +56,6 @@ def bias_gelu(x, bias):
     return F.gelu(x + bias.detach(), approximate="tanh")
 
 
-def tree_mask(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The dense (Nq, Nk) boolean mask of the module docstring (True = may attend)."""
-    device = cu_seqlens.device
-    keys = torch.arange(n_keys, device=device)  # (Nk,) key row index
-    query_keys = keys[n_keys - n_queries :]  # (Nq,) the key row of each query row
-    # segment of each key row: -1 in the trunk, else s with cu[s] <= j < cu[s + 1] (right=True skips empty ones)
-    segment = torch.searchsorted(cu_seqlens.to(torch.long), keys, right=True) - 1
-    segment = torch.where(keys < n_trunk, torch.full_like(segment, -1), segment)  # (Nk,)
-    query_segment = segment[n_keys - n_queries :]  # (Nq,)
-    causal = keys[None, :] <= query_keys[:, None]
-    same_branch = (segment[None, :] == -1) | (segment[None, :] == query_segment[:, None])
-    return causal & same_branch  # (Nq, Nk)
-
-
 _MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, additive mask)]: the last CPU mask
 
 
@@ -93,8 +78,8 @@ def tree_mask_bias(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.
 def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     """softmax(q k^T * scale + tree mask) v. q: (Nq, H, D); k, v: (Nk, H, D) -> (Nq, H, D) in q's dtype.
 
-    On CPU: explicit fp32 math (exact reference): one batched GEMM over the heads with the cached additive
-    mask as its initial value (``baddbmm``), softmax, one batched GEMM. On CUDA:
+    On CPU: explicit fp32 math (fp64 for fp64 inputs): one batched GEMM over the heads with the cached
+    additive mask as its initial value (``baddbmm``), softmax, one batched GEMM. On CUDA:
     ``scaled_dot_product_attention`` with the boolean mask (memory-efficient backend), in the inputs' dtype.
     """
     n_queries, n_keys = q.shape[0], k.shape[0]
@@ -109,12 +94,13 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
         )
         return out[0].transpose(0, 1)  # (Nq, H, D)
     bias = tree_mask_bias(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        qh = q.float().transpose(0, 1)  # (H, Nq, D)
-        kh = k.float().permute(1, 2, 0)  # (H, D, Nk)
-        scores = torch.baddbmm(bias, qh, kh, alpha=scale)  # (H, Nq, Nk); every query sees itself
+        qh = q.to(dtype).transpose(0, 1)  # (H, Nq, D)
+        kh = k.to(dtype).permute(1, 2, 0)  # (H, D, Nk)
+        scores = torch.baddbmm(bias.to(dtype), qh, kh, alpha=scale)  # (H, Nq, Nk); every query sees itself
         probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, v.float().transpose(0, 1))  # (H, Nq, D)
+        out = torch.bmm(probs, v.to(dtype).transpose(0, 1))  # (H, Nq, D)
     return out.transpose(0, 1).to(q.dtype)  # (Nq, H, D)
 
 
@@ -122,7 +108,8 @@ VOCAB_CHUNK = 2048  # vocabulary rows per chunk of the one-pass LM head (a chunk
 
 
 class _LMHeadCE(torch.autograd.Function):
-    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits; h: (rows, d), W: (V, d) frozen).
+    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits, fp64 for fp64 h; h: (rows, d), W: (V, d)
+    frozen).
 
     One streaming pass over the vocabulary in chunks of ``VOCAB_CHUNK`` rows of W, online softmax (running
     max ``m``, running sum ``s``): each chunk's logits ``z_c = h W_c^T`` are used at once, while W_c is in
@@ -143,19 +130,20 @@ class _LMHeadCE(torch.autograd.Function):
         rows, V = h.shape[0], weight.shape[0]
         want_grad = ctx.needs_input_grad[0]
         w_dtype = weight.dtype
-        m = torch.full((rows,), float("-inf"), device=h.device)  # running max of the logits
-        s_other = torch.zeros(rows, device=h.device)  # running sum of exp(z - m) over v != y
-        acc = torch.zeros(rows, h.shape[1], device=h.device) if want_grad else None  # sum_{v != y} e_v W_v
+        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))  # fp32 (fp64 for fp64 h)
+        m = torch.full((rows,), float("-inf"), **kw)  # running max of the logits
+        s_other = torch.zeros(rows, **kw)  # running sum of exp(z - m) over v != y
+        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None  # sum_{v != y} e_v W_v
         n_chunks = -(-V // VOCAB_CHUNK)
         chunk_of = torch.div(targets, VOCAB_CHUNK, rounding_mode="floor")
         local = (targets - chunk_of * VOCAB_CHUNK)[:, None]  # (rows, 1): the target's column in its chunk
-        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).float()  # (rows, n_chunks)
+        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).to(kw["dtype"])  # (rows, n_chunks)
         keep = 1.0 - hit
-        z_y = torch.zeros(rows, 1, device=h.device)  # the target's logit, from the same product as the rest
+        z_y = torch.zeros(rows, 1, **kw)  # the target's logit, from the same product as the rest
         for c in range(n_chunks):
             start = c * VOCAB_CHUNK
             w = weight[start : start + VOCAB_CHUNK]  # (C, d): read from memory once, used twice from cache
-            z = (h @ w.to(h.dtype).t()).float()  # (rows, C)
+            z = (h @ w.to(h.dtype).t()).to(kw["dtype"])  # (rows, C)
             col = local if w.shape[0] == VOCAB_CHUNK else local.clamp(max=w.shape[0] - 1)
             z_y.addcmul_(z.gather(1, col), hit[:, c : c + 1])
             m_new = torch.maximum(m, z.amax(dim=1))
@@ -164,14 +152,14 @@ class _LMHeadCE(torch.autograd.Function):
             e.scatter_(1, col, e.gather(1, col).mul_(keep[:, c : c + 1]))  # leave the target's term out
             s_other = s_other.mul_(rescale).add_(e.sum(dim=1))
             if want_grad:
-                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == torch.float32 \
-                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).float())
+                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == acc.dtype \
+                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).to(acc.dtype))
             m = m_new
         z_y = z_y[:, 0]
         s = s_other + torch.exp(z_y - m)  # sum of exp(z - m) over the whole vocabulary
         loss = (m - z_y) + torch.log(s)
         if want_grad:
-            w_y = weight[targets].float()  # (rows, d)
+            w_y = weight[targets].to(acc.dtype)  # (rows, d)
             grad = (acc - s_other[:, None] * w_y) / s[:, None]  # d loss_r / d h_r
             ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
@@ -180,12 +168,12 @@ class _LMHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return (grad * dloss[:, None].float()).to(ctx.h_dtype), None, None
+        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None
 
 
 def lm_head_ce(h, weight, targets):
-    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32. h: (rows, d) — only the rows
-    that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,) fp32."""
+    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32 (fp64 for fp64 h). h: (rows, d) —
+    only the rows that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,)."""
     loss = _LMHeadCE.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1))
     return loss.view(targets.shape)
 
@@ -216,14 +204,19 @@ def _triton_available() -> bool:
     return True
 
 
-def _import_ops(module_name: str, names, hint: str) -> dict:
-    """``{name: function}`` from ``module_name``; a clear ConfigError when the module or a name is missing."""
+def _import(module_name: str, hint: str):
+    """The module, or a clear ConfigError where it does not import."""
     import importlib
 
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except Exception as e:  # ImportError, or triton/CUDA failing inside the module's own imports
         raise ConfigError(f"kernels unavailable: cannot import {module_name} ({type(e).__name__}: {e}); {hint}") from None
+
+
+def _import_ops(module_name: str, names, hint: str) -> dict:
+    """``{name: function}`` from ``module_name``; a clear ConfigError when the module or a name is missing."""
+    module = _import(module_name, hint)
     missing = [n for n in names if not callable(getattr(module, n, None))]
     if missing:
         raise ConfigError(f"kernels unavailable: {module_name} has no {', '.join(missing)}; {hint}")
@@ -250,9 +243,9 @@ def _select_ops(kernels: str = "auto", device: torch.device | str | None = None)
     """The ops for ``kernels`` in ``auto|torch|triton|cuda`` on ``device``.
 
     ``torch``: the plain-torch ops above. ``triton``: all five from ``fastprompt.kernels``. ``cuda``: the
-    Triton ops with ``add_layer_norm`` from the CUDA extension (``fastprompt.cuda_ops``). ``auto``: Triton
-    on CUDA devices where triton imports (an op ``fastprompt.kernels`` does not provide yet stays torch),
-    torch otherwise.
+    Triton ops with ``add_layer_norm`` through the CUDA extension (``kernels.add_layer_norm_cuda``). ``auto``:
+    Triton on CUDA devices where triton imports (an op ``fastprompt.kernels`` does not provide yet stays
+    torch), torch otherwise.
     """
     if kernels not in KERNELS:
         raise ConfigError(f"unknown kernels {kernels!r}: use one of {', '.join(KERNELS)}")
@@ -276,10 +269,8 @@ def _select_ops(kernels: str = "auto", device: torch.device | str | None = None)
     if kernels == "cuda":
         cuda_hint = ("build the CUDA extension (pip install -e . with a CUDA torch and nvcc, "
                      "FASTPROMPT_BUILD_CUDA=1), or pass kernels='triton'")
-        chosen.update(_import_ops("fastprompt.cuda_ops", ("add_layer_norm",), cuda_hint))
-        from fastprompt.cuda_ops import CUDA_EXT_AVAILABLE
-
-        if not CUDA_EXT_AVAILABLE:
+        if not _import("fastprompt.cuda_ops", cuda_hint).CUDA_EXT_AVAILABLE:
             raise ConfigError(f"kernels='cuda' needs the fastprompt._C extension, which is not built: {cuda_hint}")
+        chosen["add_layer_norm"] = _import("fastprompt.kernels", hint).add_layer_norm_cuda
         sources["add_layer_norm"] = "cuda"
     return Ops(**chosen, name=kernels, sources=sources)
