@@ -119,12 +119,12 @@ def test_lm_head_ce(benchmark, cuda, impl):
 
 
 def _tree(device):
-    n_prefix, n_trunk = 3, 7  # "Here are two" + 4 prompt rows
+    n_context, n_trunk = 3, 7  # "Here are two" + 4 prompt rows
     seg_lens = [5 + (i % 3) for i in range(64)]  # batch 64, 5-7 suffix rows each
     cu = [n_trunk]
     for n in seg_lens:
         cu.append(cu[-1] + n)
-    return n_prefix, n_trunk, torch.tensor(cu, device=device, dtype=torch.int32)
+    return n_context, n_trunk, torch.tensor(cu, device=device, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -134,9 +134,9 @@ def test_tree_attention(benchmark, cuda, impl):
     from fastprompt.engines.tree import tree_mask
 
     fn = kernels.tree_attention if impl == "triton" else ops.tree_attention
-    n_prefix, n_trunk, cu = _tree(cuda)
+    n_context, n_trunk, cu = _tree(cuda)
     nk = int(cu[-1])
-    nq = nk - n_prefix
+    nq = nk - n_context
     q = torch.randn(nq, HEADS, HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)
     k = torch.randn(nk, HEADS, HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)
     v = torch.randn(nk, HEADS, HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)

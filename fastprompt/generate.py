@@ -4,19 +4,19 @@ Each prefix ``(ids, prompt_start)`` is a template rendered up to its target, the
 ``prompt_start``. The word is decoded token by token until a token starts a new word (leading whitespace
 after the first token), a newline, EOS, or ``max_new_tokens``.
 
-The cached decoder does what the training engines do: the **context**, the tokens that every prefix of
+The cached decoder does what the training engines do: the **shared tokens**, those that every prefix of
 the call shares (the template text before the first field, and the prompt where it stands there), runs
 once per call at batch 1; each batch continues from a copy of its KV cache, expanded over the
 batch without a copy. Each batch's own tokens then run once, left-padded to the batch's longest, and
 every new token is one row per undecided example against the KV cache: only the last position's logits
 are computed, and finished examples leave the batch (their cache rows are dropped). Layout of one batch::
 
-    keys:     [ context (C) | pad ... own tokens | new token 1 | new token 2 ... ]
+    keys:     [ shared (C)  | pad ... own tokens | new token 1 | new token 2 ... ]
     mask:     [ 1 ... 1     | 0 ... 0   1 ... 1 | 1           | 1 ... ]
     position:   0 ... C-1     (any)     C ... n-1  n             n+1
 
-Models with sliding-window layers whose window is shorter than a decoded sequence get no shared context
-(C = 0: plain left padding): their window counts cache slots, and pads after the context would take the
+Models with sliding-window layers whose window is shorter than a decoded sequence get no shared tokens
+(C = 0: plain left padding): their window counts cache slots, and pads after the shared ones would take the
 slots of real tokens.
 
 ``greedy_words_uncached`` is the former decoder (the whole left-padded sequence re-run for every new token),
@@ -51,23 +51,23 @@ def greedy_words(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Ten
         return []
     device = next(model.parameters()).device
     prompt = prompt.detach().to(device)
-    C = context_len(prefixes)
+    C = shared_len(prefixes)
     window = sliding_window(model.config)
     if window is not None and max(len(ids) for ids, _ in prefixes) + max_new_tokens > window:
-        C = 0  # a sliding window counts cache slots: pads after a shared context would take slots of real tokens
+        C = 0  # a sliding window counts cache slots: pads after shared tokens would take slots of real tokens
     forward = _Forward(model)
     out: list[str] = []
     with eval_mode(model), _autocast(device, autocast):
-        context = None
-        if C:  # the shared context, once for the whole call
+        shared = None
+        if C:  # the shared tokens, once for the whole call
             ids, slot = _ids_and_slots([(prefixes[0][0][:C], prefixes[0][1])], C, prompt.shape[0])
-            context = new_cache(model.config)
+            shared = new_cache(model.config)
             forward.fill(_embed(model, ids.to(device), slot.to(device), prompt), None,
-                         torch.arange(C, device=device)[None], context)
+                         torch.arange(C, device=device)[None], shared)
         for i in range(0, len(prefixes), batch_size):
             batch = prefixes[i : i + batch_size]
-            cache = copy.deepcopy(context) if context is not None else new_cache(model.config)
-            if context is not None:
+            cache = copy.deepcopy(shared) if shared is not None else new_cache(model.config)
+            if shared is not None:
                 expand_batch(cache, len(batch))
             out += _decode_batch(forward, tokenizer, batch, prompt, C, cache, max_new_tokens)
             if progress is not None:
@@ -75,7 +75,7 @@ def greedy_words(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Ten
     return out
 
 
-def context_len(prefixes: Sequence[Prefix]) -> int:
+def shared_len(prefixes: Sequence[Prefix]) -> int:
     """Leading tokens every prefix shares, prompt rows included where every prefix has the prompt at the same
     place; each prefix keeps at least its last token for itself (its first logits come from it)."""
     starts = {start for _, start in prefixes}
@@ -179,7 +179,7 @@ def _ids_and_slots(prefixes, T: int, L: int, left: bool = False):
     for b, (seq, start) in enumerate(prefixes):
         at = T - len(seq) if left else 0
         ids[b, at : at + len(seq)] = torch.tensor(seq, dtype=torch.long)
-        if start is not None:  # prompt rows that fall inside this span (start may be negative: in the context)
+        if start is not None:  # prompt rows that fall inside this span (start may be negative: among the shared tokens)
             lo, hi = max(start, 0), min(start + L, len(seq))
             if lo < hi:
                 slot[b, at + lo : at + hi] = torch.arange(lo - start, hi - start)

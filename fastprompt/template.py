@@ -137,9 +137,14 @@ class Encoded:
 class TemplateEncoder:
     """Tokenises examples for one template, tokenizer and prompt length.
 
-    ``n_prefix``: tokens before both the prompt and the first field (constant for the whole run).
-    ``n_shared``: tokens before the first field (the example-independent head, prompt included where it
-    stands before the first field). Every example's first ``n_shared`` ids are equal.
+    Every example's ids split at two offsets that are the same for all (docs/ARCHITECTURE.md, 'Spans'):
+
+    ``[0, n_context)``         the *context*: constant text before both the prompt and the first field
+    ``[n_context, n_shared)``  the *trunk*: the prompt and the text after it up to the first field, shared by
+                               every example (empty where a field precedes the prompt)
+    ``[n_shared, ...)``        the example's own *suffix*, from its first field on
+
+    ``shared_ids`` are the first ``n_shared`` ids (context and trunk, the prompt as placeholders).
     """
 
     def __init__(self, template: Template | str, tokenizer, prompt_len: int, max_len: int | None = None):
@@ -163,9 +168,9 @@ class TemplateEncoder:
                 prompt_start = len(ids)
                 ids += [self.placeholder] * prompt_len
         first_field = len(ids)
-        self.head_ids = tuple(ids)  # the example-independent head
+        self.shared_ids = tuple(ids)  # context and trunk
         self.n_shared = first_field
-        self.n_prefix = prompt_start if prompt_start is not None else first_field
+        self.n_context = prompt_start if prompt_start is not None else first_field
         self.prompt_start = prompt_start  # None when an example field precedes the prompt
         if max_len is not None and prompt_len + len(self.bos) > max_len:
             raise TemplateError(f"prompt length {prompt_len} does not fit the model's context of {max_len} tokens")
@@ -179,7 +184,7 @@ class TemplateEncoder:
 
     def encode(self, example: Any, index: int | None = None) -> Encoded:
         values = self.template.as_fields(example, index)
-        ids = list(self.head_ids)
+        ids = list(self.shared_ids)
         prompt_start = self.prompt_start
         target_start = None
         started = False

@@ -1,7 +1,7 @@
 """Tree attention over a packed row block (shared trunk + independent segments), FlashAttention-style.
 
-Rows. q: (Nq, H, D); k, v: (Nk, H, D), Nk >= Nq. Query row r sits at key index i = r + n_prefix,
-n_prefix = Nk - Nq: the first n_prefix key rows are a constant precomputed prefix without queries.
+Rows. q: (Nq, H, D); k, v: (Nk, H, D), Nk >= Nq. Query row r sits at key index i = r + n_context,
+n_context = Nk - Nq: the first n_context key rows are the constant context, keys without queries.
 Key rows [0, n_trunk) are the shared trunk; cu_seqlens (B+1,) with cu[0] = n_trunk, cu[-1] = Nk cuts
 the rest into segments b = [cu[b], cu[b+1]). Query at key index i sees key j iff
 
@@ -16,7 +16,7 @@ Forward: one program per (query block, head); two key loops, one over the trunk 
 last query + 1)) and one from the earliest segment start of the block to the last query, with the
 mask above applied per element; online softmax in base 2, fp32 accumulators, LSE saved for backward.
 Backward: a dq kernel (same loops as forward) and a dk/dv kernel parallel over key blocks that loops
-over every query able to see its keys (key j: queries [max(j, n_prefix), seg_end(j)), with seg_end = Nk
+over every query able to see its keys (key j: queries [max(j, n_context), seg_end(j)), with seg_end = Nk
 for trunk keys), so trunk keys' dk/dv sum over all segments without atomics: race-free, deterministic.
 """
 import math
@@ -72,7 +72,7 @@ def _tree_attn_fwd_kernel(
     stride_vr, stride_vh,  # ... of V
     stride_or, stride_oh,  # ... of O
     Nq,  # query rows
-    n_prefix,  # Nk - Nq: key rows without queries
+    n_context,  # Nk - Nq: key rows without queries
     n_trunk,  # shared trunk rows
     D,  # head dim
     qk_scale,  # softmax scale * log2(e)
@@ -86,7 +86,7 @@ def _tree_attn_fwd_kernel(
     row_mask = offs_m < Nq
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    qi = offs_m + n_prefix  # key index of each query
+    qi = offs_m + n_context  # key index of each query
     q = tl.load(Q + head * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qr + offs_d[None, :],
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     if not LOWP_DOT:
@@ -97,7 +97,7 @@ def _tree_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_head = head * stride_kh
     v_head = head * stride_vh
-    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Nq) + n_prefix  # one past the block's last query
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Nq) + n_context  # one past the block's last query
     trunk_hi = tl.minimum(n_trunk, hi)
     for j0 in range(0, trunk_hi, BLOCK_N):  # trunk keys
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, K, V, k_head, v_head, stride_kr, stride_vr,
@@ -160,7 +160,7 @@ def _tree_attn_dq_kernel(
     SEG_START,  # (Nk,) int32
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,  # row / head strides
     stride_dor, stride_doh, stride_dqr, stride_dqh,
-    Nq, n_prefix, n_trunk, D,
+    Nq, n_context, n_trunk, D,
     scale,  # softmax scale (natural units)
     qk_scale,  # scale * log2(e)
     LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -172,7 +172,7 @@ def _tree_attn_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     qd_mask = row_mask[:, None] & d_mask[None, :]
-    qi = offs_m + n_prefix
+    qi = offs_m + n_context
     rows64 = offs_m.to(tl.int64)[:, None]
     q = tl.load(Q + head * stride_qh + rows64 * stride_qr + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + head * stride_doh + rows64 * stride_dor + offs_d[None, :], mask=qd_mask, other=0.0)
@@ -185,7 +185,7 @@ def _tree_attn_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_head = head * stride_kh
     v_head = head * stride_vh
-    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Nq) + n_prefix
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, Nq) + n_context
     trunk_hi = tl.minimum(n_trunk, hi)
     for j0 in range(0, trunk_hi, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, K, V, k_head, v_head, stride_kr, stride_vr, j0, 0, trunk_hi,
@@ -207,7 +207,7 @@ def _tree_attn_dkdv_kernel(
     SEG_END,  # (Nk,) int32 per key row: one past the last key index whose query sees it (Nk in trunk)
     stride_qr, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh,
     stride_dor, stride_doh, stride_dkr, stride_dkh, stride_dvr, stride_dvh,
-    Nq, Nk, n_prefix, n_trunk, D, scale, qk_scale,
+    Nq, Nk, n_context, n_trunk, D, scale, qk_scale,
     LOWP_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -225,13 +225,13 @@ def _tree_attn_dkdv_kernel(
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # queries (as key indices) that can see any key of this block: [max(first key, n_prefix), max seg_end)
-    i_lo = tl.maximum(pid_n * BLOCK_N, n_prefix)
+    # queries (as key indices) that can see any key of this block: [max(first key, n_context), max seg_end)
+    i_lo = tl.maximum(pid_n * BLOCK_N, n_context)
     i_hi = tl.max(tl.load(SEG_END + offs_n, mask=n_mask, other=0), axis=0)
     for i0 in range(i_lo, i_hi, BLOCK_M):
         offs_i = i0 + tl.arange(0, BLOCK_M)  # key index of the queries
         i_mask = offs_i < i_hi
-        rows = offs_i - n_prefix  # query rows, >= 0
+        rows = offs_i - n_context  # query rows, >= 0
         rows64 = rows.to(tl.int64)[:, None]
         qd_mask = i_mask[:, None] & d_mask[None, :]
         q = tl.load(Q + head * stride_qh + rows64 * stride_qr + offs_d[None, :], mask=qd_mask, other=0.0)

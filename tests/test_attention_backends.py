@@ -10,14 +10,14 @@ from fastprompt.engines.ops import tree_attention as torch_tree_attention
 from helpers import rel_err
 
 
-@pytest.mark.parametrize("n_prefix, n_trunk_rows, seg_lens", [
+@pytest.mark.parametrize("n_context, n_trunk_rows, seg_lens", [
     (3, 4, [2, 1, 5]), (0, 7, [1]), (2, 0, [3, 4]), (3, 4, []), (1, 2, [0, 3, 0, 1]),
 ])
-def test_varlen_gather_equals_tree_attention(n_prefix, n_trunk_rows, seg_lens):
+def test_varlen_gather_equals_tree_attention(n_context, n_trunk_rows, seg_lens):
     torch.manual_seed(0)
-    n_trunk = n_prefix + n_trunk_rows
+    n_trunk = n_context + n_trunk_rows
     nk = n_trunk + sum(seg_lens)
-    nq = nk - n_prefix
+    nq = nk - n_context
     if nq == 0:
         pytest.skip("no queries")
     H, D = 3, 16

@@ -138,11 +138,11 @@ def test_prefix_cache_is_constant_and_reused():
     batch = enc.encode_all(examples(5, 1))
     prompt = fresh_prompt(model, 4, 1)
     first = loss_and_grad(engine, prompt, batch)
-    cache = engine.prefix_kv()
-    assert len(cache) == model.config.n_layer and cache[0][0].shape == (enc.n_prefix, 4, 16)
+    cache = engine.context_kv()
+    assert len(cache) == model.config.n_layer and cache[0][0].shape == (enc.n_context, 4, 16)
     assert not any(t.requires_grad for kv in cache for t in kv)
     second = loss_and_grad(engine, prompt, batch)
-    assert engine.prefix_kv() is cache
+    assert engine.context_kv() is cache
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -152,7 +152,7 @@ def test_packed_batch_layout():
     enc = TemplateEncoder(TEMPLATES["middle"], tok, 4)  # prefix "Here are two" (3), trunk = 4 prompt rows
     batch = enc.encode_all([("hot", "cold"), ("antidisestablishment", "up")])
     packed = PackedBatch.build(enc, batch, torch.device("cpu"))
-    P0, S = enc.n_prefix, enc.n_shared
+    P0, S = enc.n_context, enc.n_shared
     suffix = [len(e.ids) - 1 - S for e in batch]
     assert (P0, S, packed.n_trunk_rows) == (3, 7, 4)
     assert packed.n_rows == 4 + sum(suffix)
@@ -175,7 +175,7 @@ def test_packed_batch_prompt_in_suffix():
     enc = TemplateEncoder(TEMPLATES["end"], tokenizer(), 2)
     batch = enc.encode_all([("hot", "cold"), ("antidisestablishment", "up")])
     packed = PackedBatch.build(enc, batch, torch.device("cpu"))
-    assert packed.n_trunk_rows == 0 and packed.cu_seqlens[0].item() == enc.n_prefix == enc.n_shared
+    assert packed.n_trunk_rows == 0 and packed.cu_seqlens[0].item() == enc.n_context == enc.n_shared
     assert packed.prompt_rows.numel() == 4 and packed.prompt_slots.tolist() == [0, 1, 0, 1]
     pos = packed.positions[packed.prompt_rows].tolist()
     assert pos == [batch[0].prompt_start, batch[0].prompt_start + 1, batch[1].prompt_start, batch[1].prompt_start + 1]
@@ -282,18 +282,18 @@ def test_tuner_fit_fused_equals_naive():
 
 # ------------------------------------------------------------------------------- ops vs direct math
 def test_tree_mask_against_definition():
-    n_prefix, n_trunk_rows, lens = 3, 4, [2, 0, 5, 1]
-    n_trunk = n_prefix + n_trunk_rows
+    n_context, n_trunk_rows, lens = 3, 4, [2, 0, 5, 1]
+    n_trunk = n_context + n_trunk_rows
     cu = torch.tensor([n_trunk + sum(lens[:i]) for i in range(len(lens) + 1)])
     nk = cu[-1].item()
-    nq = nk - n_prefix
+    nq = nk - n_context
     mask = ops_mod.tree_mask(nq, nk, n_trunk, cu)
     segment_of = {}
     for s in range(len(lens)):
         for j in range(cu[s].item(), cu[s + 1].item()):
             segment_of[j] = s
     for r in range(nq):
-        i = r + n_prefix
+        i = r + n_context
         for j in range(nk):
             if i < n_trunk:
                 allowed = j <= i
@@ -319,14 +319,14 @@ def tree_attention_by_loops(q, k, v, n_trunk, cu, scale):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("n_prefix,n_trunk_rows,lens", [(3, 4, [2, 0, 5, 1]), (0, 0, [3, 1, 4]), (2, 1, [7])])
-def test_tree_attention_against_loops(n_prefix, n_trunk_rows, lens):
+@pytest.mark.parametrize("n_context,n_trunk_rows,lens", [(3, 4, [2, 0, 5, 1]), (0, 0, [3, 1, 4]), (2, 1, [7])])
+def test_tree_attention_against_loops(n_context, n_trunk_rows, lens):
     torch.manual_seed(0)
     H, D = 3, 12
-    n_trunk = n_prefix + n_trunk_rows
+    n_trunk = n_context + n_trunk_rows
     cu = torch.tensor([n_trunk + sum(lens[:i]) for i in range(len(lens) + 1)])
     nk = int(cu[-1])
-    nq = nk - n_prefix
+    nq = nk - n_context
     q = torch.randn(nq, H, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(nk, H, D, dtype=torch.float64, requires_grad=True)
     v = torch.randn(nk, H, D, dtype=torch.float64, requires_grad=True)

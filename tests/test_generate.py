@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastprompt as fp
-from fastprompt.generate import context_len, greedy_words, greedy_words_uncached, sliding_window
+from fastprompt.generate import shared_len, greedy_words, greedy_words_uncached, sliding_window
 from fastprompt.metrics import normalize_word, word_metrics
 
 from helpers import tiny_causal_lm, tiny_gpt2, tokenizer
@@ -64,7 +64,7 @@ def test_the_shared_context_runs_once_per_call():
     row per undecided example and new token; the uncached decoder re-runs whole sequences every token."""
     model = model_of("gpt2")
     prefixes, prompt = prefixes_and_prompt(model, TEMPLATES[0], n=24)
-    C = context_len(prefixes)
+    C = shared_len(prefixes)
     assert C == 3 + 3  # "Here are two" + the 3 prompt rows, shared by every prefix
     calls = []
     hook = model.transformer.register_forward_pre_hook(
@@ -85,10 +85,10 @@ def test_the_shared_context_runs_once_per_call():
 
 
 def test_context_len():
-    assert context_len([((1, 2, 3, 4), 1), ((1, 2, 3, 5, 6), 1)]) == 3
-    assert context_len([((1, 2, 3), 1), ((1, 2, 3), 1)]) == 2  # each prefix keeps its last token
-    assert context_len([((1, 0, 0, 4), 1), ((1, 2, 0, 0), 2)]) == 1  # prompts at different places: stop before
-    assert context_len([((7, 2), None), ((8, 2), None)]) == 0
+    assert shared_len([((1, 2, 3, 4), 1), ((1, 2, 3, 5, 6), 1)]) == 3
+    assert shared_len([((1, 2, 3), 1), ((1, 2, 3), 1)]) == 2  # each prefix keeps its last token
+    assert shared_len([((1, 0, 0, 4), 1), ((1, 2, 0, 0), 2)]) == 1  # prompts at different places: stop before
+    assert shared_len([((7, 2), None), ((8, 2), None)]) == 0
 
 
 def test_sliding_window_is_read_from_the_config():

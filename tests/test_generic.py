@@ -244,7 +244,7 @@ def test_shared_work_runs_once(template, layout):
     finally:
         handle.remove()
     lens = [len(e.ids) - 1 - encoder.n_shared for e in batch]
-    H = encoder.n_shared - encoder.n_prefix
+    H = encoder.n_shared - encoder.n_context
     if template == MIDDLE and layout == "padded":
         head, suffix = calls
         assert head[0] == (1, H)

@@ -208,9 +208,9 @@ TREE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", TREE_CASES, ids=lambda c: f"P{c[0]}-T{c[1]}-S{len(c[2])}-H{c[3]}-D{c[4]}")
 def test_tree_attention(dtype, case):
-    n_prefix, n_trunk, segs, nh, d = case
+    n_context, n_trunk, segs, nh, d = case
     nk = n_trunk + sum(segs)
-    nq = nk - n_prefix
+    nq = nk - n_context
     cu = _cu(n_trunk, segs, torch.int64 if d == 16 else torch.int32)
     q, k, v = _rand(nq, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
     _compare(lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu),
@@ -242,10 +242,10 @@ def test_tree_attention_exact_at_gpu_tiles(monkeypatch):
     module, tiles = _gpu_choices("tree_attention", lambda mod: [
         mod.attention_blocks(64, kernel, lowp) for kernel in ("fwd", "dq", "dkdv") for lowp in (False, True)],
         monkeypatch)
-    n_prefix, n_trunk, segs, nh, d = 3, 37, [1, 40, 9, 2], 1, 64  # several tiles; partial last tiles
+    n_context, n_trunk, segs, nh, d = 3, 37, [1, 40, 9, 2], 1, 64  # several tiles; partial last tiles
     nk = n_trunk + sum(segs)
     cu = _cu(n_trunk, segs)
-    q, k, v = _rand(nk - n_prefix, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
+    q, k, v = _rand(nk - n_context, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
     for tile in tiles:
         with monkeypatch.context() as m:
             m.setattr(module, "attention_blocks", lambda *_, tile=tile: tile)

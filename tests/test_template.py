@@ -18,7 +18,7 @@ def test_reference_template_matches_whole_sentence_tokenisation():
         assert list(e.ids[:3]) == whole[:3] and list(e.ids[7:]) == whole[7:]
         assert len(e.ids) == len(whole)
         assert tok.decode(e.ids[e.target_start:]) == " " + w2
-    assert enc.n_prefix == 3 and enc.n_shared == 7
+    assert enc.n_context == 3 and enc.n_shared == 7
 
 
 def test_builtin_data_tokenises_like_the_notebook():
@@ -35,7 +35,7 @@ def test_builtin_data_tokenises_like_the_notebook():
 def test_fields_before_the_prompt_shorten_the_shared_head():
     enc = TemplateEncoder("Word: {input}. Opposite {prompt} {target}", tokenizer(), prompt_len=3)
     a, b = enc.encode(("hot", "cold")), enc.encode(("antidisestablishment", "tiny"))
-    assert enc.n_shared == enc.n_prefix == len(tokenizer()("Word:")["input_ids"])
+    assert enc.n_shared == enc.n_context == len(tokenizer()("Word:")["input_ids"])
     assert a.prompt_start != b.prompt_start  # the prompt moves with the input's length
     assert a.ids[: enc.n_shared] == b.ids[: enc.n_shared]
 

@@ -20,6 +20,7 @@ OPTION_VALUES = {
     "cuda_graphs": ("auto", "on", "off"),
     "self_check": (True, False),
 }
+CLI_OPTIONS = ("kernels", "cuda_graphs")  # engine options the CLI passes as --kernels / --cuda-graphs
 
 
 def engine_options(name: str, options: dict) -> dict:
@@ -35,7 +36,8 @@ def engine_options(name: str, options: dict) -> dict:
     for key, value in options.items():
         allowed = OPTION_VALUES.get(key)
         if allowed is not None and (value not in allowed or type(value) is not type(allowed[0])):
-            raise ConfigError(f"unknown {key} {value!r}: use {', '.join(str(v) for v in allowed)}")
+            flag = f" (--{key.replace('_', '-')})" if key in CLI_OPTIONS else ""
+            raise ConfigError(f"unknown {key}{flag} {value!r}: use {', '.join(str(v) for v in allowed)}")
         if key not in own and value != ENGINE_OPTIONS[known[key]][key]:
             raise ConfigError(f"{key}={value!r} is an option of the {known[key]} engine; the {name} engine "
                               "does not use it")

@@ -44,12 +44,12 @@ def varlen_layout(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.T
     """
     device = cu_seqlens.device
     cu = cu_seqlens.to(torch.long)
-    n_prefix = n_keys - n_queries
+    n_context = n_keys - n_queries
     n_segments = cu.shape[0] - 1
     seg_len = cu[1:] - cu[:-1]  # (B,)
     trunk = torch.full((1,), n_trunk, dtype=torch.long, device=device)
     k_len = torch.cat([trunk, seg_len + n_trunk])  # (B + 1,)
-    q_len = torch.cat([trunk - n_prefix, seg_len])
+    q_len = torch.cat([trunk - n_context, seg_len])
     zero = torch.zeros(1, dtype=torch.long, device=device)
     cu_k = torch.cat([zero, k_len.cumsum(0)])  # (B + 2,)
     cu_q = torch.cat([zero, q_len.cumsum(0)])
@@ -61,7 +61,7 @@ def varlen_layout(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.T
     own = torch.arange(n_trunk, n_keys, device=device)  # key rows in segments
     segment = key_segments(n_keys, n_trunk, cu)[n_trunk:]  # (Nk - n_trunk,)
     key_index[cu_k[segment + 1] + n_trunk + (own - cu[segment])] = own
-    max_q = max(n_trunk - n_prefix, n_queries - (n_trunk - n_prefix))
+    max_q = max(n_trunk - n_context, n_queries - (n_trunk - n_context))
     max_k = n_trunk + (n_keys - n_trunk)
     return key_index, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k
 

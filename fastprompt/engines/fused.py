@@ -1,17 +1,17 @@
 """The fused engine: our own GPT-2 forward over one packed row block (docs/ARCHITECTURE.md, 'What a step leaves out').
 
-Rows of a step, for an encoder with ``n_prefix = P0`` and ``n_shared = S`` and examples of lengths ``n_b``:
+Rows of a step, for an encoder with ``n_context = P0`` and ``n_shared = S`` and examples of lengths ``n_b``:
 
-    prefix  positions [0, P0)        fixed text before the prompt and every field: K/V computed once per
+    context positions [0, P0)        fixed text before the prompt and every field: K/V computed once per
                                      engine (lazily, no grad) and prepended to every layer's keys
-    trunk   positions [P0, S)        the example-independent head (the prompt, where it stands before the
+    trunk   positions [P0, S)        the example-independent span (the prompt, where it stands before the
                                      first field): once per step, at batch 1
     suffix  positions [S, n_b - 1)   per example, packed one after another without padding; the last
                                      token is never an input. Where a field precedes the prompt, the
                                      prompt rows sit inside every suffix.
 
-Attention follows the tree (``ops.tree_attention``): trunk rows are causal among prefix+trunk keys; a
-suffix row sees the prefix, the trunk and its own earlier rows. After the last layer's attention only the
+Attention follows the tree (``ops.tree_attention``): trunk rows are causal among context+trunk keys; a
+suffix row sees the context, the trunk and its own earlier rows. After the last layer's attention only the
 rows that predict a target token go on (c_proj, MLP, ln_f, LM head + CE): ``lm_head_ce`` sees exactly
 ``sum_b |target_b|`` rows. Weights are read from the Hugging Face model as detached views (never
 modified); ``precision="bf16"`` keeps one bf16 copy, made here. Ops come from ``ops.get_ops`` so the
@@ -53,7 +53,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # (B + 1,) key-row offsets of the suffixes; cu[0] = n_trunk_keys
     target_rows: torch.Tensor  # (n_targets,) rows whose output predicts a target token (trunk rows repeat)
     target_ids: torch.Tensor  # (n_targets,) the token each predicts
-    n_prefix: int  # constant prefix rows (keys only)
+    n_context: int  # constant context rows (keys only)
     n_trunk_rows: int  # shared query rows
     n_examples: int
 
@@ -63,7 +63,7 @@ class PackedBatch:
 
     @property
     def n_trunk_keys(self) -> int:
-        return self.n_prefix + self.n_trunk_rows
+        return self.n_context + self.n_trunk_rows
 
     @property
     def n_targets(self) -> int:
@@ -74,9 +74,9 @@ class PackedBatch:
         """Host-side indices for ``batch``, moved to ``device`` in one transfer."""
         if len(batch) == 0:
             raise DataError("empty batch")
-        P0, S, L = encoder.n_prefix, encoder.n_shared, encoder.prompt_len
-        head = encoder.head_ids
-        token_ids = list(head[P0:S])
+        P0, S, L = encoder.n_context, encoder.n_shared, encoder.prompt_len
+        shared = encoder.shared_ids
+        token_ids = list(shared[P0:S])
         positions = list(range(P0, S))
         prompt_rows: list[int] = []
         prompt_slots: list[int] = []
@@ -89,7 +89,7 @@ class PackedBatch:
         target_ids: list[int] = []
         for b, e in enumerate(batch):
             n = len(e.ids)
-            if e.target_start is None or e.target_start < S or e.target_start >= n or e.ids[:S] != head:
+            if e.target_start is None or e.target_start < S or e.target_start >= n or e.ids[:S] != shared:
                 raise DataError(f"example {b} was not encoded for this engine's template and prompt length")
             offset = len(token_ids)  # query row of position S
             token_ids += e.ids[S : n - 1]
@@ -107,7 +107,7 @@ class PackedBatch:
             flat = flat.pin_memory()
         flat = flat.to(device, non_blocking=True)
         tensors = flat.split([len(part) for part in parts])
-        return cls(*tensors, n_prefix=P0, n_trunk_rows=n_trunk_rows, n_examples=len(batch))
+        return cls(*tensors, n_context=P0, n_trunk_rows=n_trunk_rows, n_examples=len(batch))
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -186,7 +186,7 @@ class FusedEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self.ops = get_ops(kernels, self.device, torch.bfloat16 if precision in ("bf16", "autocast") else None)
         self.weights = read_gpt2_weights(model, torch.bfloat16 if precision == "bf16" else None)
-        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked = not self_check
 
     def describe(self) -> str:
@@ -212,18 +212,18 @@ class FusedEngine(Engine):
         return self.packed_loss(inputs, static.packed, static.target_weight)
 
     def prepare(self, inputs: PromptInputs, example: Encoded) -> None:
-        """Once, before a step is captured: the comparison with the model and the constant prefix's K/V."""
+        """Once, before a step is captured: the comparison with the model and the constant context's K/V."""
         if not self._checked:
             self.check_against_model(inputs, example)
-        self.prefix_kv()
+        self.context_kv()
 
     def pack(self, batch: Sequence[Encoded]) -> PackedBatch:
         return PackedBatch.build(self.encoder, batch, self.device)
 
     def rows_per_example(self, batch: Sequence[Encoded]) -> float:
-        """Rows computed per example per step (trunk rows amortised over the batch; the prefix is free)."""
+        """Rows computed per example per step (trunk rows amortised over the batch; the context is free)."""
         S = self.encoder.n_shared
-        n_rows = (S - self.encoder.n_prefix) + sum(len(e.ids) - 1 - S for e in batch)
+        n_rows = (S - self.encoder.n_context) + sum(len(e.ids) - 1 - S for e in batch)
         return n_rows / len(batch)
 
     def loss_terms(self, inputs, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
@@ -237,9 +237,9 @@ class FusedEngine(Engine):
                     target_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Summed target CE of a packed batch; ``target_weight`` (n_targets,) masks padded target rows."""
         with self.autocast(), nvtx_range("forward"):
-            prefix_kv = self.prefix_kv()
+            context_kv = self.context_kv()
             x = self.embed(inputs.embeds, packed)  # (rows, d)
-            h = self.blocks(x, prefix_kv, packed, layer_kv=inputs.layer_kv)  # (n_targets, d) after ln_f
+            h = self.blocks(x, context_kv, packed, layer_kv=inputs.layer_kv)  # (n_targets, d) after ln_f
             loss = self.ops.lm_head_ce(h, self.weights.lm_head, packed.target_ids).float()  # (n_targets,) fp32
         return loss.sum() if target_weight is None else (loss * target_weight).sum()
 
@@ -253,7 +253,7 @@ class FusedEngine(Engine):
         if prompt is None:
             prompt = self.model.get_input_embeddings()(torch.zeros(L, dtype=torch.long, device=self.device)).float()
         with torch.no_grad(), self.autocast():
-            h = self.blocks(self.embed(prompt.detach(), packed), self.prefix_kv(), packed)  # (n_targets, d)
+            h = self.blocks(self.embed(prompt.detach(), packed), self.context_kv(), packed)  # (n_targets, d)
             ours = (h @ self.weights.lm_head.to(h.dtype).t()).float()  # (n_targets, V)
             wte = self.model.get_input_embeddings()
             embeds = wte(torch.tensor([example.ids], device=self.device))  # (1, T, d)
@@ -284,28 +284,28 @@ class FusedEngine(Engine):
             x = x.index_copy(0, packed.prompt_rows, vectors)
         return x + W.wpe[packed.positions]
 
-    def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (K, V) of the constant prefix, each (n_prefix, H, D): computed once, no grad."""
-        if self._prefix_kv is None:
-            P0 = self.encoder.n_prefix
+    def context_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (K, V) of the constant context, each (n_context, H, D): computed once, no grad."""
+        if self._context_kv is None:
+            P0 = self.encoder.n_context
             if P0 == 0:  # the template starts with the prompt: nothing constant to cache
-                self._prefix_kv = []
-                return self._prefix_kv
-            ids = torch.tensor(self.encoder.head_ids[:P0], dtype=torch.long, device=self.device)
+                self._context_kv = []
+                return self._context_kv
+            ids = torch.tensor(self.encoder.shared_ids[:P0], dtype=torch.long, device=self.device)
             packed = PackedBatch(
                 ids, torch.arange(P0, device=self.device), ids[:0], ids[:0],
                 torch.tensor([P0, P0], dtype=torch.long, device=self.device),  # one empty suffix
-                ids[:0], ids[:0], n_prefix=0, n_trunk_rows=P0, n_examples=1,
+                ids[:0], ids[:0], n_context=0, n_trunk_rows=P0, n_examples=1,
             )
             with torch.no_grad():
                 x = self.embed(None, packed)
                 kv = self.blocks(x, None, packed, collect_kv=True)
-            self._prefix_kv = [(k.detach().contiguous(), v.detach().contiguous()) for k, v in kv]
-        return self._prefix_kv
+            self._context_kv = [(k.detach().contiguous(), v.detach().contiguous()) for k, v in kv]
+        return self._context_kv
 
-    def blocks(self, x, prefix_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None):
+    def blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None):
         """The transformer over the packed rows. Returns ln_f(h) at the target rows (n_targets, d), or with
-        ``collect_kv`` each layer's (K, V) of the rows (for the prefix cache). ``layer_kv`` (n_layer, 2, L, H, D):
+        ``collect_kv`` each layer's (K, V) of the rows (for the context cache). ``layer_kv`` (n_layer, 2, L, H, D):
         K/V written over the prompt rows' at every layer (see the module docstring)."""
         ops, W = self.ops, self.weights
         rows, d = x.shape
@@ -325,9 +325,9 @@ class FusedEngine(Engine):
             if layer_kv is not None and packed.prompt_rows.numel():
                 k = k.index_copy(0, packed.prompt_rows, layer_kv[i, 0][packed.prompt_slots].to(k.dtype))
                 v = v.index_copy(0, packed.prompt_rows, layer_kv[i, 1][packed.prompt_slots].to(v.dtype))
-            if prefix_kv is not None and packed.n_prefix:
-                pk, pv = prefix_kv[i]
-                k = torch.cat([pk.to(k.dtype), k])  # (n_prefix + rows, H, D)
+            if context_kv is not None and packed.n_context:
+                pk, pv = context_kv[i]
+                k = torch.cat([pk.to(k.dtype), k])  # (n_context + rows, H, D)
                 v = torch.cat([pv.to(v.dtype), v])
             o = ops.tree_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, W.scales[i])
             o = o.reshape(rows, d)

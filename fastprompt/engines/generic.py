@@ -1,16 +1,16 @@
 """The generic engine: any Hugging Face causal LM through its own forward, sharing what the batch shares.
 
-One step, for a template whose tokens split as ``prefix | head | suffix_b`` (docs/ARCHITECTURE.md, 'Layouts'):
+One step, for a template whose tokens split as ``context | trunk | suffix_b`` (docs/ARCHITECTURE.md, 'Layouts'):
 
-    prefix   ids[:n_prefix]          fixed text before both prompt and first field: run once per engine,
+    context  ids[:n_context]          fixed text before both prompt and first field: run once per engine,
                                      no grad, its KV cache kept (a constant of the frozen model)
-    head     ids[n_prefix:n_shared]  the prompt and the fixed text up to the first field: run once per step
-                                     at batch 1 against a copy of the prefix cache, with grad
+    trunk    ids[n_context:n_shared]  the prompt and the fixed text up to the first field: run once per step
+                                     at batch 1 against a copy of the context cache, with grad
     suffix_b ids[n_shared:n_b - 1]   example b from its first field to the token before its last target
                                      token, in one of two layouts:
 
       packed (default)  all examples' suffix rows side by side in one sequence at batch 1 (several packs of at
-                        most PACK_ROWS rows where longer), against the batch-1 (prefix + head) cache itself, with
+                        most PACK_ROWS rows where longer), against the batch-1 (context + trunk) cache itself, with
                         a 4D tree mask (a row sees the shared cache and its own example's earlier rows; within the
                         window where a layer slides; a dict by layer type where the decoder mixes full and
                         sliding layers) and each row's own position id n_shared + t. No padding rows: the
@@ -25,11 +25,11 @@ One step, for a template whose tokens split as ``prefix | head | suffix_b`` (doc
     such a mask (attention other than sdpa/eager, cache layers other than dynamic ones): ``packed_reason``
     says why. ``layout="packed"`` raises instead; ``layout="padded"`` forces the padded layout.
 
-Where a field stands before the prompt the head is empty and the prompt is written into each example's
+Where a field stands before the prompt the trunk is empty and the prompt is written into each example's
 suffix embeddings at its own offset. Tokens after the last input row are never computed.
 
-Prefix-tuning (``PromptInputs.layer_kv``): the slot's K/V are appended to every layer of the prefix cache's
-copy, with grad, and the head is the fixed text after the slot; the suffixes run as above. Where a field
+Prefix-tuning (``PromptInputs.layer_kv``): the slot's K/V are appended to every layer of the context cache's
+copy, with grad, and the trunk is the fixed text after the slot; the suffixes run as above. Where a field
 precedes the prompt the K/V would stand inside every suffix, which the model's forward cannot take: that
 case runs the naive engine's reference forward (``describe`` says so).
 
@@ -42,7 +42,7 @@ grad, that this reproduces ``model(input_ids).logits`` for one example and raise
 naming the naive engine where it does not (an output transform it does not know).
 
 Cache API: ``fastprompt/kvcache.py`` (the cache's name in ``forward``, per-step ``copy.deepcopy`` of the
-prefix cache, expansion over the batch without a copy).
+context cache, expansion over the batch without a copy).
 
 precision: ``fp32``; ``autocast`` (``torch.autocast(bfloat16)`` around every forward, as the post);
 ``bf16`` (the model itself where its weights are bf16, else a bf16 copy made once; the prompt stays fp32
@@ -62,6 +62,7 @@ from ..kvcache import cache_kwarg, expand_batch, new_cache
 from ..models import eval_mode
 from ..template import Encoded
 from .base import Engine, PromptInputs, as_inputs, target_count
+from .tree import TRUNK, tree_allowed
 
 
 # Target rows are rounded up to a multiple of ROW_BUCKET with zero rows the loss ignores. Fewer rows than
@@ -73,7 +74,6 @@ IGNORE = -100
 # Packed layout: at most this many suffix rows share one packed sequence (the attention of a pack is
 # quadratic in its length; the linear layers do not care). Longer batches run as several packs (batch P).
 PACK_ROWS = 512
-SHARED = -1  # owner of the packed head rows (examples own 0..B-1, padding rows -2, -3, ...)
 
 
 class GenericEngine(Engine):
@@ -89,7 +89,7 @@ class GenericEngine(Engine):
                               f"{type(model).__name__} has none: use engine='naive'")
         self.logit_transform = _logit_transform(self.runner)
         self.cache_kwarg = cache_kwarg(self.decoder)
-        self._prefix_cache = None  # (key, DynamicCache or None), built lazily
+        self._context_cache = None  # (key, DynamicCache or None), built lazily
         self._checked = False
         self.layout = layout
         # packed layout usable? None: not yet checked (auto checks once against the padded layout)
@@ -99,21 +99,21 @@ class GenericEngine(Engine):
 
     # --------------------------------------------------------------------------------------- layout
     @property
-    def head_len(self) -> int:
-        return self.encoder.n_shared - self.encoder.n_prefix
+    def trunk_len(self) -> int:
+        return self.encoder.n_shared - self.encoder.n_context
 
     def suffix_lens(self, batch: Sequence[Encoded]) -> list[int]:
         """Per example: rows from the first field to the token before the last target token."""
         return [len(e.ids) - 1 - self.encoder.n_shared for e in batch]
 
     def rows_per_example(self, batch: Sequence[Encoded]) -> float:
-        """Transformer rows computed per example in one step: the padded suffix block plus the batch-1 head,
-        amortised over the batch (the prefix is computed once per engine and not counted)."""
+        """Transformer rows computed per example in one step: the padded suffix block plus the batch-1 trunk,
+        amortised over the batch (the context is computed once per engine and not counted)."""
         lens = self.suffix_lens(batch)
         if self._packed is False:
-            return (self.head_len + len(batch) * max(lens)) / len(batch)
+            return (self.trunk_len + len(batch) * max(lens)) / len(batch)
         P, N = _pack_shape(lens)
-        return (self.head_len + P * N) / len(batch)
+        return (self.trunk_len + P * N) / len(batch)
 
     # ------------------------------------------------------------------------------------- forwards
     def _forward(self, embeds, position_ids, attention_mask=None, cache=None):
@@ -126,21 +126,21 @@ class GenericEngine(Engine):
     def _new_cache(self):
         return new_cache(self.runner.config)
 
-    def _prefix(self):
-        """A fresh cache holding the constant prefix's K/V (computed once, copied per step), or None."""
-        n_prefix = self.encoder.n_prefix
-        if n_prefix == 0:
+    def _context(self):
+        """A fresh cache holding the constant context's K/V (computed once, copied per step), or None."""
+        n_context = self.encoder.n_context
+        if n_context == 0:
             return None
         weight = self.lm_head.weight
         key = (weight.device, weight.dtype)
-        if self._prefix_cache is None or self._prefix_cache[0] != key:
-            ids = torch.tensor([self.encoder.head_ids[:n_prefix]], device=self.device)  # (1, n_prefix)
+        if self._context_cache is None or self._context_cache[0] != key:
+            ids = torch.tensor([self.encoder.shared_ids[:n_context]], device=self.device)  # (1, n_context)
             cache = self._new_cache()
             with torch.no_grad():
                 embeds = self.runner.get_input_embeddings()(ids)
-                self._forward(embeds, torch.arange(n_prefix, device=self.device)[None], cache=cache)
-            self._prefix_cache = (key, cache)
-        return copy.deepcopy(self._prefix_cache[1])  # the forwards below extend it; the constant stays
+                self._forward(embeds, torch.arange(n_context, device=self.device)[None], cache=cache)
+            self._context_cache = (key, cache)
+        return copy.deepcopy(self._context_cache[1])  # the forwards below extend it; the constant stays
 
     def _check_logits(self, example: Encoded):
         """Once: the LM head on our hidden state must give the model's own logits (see module docstring)."""
@@ -172,10 +172,10 @@ class GenericEngine(Engine):
             lens = self.suffix_lens(batch)
             suffix_h, where = None, None
             if self._packed and max(lens) > 0 and _pack_shape(lens)[0] == 1:
-                # one pack: head and suffixes in one forward (the head's rows are shared by every example)
-                head_h, suffix_h, where = self._suffix_packed(prompt, batch, lens, self._context(prompt), with_head=True)
+                # one pack: trunk and suffixes in one forward (the trunk's rows are shared by every example)
+                trunk_h, suffix_h, where = self._suffix_packed(prompt, batch, lens, self._start_cache(prompt), with_trunk=True)
             else:
-                cache, head_h = self._shared(prompt)
+                cache, trunk_h = self._shared(prompt)
                 # suffix: every example from its first field on, against the shared cache
                 if max(lens) > 0:
                     if self._packed:
@@ -183,8 +183,8 @@ class GenericEngine(Engine):
                     else:
                         suffix_h = self._suffix_padded(prompt, batch, lens, cache)
 
-            # target rows: row p predicts token p + 1; p >= n_shared lies in the suffix, p = n_shared - 1 in the head
-            hidden, labels = self._target_rows(batch, head_h, suffix_h, where)  # (R, d), (R,): R rounded up to ROW_BUCKET
+            # target rows: row p predicts token p + 1; p >= n_shared lies in the suffix, p = n_shared - 1 in the trunk
+            hidden, labels = self._target_rows(batch, trunk_h, suffix_h, where)  # (R, d), (R,): R rounded up to ROW_BUCKET
             logits = self.logit_transform(self.lm_head(hidden))  # (R, V)
         ce_sum = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum")
         return ce_sum, target_count(batch)
@@ -201,10 +201,10 @@ class GenericEngine(Engine):
             return f"{self.name} ({self.precision}; prefix K/V after a field: the naive reference forward)"
         return super().describe()
 
-    def _context(self, prompt: PromptInputs):
-        """A fresh cache of what precedes the head's rows: the constant prefix and, for ``layer_kv``, the slot's
+    def _start_cache(self, prompt: PromptInputs):
+        """A fresh cache of what precedes the trunk's rows: the constant context and, for ``layer_kv``, the slot's
         K/V (1, H, L, hd) per layer, appended with grad. None where that is nothing."""
-        cache = self._prefix()
+        cache = self._context()
         if prompt.layer_kv is None:
             return cache
         if cache is None:
@@ -214,34 +214,34 @@ class GenericEngine(Engine):
             cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
         return cache
 
-    def _head_start(self, prompt: PromptInputs) -> int:
-        """The head's first position: the prompt's, or after the slot where the slot holds K/V, not rows."""
+    def _trunk_start(self, prompt: PromptInputs) -> int:
+        """The trunk's first position: the prompt's, or after the slot where the slot holds K/V, not rows."""
         enc = self.encoder
-        return enc.n_prefix + (enc.prompt_len if prompt.layer_kv is not None else 0)
+        return enc.n_context + (enc.prompt_len if prompt.layer_kv is not None else 0)
 
     def _shared(self, prompt):
-        """The context cache extended by the head: the prompt and the fixed text up to the first field,
-        once, batch 1, with grad. Returns ``(cache or None, head hidden state (1, H, d) or None)``."""
+        """The context cache extended by the trunk: the prompt and the fixed text up to the first field,
+        once, batch 1, with grad. Returns ``(cache or None, trunk hidden state (1, H, d) or None)``."""
         enc, dev = self.encoder, self.device
-        cache = self._context(prompt)
-        head_h = None
-        start = self._head_start(prompt)
+        cache = self._start_cache(prompt)
+        trunk_h = None
+        start = self._trunk_start(prompt)
         if enc.n_shared > start:
             if cache is None:
                 cache = self._new_cache()
-            head_h = self._forward(self._head_embeds(prompt), torch.arange(start, enc.n_shared, device=dev)[None],
+            trunk_h = self._forward(self._trunk_embeds(prompt), torch.arange(start, enc.n_shared, device=dev)[None],
                                    cache=cache)
-        return cache, head_h
+        return cache, trunk_h
 
-    def _head_embeds(self, prompt):
-        """``(1, H, d)``: the head's token embeddings with the prompt written in (``embeds``)."""
+    def _trunk_embeds(self, prompt):
+        """``(1, H, d)``: the trunk's token embeddings with the prompt written in (``embeds``)."""
         enc = self.encoder
-        start = self._head_start(prompt)
-        ids = torch.tensor([enc.head_ids[start:]], device=self.device)  # (1, H)
+        start = self._trunk_start(prompt)
+        ids = torch.tensor([enc.shared_ids[start:]], device=self.device)  # (1, H)
         embeds = self.runner.get_input_embeddings()(ids)  # (1, H, d)
         if prompt.embeds is None:
             return embeds
-        at = enc.prompt_start - enc.n_prefix  # the prompt opens the head (n_prefix == prompt_start)
+        at = enc.prompt_start - enc.n_context  # the prompt opens the trunk (n_context == prompt_start)
         return torch.cat([embeds[:, :at], prompt.embeds.to(embeds.dtype)[None], embeds[:, at + enc.prompt_len:]], dim=1)
 
     def _suffix_padded(self, prompt, batch, lens, cache):
@@ -258,22 +258,22 @@ class GenericEngine(Engine):
         positions = torch.arange(n_shared, n_shared + T, device=dev)[None]  # right-padded: same for all
         return self._forward(embeds, positions, attention_mask=mask, cache=cache)  # (B, T, d)
 
-    def _suffix_packed(self, prompt, batch, lens, cache, with_head=False):
+    def _suffix_packed(self, prompt, batch, lens, cache, with_trunk=False):
         """Packed layout (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask'; here through the model's
         own forward): the suffixes side by side in one sequence (several of at most PACK_ROWS rows where longer)
         against the batch-1 shared cache, with a 4D tree mask (a row sees the shared cache and its own example's
         earlier rows, within a sliding window where the layer has one) and each row's own position id. No padding
-        rows (except to even out several packs). ``with_head`` (one pack only): the head's H rows open the pack
-        (``cache`` then holds the prefix only) and every example's rows see them. Returns the head's hidden states
+        rows (except to even out several packs). ``with_trunk`` (one pack only): the trunk's H rows open the pack
+        (``cache`` then holds the context only) and every example's rows see them. Returns the trunk's hidden states
         ``(1, H, d)`` (or None), the suffix hidden states ``(P, N, d)`` and ``where``: example b's row t lies at
         ``[where[b][0], where[b][1] + t]``; or ``(None, None, None)`` where the cache or attention takes no such
         mask."""
         enc, dev = self.encoder, self.device
         n_shared, L = enc.n_shared, enc.prompt_len
-        H = n_shared - self._head_start(prompt) if with_head else 0
+        H = n_shared - self._trunk_start(prompt) if with_trunk else 0
         where, P, N = _assign_packs(lens)
         if H and P != 1:
-            raise AssertionError("the head is packed with the suffixes only where they fit one pack")
+            raise AssertionError("the trunk is packed with the suffixes only where they fit one pack")
         where = [(p, at + H) for p, at in where]
         N += H
         ids = torch.zeros((P, N), dtype=torch.long)
@@ -282,7 +282,7 @@ class GenericEngine(Engine):
         slot = torch.full((P, N), -1, dtype=torch.long)
         if H:
             pos[0, :H] = torch.arange(n_shared - H, n_shared)
-            owner[0, :H] = SHARED
+            owner[0, :H] = TRUNK
         for b, (e, n, (p, at)) in enumerate(zip(batch, lens, where)):
             if n == 0:
                 continue
@@ -302,7 +302,7 @@ class GenericEngine(Engine):
             slot = slot[:, H:].to(dev)
             embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
         if H:
-            embeds = torch.cat([self._head_embeds(prompt), embeds], dim=1)
+            embeds = torch.cat([self._trunk_embeds(prompt), embeds], dim=1)
         if P > 1:
             expand_batch(cache, P)
         h = self._forward(embeds, pos.to(dev), attention_mask=mask, cache=cache)
@@ -313,10 +313,8 @@ class GenericEngine(Engine):
         it (bool for sdpa, additive float for eager): ``(P, 1, N, c + N)``, or a dict by layer type where layers
         differ (full vs sliding window), or None where the cache or attention is of a kind not handled.
         A row sees the cached keys (positions up to ``cache_end`` - 1) and the earlier rows of its own owner
-        (an example's index) or of the SHARED rows (the head, where packed)."""
+        (an example's index) or of the TRUNK rows (the trunk, where packed)."""
         from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-        from .tree import tree_allowed
 
         impl = getattr(self.runner.config, "_attn_implementation", None)
         layers = getattr(cache, "layers", None)
@@ -324,7 +322,7 @@ class GenericEngine(Engine):
             return None
         P, N = pos.shape
         q = pos[:, :, None]  # (P, N, 1)
-        own = tree_allowed(pos, owner, pos, owner, trunk=SHARED)  # (P, N, N): the tree over the packed rows
+        own = tree_allowed(pos, owner, pos, owner)  # (P, N, N): the tree over the packed rows
         masks, keys = {}, []
         for layer in layers:
             k = getattr(layer, "keys", None)
@@ -365,8 +363,8 @@ class GenericEngine(Engine):
         reason = None
         try:
             with torch.no_grad():
-                if self.head_len > 0 and _pack_shape(lens)[0] == 1:  # the head in the pack, as loss_terms runs it
-                    _, packed, where = self._suffix_packed(prompt, sub, lens, self._context(prompt), with_head=True)
+                if self.trunk_len > 0 and _pack_shape(lens)[0] == 1:  # the trunk in the pack, as loss_terms runs it
+                    _, packed, where = self._suffix_packed(prompt, sub, lens, self._start_cache(prompt), with_trunk=True)
                     cache, _ = self._shared(prompt)
                 else:
                     cache, _ = self._shared(prompt)
@@ -410,12 +408,12 @@ class GenericEngine(Engine):
                 slot[b, at : at + L] = torch.arange(L)
         return [t.to(self.device, non_blocking=True) for t in (ids, mask, slot)]
 
-    def _target_rows(self, batch, head_h, suffix_h, where=None):
+    def _target_rows(self, batch, trunk_h, suffix_h, where=None):
         """Hidden states and labels of the rows that predict target tokens. ``suffix_h``: padded ``(B, T, d)``
         (example b's row t at ``[b, t]``) or packed ``(P, N, d)`` with ``where`` (see ``_suffix_packed``)."""
         n_shared = self.encoder.n_shared
         b_idx, t_idx, n_head_rows, labels = [], [], 0, []
-        head_labels = []
+        trunk_labels = []
         for b, e in enumerate(batch):
             for p in range(e.target_start - 1, len(e.ids) - 1):
                 if p >= n_shared:
@@ -423,17 +421,17 @@ class GenericEngine(Engine):
                     b_idx.append(pack)
                     t_idx.append(at + p - n_shared)
                     labels.append(e.ids[p + 1])
-                else:  # only p = n_shared - 1 (the first field is the target), the head's last row
-                    if head_h is None or p != n_shared - 1:
-                        raise AssertionError("a target row before the head's last row")
+                else:  # only p = n_shared - 1 (the first field is the target), the trunk's last row
+                    if trunk_h is None or p != n_shared - 1:
+                        raise AssertionError("a target row before the trunk's last row")
                     n_head_rows += 1
-                    head_labels.append(e.ids[p + 1])
+                    trunk_labels.append(e.ids[p + 1])
         parts = []
         if n_head_rows:
-            parts.append(head_h[0, -1:].expand(n_head_rows, -1))
+            parts.append(trunk_h[0, -1:].expand(n_head_rows, -1))
         if b_idx:
             parts.append(suffix_h[torch.tensor(b_idx, device=self.device), torch.tensor(t_idx, device=self.device)])
-        labels = head_labels + labels
+        labels = trunk_labels + labels
         pad = -len(labels) % ROW_BUCKET
         if pad:  # zero rows, ignored by the loss: see ROW_BUCKET
             parts.append(parts[0].new_zeros(pad, parts[0].shape[-1]))

@@ -79,7 +79,7 @@ def pad_packed(packed, shape: StaticShape) -> StaticBatch:
         return torch.cat([t, torch.full((n,), value, dtype=t.dtype, device=device)])
 
     cu = packed.cu_seqlens
-    cu = torch.cat([cu, cu[-1:].expand(pad_examples), cu.new_full((1,), packed.n_prefix + shape.rows)])
+    cu = torch.cat([cu, cu[-1:].expand(pad_examples), cu.new_full((1,), packed.n_context + shape.rows)])
     padded = type(packed)(  # fused.PackedBatch (not imported: fused imports this module)
         token_ids=cat(packed.token_ids, pad_rows, 0),
         positions=cat(packed.positions, pad_rows, 0),
@@ -88,7 +88,7 @@ def pad_packed(packed, shape: StaticShape) -> StaticBatch:
         cu_seqlens=cu,
         target_rows=cat(packed.target_rows, pad_targets, 0),
         target_ids=cat(packed.target_ids, pad_targets, 0),
-        n_prefix=packed.n_prefix, n_trunk_rows=packed.n_trunk_rows, n_examples=shape.examples + 1,
+        n_context=packed.n_context, n_trunk_rows=packed.n_trunk_rows, n_examples=shape.examples + 1,
     )
     weight = torch.cat([torch.ones(n_targets, device=device), torch.zeros(pad_targets, device=device)])
     return StaticBatch(padded, weight, torch.tensor(float(n_targets), device=device), shape)

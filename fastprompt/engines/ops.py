@@ -6,7 +6,7 @@ The fused engine calls its ops only through an ``Ops`` object, so the Triton ker
     add_layer_norm(x, residual, weight, bias, eps) -> (y, h)   h = x + residual (or x); y = LN(h)
     linear(x, weight, bias=None)                               x @ weight + bias; weight (in, out) (Conv1D)
     bias_gelu(x, bias)                                         gelu_tanh(x + bias)
-    tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None)   attention over a packed prefix tree
+    tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None)   attention over a packed tree (shared trunk, one branch per example)
     lm_head_ce(h, weight, targets) -> (rows,) fp32             CE of h @ weight^T (weight (V, d)) vs targets
 
 Every weight is frozen: the torch versions read ``.detach()``ed views, so autograd records only the
@@ -17,7 +17,7 @@ These torch ops are the only torch implementation of each op: the CPU path, and 
 are tested and benchmarked against (on fp64 inputs they compute in fp64: the tests' ground truth).
 
 Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r``
-is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are a constant precomputed prefix without queries.
+is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are the constant context, keys without queries.
 The mask (``n_trunk``, ``cu_seqlens``) is ``engines/tree.py``'s.
 """
 from __future__ import annotations

@@ -63,7 +63,7 @@ class PrefixMethod(Method):
         dev = next(self.model.parameters()).device
         if enc.prompt_start is not None:  # the fixed text before the prompt, then the prompt
             start = enc.prompt_start
-            ids = torch.tensor([enc.head_ids[: start + L]], device=dev)
+            ids = torch.tensor([enc.shared_ids[: start + L]], device=dev)
         else:  # a field precedes the prompt: no fixed context; the prompt alone at its first position
             start, ids = 0, torch.zeros((1, L), dtype=torch.long, device=dev)
         with eval_mode(self.model):
