@@ -5,7 +5,8 @@
                                                         static: engine.static_loss(inputs, padded batch)
     grad = d(ce_sum / n_tokens) / d params
     Adam step; where the loss or gradient is not finite, the params and Adam's state are put back
-    (``torch.where``: no host sync) and a device-side streak counts the steps in a row
+    (``torch.where``; no host sync but Adam's own where its step counter lives on the CPU) and a device-side
+    streak counts the steps in a row
 
 Eager (every engine): the batch as it is; the streak is read back after every step (one host sync) into
 the tuner's ``NonFiniteGuard``, and the method's schedule advances only on an applied step.
@@ -14,8 +15,9 @@ Static (engines whose ``graphs_enabled()`` is true: the fused engine with ``--cu
 padded to a bucket by the engine (``static_batch``), whose loss is the unpadded one; on CUDA the whole
 step (method inputs, forward, backward, guarded Adam) is captured as one graph per bucket after a warm-up
 on a side stream whose effect is undone, and later steps copy their indices into the bucket's static
-buffers and replay. The streak is read back every ``SYNC_EVERY`` steps (the three-in-a-row stop can come
-up to that many steps late) and the schedule advances every step. A method's per-step values (the relaxed
+buffers and replay. The streak, and its longest run since the last read, are read back every
+``SYNC_EVERY`` steps (the three-in-a-row stop can come up to that many steps late, but a run of bad steps
+ended by a good one before the read still stops training) and the schedule advances every step. A method's per-step values (the relaxed
 temperature) live in device tensors it updates in ``after_step``, outside the graph. If capture fails, one
 warning, and the run continues with the same static step uncaptured.
 """
@@ -45,6 +47,7 @@ class TrainStep:
         self.device = params.device
         self.streak = torch.zeros((), dtype=torch.int32, device=self.device)  # non-finite steps in a row
         self.skipped = torch.zeros((), dtype=torch.int32, device=self.device)  # non-finite steps in all
+        self.worst = torch.zeros((), dtype=torch.int32, device=self.device)  # longest streak since the last read
         self.grad = torch.zeros_like(params)  # static gradient buffer: params.grad is this tensor
         self.graphs: dict = {}  # bucket shape -> (graph, static batch, static ce_sum)
         self.pool = None
@@ -100,6 +103,7 @@ class TrainStep:
                 for t, old in zip(state, before):  # a NaN/inf step is not applied
                     t.copy_(torch.where(ok.to(t.device), t, old))
             self.streak.copy_(torch.where(ok, torch.zeros_like(self.streak), self.streak + 1))
+            self.worst.copy_(torch.maximum(self.worst, self.streak))
             self.skipped.add_((~ok).to(self.skipped.dtype))
             return torch.where(ok, ce_sum.detach(), torch.zeros_like(ce_sum))
 
@@ -118,9 +122,12 @@ class TrainStep:
         return [self.params.data, state["exp_avg"], state["exp_avg_sq"], state["step"]]
 
     def _sync(self) -> None:
-        """The device-side counts into the tuner's guard (a host sync)."""
-        self.guard.streak = int(self.streak.item())
+        """The device-side counts into the tuner's guard (a host sync). A streak that reached the guard's limit
+        since the last read is reported even if a good step has ended it since (the run must stop)."""
+        streak, worst = int(self.streak.item()), int(self.worst.item())
+        self.guard.streak = worst if worst >= self.guard.limit else streak
         self.guard.skipped = int(self.skipped.item())
+        self.worst.zero_()
         self._unsynced = 0
 
     # ----------------------------------------------------------------------------------- CUDA graphs
@@ -137,7 +144,7 @@ class TrainStep:
         """Warm up on a side stream (the warm-up's update is undone), then capture one step."""
         inputs = static.clone()
         ce_out = torch.zeros((), device=self.device)
-        counters = [self.streak, self.skipped]
+        counters = [self.streak, self.skipped, self.worst]
         saved = [t.clone() for t in self._state() + counters]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -155,5 +162,5 @@ class TrainStep:
         return graph, inputs, ce_out
 
     def _restore(self, saved: list[torch.Tensor]) -> None:
-        for t, old in zip(self._state() + [self.streak, self.skipped], saved):
+        for t, old in zip(self._state() + [self.streak, self.skipped, self.worst], saved):
             t.copy_(old)

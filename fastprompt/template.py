@@ -137,7 +137,7 @@ class Encoded:
 class TemplateEncoder:
     """Tokenises examples for one template, tokenizer and prompt length.
 
-    Every example's ids split at two offsets that are the same for all (docs/ARCHITECTURE.md, 'Spans'):
+    Every example's ids split at two offsets that are the same for all (docs/ARCHITECTURE.md, 'Spans of a template'):
 
     ``[0, n_context)``         the *context*: constant text before both the prompt and the first field
     ``[n_context, n_shared)``  the *trunk*: the prompt and the text after it up to the first field, shared by

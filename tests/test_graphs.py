@@ -97,6 +97,26 @@ def test_nonfinite_step_is_skipped_on_the_device(static):
     assert tuner.nonfinite.skipped == 2 and tuner.nonfinite.streak == 0
 
 
+def test_static_step_reports_a_streak_ended_before_the_read():
+    """Three bad steps then a good one, all between two reads of the device counters: the run still stops."""
+    model, tok = tiny_gpt2(seed=13), tokenizer()
+    tuner = fp.PromptTuner(model, tok, prompt_len=2, engine="fused", seed=4)
+    tuner.optimizer = tuner.make_optimizer(1e-2)
+    step = TrainStep(tuner.method, tuner.engine, tuner.prompt, tuner.optimizer, tuner.nonfinite, batch_size=4,
+                     static=True, capture=False)
+    batch = tuner.encode(WORDS[:4])
+    original = tuner.engine.packed_loss
+    tuner.engine.packed_loss = lambda *a, **k: original(*a, **k) * float("nan")
+    for _ in range(3):
+        step(batch)
+    tuner.engine.packed_loss = original
+    step(batch)
+    assert step.streak.item() == 0 and tuner.nonfinite.streak == 0  # not read yet
+    step._sync()
+    with pytest.raises(fp.NonFiniteError, match="3 steps in a row"):
+        tuner.nonfinite.raise_if_stuck(1, 4)
+
+
 def test_cuda_graphs_option_checks():
     model, tok = tiny_gpt2(), tokenizer()
     with pytest.raises(fp.ConfigError, match="cuda_graphs"):

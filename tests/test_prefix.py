@@ -14,8 +14,8 @@ from helpers import rel_err, tiny_gpt2, tokenizer
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("good", "bad"), ("big", "small"), ("wet", "dry"),
          ("incapable", "capable"), ("heterogeneity", "homogeneity")]
-TEMPLATES = ["Here are two {prompt} {input} and {target}",  # prompt mid-head, text after it
-             "{prompt} {input} and {target}",  # prompt at the start: no constant prefix
+TEMPLATES = ["Here are two {prompt} {input} and {target}",  # context before the prompt, text after it
+             "{prompt} {input} and {target}",  # prompt at the start: no context
              "Here are two {prompt}{input} and {target}",  # prompt ends the head
              "Word {input}, {prompt} now: {target}",  # a field before the prompt
              "{prompt}: {input} and {target}"]  # no constant text, text after the slot

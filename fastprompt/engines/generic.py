@@ -412,7 +412,7 @@ class GenericEngine(Engine):
         """Hidden states and labels of the rows that predict target tokens. ``suffix_h``: padded ``(B, T, d)``
         (example b's row t at ``[b, t]``) or packed ``(P, N, d)`` with ``where`` (see ``_suffix_packed``)."""
         n_shared = self.encoder.n_shared
-        b_idx, t_idx, n_head_rows, labels = [], [], 0, []
+        b_idx, t_idx, n_trunk_rows, labels = [], [], 0, []
         trunk_labels = []
         for b, e in enumerate(batch):
             for p in range(e.target_start - 1, len(e.ids) - 1):
@@ -424,11 +424,11 @@ class GenericEngine(Engine):
                 else:  # only p = n_shared - 1 (the first field is the target), the trunk's last row
                     if trunk_h is None or p != n_shared - 1:
                         raise AssertionError("a target row before the trunk's last row")
-                    n_head_rows += 1
+                    n_trunk_rows += 1
                     trunk_labels.append(e.ids[p + 1])
         parts = []
-        if n_head_rows:
-            parts.append(trunk_h[0, -1:].expand(n_head_rows, -1))
+        if n_trunk_rows:
+            parts.append(trunk_h[0, -1:].expand(n_trunk_rows, -1))
         if b_idx:
             parts.append(suffix_h[torch.tensor(b_idx, device=self.device), torch.tensor(t_idx, device=self.device)])
         labels = trunk_labels + labels

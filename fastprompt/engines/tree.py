@@ -1,7 +1,7 @@
 """The packed layout's tree mask, for every backend (docs/ARCHITECTURE.md, 'Packed suffixes and the tree mask').
 
-Key rows are numbered in order; each belongs to the trunk (the rows every query may see: constant text and
-head) or to one example's segment. A query row is itself a key row, and
+Key rows are numbered in order; each belongs to the trunk (the rows every query may see: the constant
+context and the shared span after it) or to one example's segment. A query row is itself a key row, and
 
     allowed[i, j] = row(j) <= row(i)  and  (segment(j) == TRUNK  or  segment(j) == segment(i))
 

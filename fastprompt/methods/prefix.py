@@ -1,7 +1,7 @@
 """Prefix-tuning (Li & Liang 2021; the post's closing edit): trainable key/value vectors at every layer.
 
 Instead of ``L`` input embeddings, the prompt is ``L`` key/value rows at every attention layer,
-``prefix_kv`` (n_layer, 2, L, n_head, head_dim), standing where ``{prompt}`` stands: the positions
+``(n_layer, 2, L, n_head, head_dim)``, standing where ``{prompt}`` stands: the positions
 ``prompt_start .. prompt_start + L - 1`` of the sequence hold no token, only these K/V, and later tokens
 keep their positions (as they would after an ``L``-token soft prompt). The prefix rows have no queries,
 so nothing is ever predicted from them: a template whose ``{target}`` directly follows ``{prompt}`` is
