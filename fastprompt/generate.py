@@ -42,24 +42,43 @@ Prefix = tuple[Sequence[int], "int | None"]  # (token ids up to the target, firs
 BATCH = 256
 
 
+def slot_is_shared(prefixes: Sequence[Prefix], prompt_len: int) -> bool:
+    """Whether the prompt's slot lies among the shared tokens of ``prefixes`` (where ``layer_kv`` can go)."""
+    start = prefixes[0][1] if prefixes else None
+    return start is not None and shared_len(prefixes) >= start + prompt_len
+
+
 @torch.no_grad()
-def greedy_words(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Tensor, max_new_tokens: int = 6,
-                 autocast: bool = False, batch_size: int = BATCH, progress=None) -> list[str]:
+def greedy_words(model, tokenizer, prefixes: Sequence[Prefix], prompt: torch.Tensor | None, max_new_tokens: int = 6,
+                 autocast: bool = False, batch_size: int = BATCH, progress=None,
+                 layer_kv: torch.Tensor | None = None) -> list[str]:
     """The greedily decoded word after each prefix (see the module docstring). ``prompt``: ``(L, d)`` rows
-    in the space of the model's input embeddings. ``progress``: called with the number of prefixes done."""
+    in the space of the model's input embeddings; or, with ``prompt=None``, ``layer_kv`` ``(n_layer, 2, L, H,
+    hd)``: every layer's K/V at the slot (prefix-tuning), appended to the shared tokens' cache between the
+    text before the slot and the text after it (the slot must lie among the shared tokens:
+    ``slot_is_shared``). ``progress``: called with the number of prefixes done."""
     if not prefixes:
         return []
     device = next(model.parameters()).device
-    prompt = prompt.detach().to(device)
     C = shared_len(prefixes)
+    if layer_kv is not None:
+        L = layer_kv.shape[2]
+        if not slot_is_shared(prefixes, L):
+            raise ValueError("per-layer K/V decode only where the prompt's slot lies among the shared tokens")
+        prompt = torch.zeros((L, model.get_input_embeddings().weight.shape[1]), device=device)  # no rows: K/V
+    prompt = prompt.detach().to(device)
     window = sliding_window(model.config)
     if window is not None and max(len(ids) for ids, _ in prefixes) + max_new_tokens > window:
+        if layer_kv is not None:
+            raise ValueError("per-layer K/V decode only on models without a shorter sliding window")
         C = 0  # a sliding window counts cache slots: pads after shared tokens would take slots of real tokens
     forward = _Forward(model)
     out: list[str] = []
     with eval_mode(model), _autocast(device, autocast):
         shared = None
-        if C:  # the shared tokens, once for the whole call
+        if C and layer_kv is not None:
+            shared = _shared_with_kv(forward, prefixes[0], C, layer_kv, autocast)
+        elif C:  # the shared tokens, once for the whole call
             ids, slot = _ids_and_slots([(prefixes[0][0][:C], prefixes[0][1])], C, prompt.shape[0])
             shared = new_cache(model.config)
             forward.fill(_embed(model, ids.to(device), slot.to(device), prompt), None,
@@ -125,6 +144,27 @@ class _Forward:
         out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True,
                          **{self.kwarg: cache}, **self.keep_last)
         return out.logits[:, -1]
+
+
+def _shared_with_kv(forward: _Forward, prefix: Prefix, C: int, layer_kv: torch.Tensor, autocast: bool):
+    """The shared tokens' cache with the slot holding ``layer_kv``: the text before the slot, the K/V, the text
+    after it (positions go on after the slot, as after an ``L``-token prompt)."""
+    model = forward.model
+    device = next(model.parameters()).device
+    seq, start = prefix
+    L = layer_kv.shape[2]
+    ids = torch.tensor([list(seq[:C])], device=device)
+    embed = model.get_input_embeddings()
+    cache = new_cache(model.config)
+    if start:
+        forward.fill(embed(ids[:, :start]), None, torch.arange(start, device=device)[None], cache)
+    dtype = torch.bfloat16 if autocast else embed.weight.dtype
+    kv = layer_kv.detach().to(device, dtype)
+    for layer in range(kv.shape[0]):
+        cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+    if C > start + L:
+        forward.fill(embed(ids[:, start + L:]), None, torch.arange(start + L, C, device=device)[None], cache)
+    return cache
 
 
 def _decode_batch(forward: _Forward, tokenizer, batch, prompt, C, cache, max_new_tokens) -> list[str]:

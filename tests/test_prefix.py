@@ -126,3 +126,21 @@ def test_cli_prefix(tmp_path):
                  "prefix", "--out", str(out), "--no-progress", "--samples", "2"]) == 0
     assert "no vocabulary readout" in (out / "nearest.txt").read_text()
     assert (out / "samples.txt").read_text().count("Predicted:") == 2
+
+
+@pytest.mark.parametrize("template", [t for t in TEMPLATES if not t.startswith("Word {input}")])
+def test_cached_decoding_equals_the_reference_forward(template):
+    """Where the slot lies among the shared tokens, decoding runs the cached decoder with the K/V in the shared
+    cache: the same words as re-running the reference forward over every sequence per token."""
+    from fastprompt.generate import slot_is_shared
+
+    model, tok = tiny_gpt2(seed=6, initializer_range=0.2), tokenizer()
+    tuner = fp.PromptTuner(model, tok, template, 3, method="prefix", engine="naive", seed=2)
+    g = torch.Generator().manual_seed(1)
+    kv = tuner.prompt.detach() + 0.5 * torch.randn(tuner.prompt.shape, generator=g)
+    encoded = tuner.encode(PAIRS)
+    prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
+    assert slot_is_shared(prefixes, 3)
+    cached = tuner.method.greedy(kv, prefixes, 4, autocast=False)
+    reference = tuner.method._greedy_batch(kv, prefixes, 4, autocast=False)
+    assert cached == reference and any(cached)

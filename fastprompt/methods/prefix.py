@@ -25,7 +25,7 @@ import torch
 from ..engines.base import PromptInputs
 from ..engines.naive import gpt2_reference_forward
 from ..errors import ConfigError, PromptFileError
-from ..generate import ends_word
+from ..generate import ends_word, greedy_words, slot_is_shared
 from ..models import eval_mode, is_gpt2_family
 from .base import Method
 from .init import init_prompt
@@ -92,6 +92,11 @@ class PrefixMethod(Method):
 
     @torch.no_grad()
     def greedy(self, params, prefixes, max_new_tokens, autocast, progress=None):
+        """The cached decoder with the K/V in the shared tokens' cache where the slot lies among them (every
+        template whose prompt precedes its fields); else every sequence re-run per token (``_greedy_batch``)."""
+        if slot_is_shared(prefixes, self.prompt_len):
+            return greedy_words(self.model, self.tokenizer, prefixes, None, max_new_tokens, autocast,
+                                progress=progress, layer_kv=params.detach())
         out = []
         for i in range(0, len(prefixes), 64):
             out += self._greedy_batch(params.detach(), prefixes[i : i + 64], max_new_tokens, autocast)
