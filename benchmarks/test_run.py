@@ -1,6 +1,7 @@
-"""What the user waits for besides the step: the README's tiny command end to end, and ``evaluate()``.
+"""What the user waits for besides the step: the README's tiny commands end to end, ``evaluate()``, and
+prefix-tuning's decoding.
 
-    pytest benchmarks/test_run.py --benchmark-only              # tiny: the CLI run and evaluate()
+    pytest benchmarks/test_run.py --benchmark-only              # the tiny runs, evaluate(), prefix decoding
     pytest benchmarks/test_run.py --benchmark-only -m gemma     # Gemma 3 270M evaluate() (the gemma extra)
 
 * ``test_tiny_command``: the README's tiny run, ``python -m fastprompt.train --model tiny --epochs 10`` (the
@@ -11,6 +12,8 @@
 * ``test_evaluate``: ``tuner.evaluate()`` on the first N pairs of the built-in test split (tiny: 1,295, the
   whole split; Gemma 3 270M: 300), once with the cached greedy decoder and once with the former uncached
   one (``fastprompt.generate.greedy_words_uncached``), side by side in one run; the words must be equal.
+* ``test_prefix_decoding``: prefix-tuning's cached decoding against re-running the reference forward per token,
+  GPT-2 small architecture (random weights), 300 pairs, side by side; the words must be equal.
 
 Wall times on a shared machine move with other jobs: each record carries the 1-minute load average.
 """
