@@ -96,7 +96,8 @@ class PromptTuner:
         """One Adam step on ``batch`` (fastprompt/step.py); returns the batch's summed CE (detached, on the
         device; 0 for a NaN/inf step, which is not applied)."""
         step = self._step
-        if step is None or step.optimizer is not self.optimizer or step.batch_size != self._batch_size:
+        if step is None or step.optimizer is not self.optimizer or step.engine is not self.engine \
+                or step.batch_size != self._batch_size:  # built anew when what it holds changes
             self._step = TrainStep(self.method, self.engine, self.prompt, self.optimizer, self.nonfinite,
                                    self._batch_size)
         return self._step(batch)
