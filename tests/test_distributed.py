@@ -26,19 +26,21 @@ def test_shards_cover_the_batch_once():
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("method,tensor", [("soft", "prompt"), ("prefix", "prefix")])
+def test_two_gloo_processes_match_one_process(tmp_path, method, tensor):
+    args = [*ARGS, "--method", method]
     single = tmp_path / "single"
-    assert main([*ARGS, "--out", str(single)]) == 0
+    assert main([*args, "--out", str(single)]) == 0
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     torchrun = torchrun if os.path.exists(torchrun) else shutil.which("torchrun")
     multi = tmp_path / "multi"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt.train", *ARGS,
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt.train", *args,
                              "--out", str(multi), "--checkpoint-every", "1"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    a = load_file(str(single / "prompt.safetensors"))["prompt"]
-    b = load_file(str(multi / "prompt.safetensors"))["prompt"]
+    a = load_file(str(single / "prompt.safetensors"))[tensor]
+    b = load_file(str(multi / "prompt.safetensors"))[tensor]
     rel = ((a - b).norm() / a.norm()).item()
     assert rel <= 1e-6, rel
     assert result.stdout.count("model tiny on cpu") == 1 and "x 2 processes" in result.stdout  # rank 0 prints
