@@ -144,3 +144,28 @@ def test_cached_decoding_equals_the_reference_forward(template):
     cached = tuner.method.greedy(kv, prefixes, 4, autocast=False)
     reference = tuner.method._greedy_batch(kv, prefixes, 4, autocast=False)
     assert cached == reference and any(cached)
+
+
+MULTI_FIELD = {  # the other tests' templates with more fields (a field before the slot, one after it)
+    '"word": "{input}", {prompt} "hint": "{hint}", "answer": "{target}': ["input", "hint", "target"],
+    "{first} {prompt} {second} gives {target}": ["first", "second", "target"],
+}
+
+
+@pytest.mark.parametrize("engine", ["fused", "generic"])
+@pytest.mark.parametrize("template", list(MULTI_FIELD))
+def test_fast_equals_naive_fp32_with_fields_around_the_slot(template, engine):
+    model, tok = tiny_gpt2(seed=7, initializer_range=0.2), tokenizer()
+    names = MULTI_FIELD[template]
+    examples = [dict(zip(names, (a, b, a + b))) for a, b in PAIRS]
+    naive = fp.PromptTuner(model, tok, template, 3, method="prefix", engine="naive", seed=8)
+    fast = fp.PromptTuner(model, tok, template, 3, method="prefix", engine=engine, prompt=naive.prompt.detach())
+    g = torch.Generator().manual_seed(2)
+    kv = naive.prompt.detach() + 0.3 * torch.randn(naive.prompt.shape, generator=g)
+    results = []
+    for tuner in (naive, fast):
+        tuner.prompt.data.copy_(kv)
+        loss = tuner.loss(examples)
+        results.append((loss, *torch.autograd.grad(loss, tuner.prompt)))
+    (l0, g0), (l1, g1) = results
+    assert rel_err(l1, l0) <= 1e-5 and rel_err(g1, g0) <= 1e-5 and g0.abs().sum() > 0
