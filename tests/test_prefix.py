@@ -169,3 +169,42 @@ def test_fast_equals_naive_fp32_with_fields_around_the_slot(template, engine):
         results.append((loss, *torch.autograd.grad(loss, tuner.prompt)))
     (l0, g0), (l1, g1) = results
     assert rel_err(l1, l0) <= 1e-5 and rel_err(g1, g0) <= 1e-5 and g0.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_generic_layer_kv_on_llama_equals_hugging_face_with_the_kv_as_cache(layout):
+    """Beyond the GPT-2 family, per-layer K/V are keys and values as the model's cache holds them (rotary
+    models: already rotated). With the slot at the start, Hugging Face's own forward with the K/V as its
+    cache is an independent reference: the generic engine's loss and gradient equal it on a tiny Llama (GQA)."""
+    from transformers import DynamicCache
+
+    from fastprompt.engines import make_engine
+    from helpers import tiny_causal_lm
+
+    model, tok = tiny_causal_lm("llama"), tokenizer()
+    L = 3
+    encoder = fp.PromptTuner(model, tok, "{prompt} {input} and {target}", L, engine="naive").encoder
+    batch = encoder.encode_all(PAIRS)
+    c = model.config
+    hd = c.hidden_size // c.num_attention_heads
+    kv = (0.5 * torch.randn(c.num_hidden_layers, 2, L, c.num_key_value_heads, hd,
+                            generator=torch.Generator().manual_seed(3))).requires_grad_(True)
+    engine = make_engine("generic", model, encoder, "fp32", layout=layout)
+    ce, n = engine.loss_terms(PromptInputs(layer_kv=kv), batch)
+    (grad,) = torch.autograd.grad(ce / n, kv)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ref_ce = 0
+    for e in batch:
+        cache = DynamicCache(config=c)
+        for layer in range(c.num_hidden_layers):
+            cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+        ids = torch.tensor([e.ids[L:]])
+        T = ids.shape[1]
+        logits = model(input_ids=ids, **{name: cache}, position_ids=torch.arange(L, L + T)[None],
+                       attention_mask=torch.ones(1, L + T, dtype=torch.long)).logits[0]
+        labels = torch.tensor(e.ids[e.target_start:])
+        ref_ce = ref_ce + torch.nn.functional.cross_entropy(logits[e.target_start - L - 1 : T - 1], labels,
+                                                            reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref_ce / n, kv)
+    assert rel_err(ce, ref_ce) < 1e-5 and rel_err(grad, ref_grad) < 1e-5 and ref_grad.abs().sum() > 0
+    assert (engine._packed is not False) == (layout == "packed")
