@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (../shared/GPU.md), about 8 minutes at most:
+# The whole GPU check in one call (benchmarks/README.md), about 8 minutes at most:
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh          # $OUT defaults to ./gpu_out
 #

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError
-from .kvcache import cache_kwarg, expand_batch, new_cache
+from .kvcache import append_layer_kv, cache_kwarg, expand_batch, new_cache
 from .models import eval_mode
 
 Prefix = tuple[Sequence[int], "int | None"]  # (token ids up to the target, first prompt position or None)
@@ -158,10 +158,7 @@ def _shared_with_kv(forward: _Forward, prefix: Prefix, C: int, layer_kv: torch.T
     cache = new_cache(model.config)
     if start:
         forward.fill(embed(ids[:, :start]), None, torch.arange(start, device=device)[None], cache)
-    dtype = torch.bfloat16 if autocast else embed.weight.dtype
-    kv = layer_kv.detach().to(device, dtype)
-    for layer in range(kv.shape[0]):
-        cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+    append_layer_kv(cache, layer_kv.detach().to(device), torch.bfloat16 if autocast else embed.weight.dtype)
     if C > start + L:
         forward.fill(embed(ids[:, start + L:]), None, torch.arange(start + L, C, device=device)[None], cache)
     return cache

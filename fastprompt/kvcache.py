@@ -32,6 +32,14 @@ def cache_kwarg(module) -> str:
     raise ConfigError(f"{type(module).__name__}.forward takes no KV cache; use engine='naive'")
 
 
+def append_layer_kv(cache, layer_kv: torch.Tensor, dtype: torch.dtype) -> None:
+    """Append ``layer_kv`` (n_layer, 2, L, H, hd), prefix-tuning's K/V at the slot, to every layer of a batch-1
+    cache as ``(1, H, L, hd)`` keys and values in ``dtype`` (with grad where ``layer_kv`` has one)."""
+    kv = layer_kv.to(dtype)
+    for layer in range(kv.shape[0]):
+        cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+
+
 def expand_batch(cache, B: int) -> None:
     """Make a batch-1 cache serve B examples: a view (``expand``) of each dynamic layer's K/V, no copy."""
     from transformers.cache_utils import DynamicLayer

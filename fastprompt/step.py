@@ -124,9 +124,9 @@ class TrainStep:
     def _sync(self) -> None:
         """The device-side counts into the tuner's guard (a host sync). A streak that reached the guard's limit
         since the last read is reported even if a good step has ended it since (the run must stop)."""
-        streak, worst = int(self.streak.item()), int(self.worst.item())
+        streak, worst, skipped = torch.stack([self.streak, self.worst, self.skipped]).tolist()  # one transfer
         self.guard.streak = worst if worst >= self.guard.limit else streak
-        self.guard.skipped = int(self.skipped.item())
+        self.guard.skipped = skipped
         self.worst.zero_()
         self._unsynced = 0
 

@@ -212,10 +212,12 @@ class FusedEngine(Engine):
         return self.packed_loss(inputs, static.packed, static.target_weight)
 
     def prepare(self, inputs: PromptInputs, example: Encoded) -> None:
-        """Once, before a step is captured: the comparison with the model and the constant context's K/V."""
+        """Once (before the first loss, and before a step is captured): the comparison with the model and the
+        constant context's K/V."""
         if not self._checked:
             self.check_against_model(inputs, example)
-        self.context_kv()
+        with self.autocast():  # as packed_loss builds it: the same K/V dtype whichever comes first
+            self.context_kv()
 
     def pack(self, batch: Sequence[Encoded]) -> PackedBatch:
         return PackedBatch.build(self.encoder, batch, self.device)
@@ -229,8 +231,7 @@ class FusedEngine(Engine):
     def loss_terms(self, inputs, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         inputs = as_inputs(inputs)
         packed = self.pack(batch)
-        if not self._checked:
-            self.check_against_model(inputs, batch[0])
+        self.prepare(inputs, batch[0])
         return self.packed_loss(inputs, packed), packed.n_targets
 
     def packed_loss(self, inputs: PromptInputs, packed: PackedBatch,

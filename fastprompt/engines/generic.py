@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, NonFiniteError
-from ..kvcache import cache_kwarg, expand_batch, new_cache
+from ..kvcache import append_layer_kv, cache_kwarg, expand_batch, new_cache
 from ..models import eval_mode
 from ..template import Encoded
 from .base import Engine, PromptInputs, as_inputs, target_count
@@ -209,9 +209,7 @@ class GenericEngine(Engine):
             return cache
         if cache is None:
             cache = self._new_cache()
-        kv = prompt.layer_kv.to(self.lm_head.weight.dtype)
-        for layer in range(kv.shape[0]):
-            cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+        append_layer_kv(cache, prompt.layer_kv, self.lm_head.weight.dtype)
         return cache
 
     def _trunk_start(self, prompt: PromptInputs) -> int:

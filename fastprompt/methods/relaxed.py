@@ -91,11 +91,14 @@ class RelaxedMethod(Method):
 
     def plan(self, steps):
         super().plan(steps)
-        if self._tau is not None:
-            self._tau.fill_(self.tau)
+        self._refresh_tau()
 
     def after_step(self, params):
         super().after_step(params)
+        self._refresh_tau()
+
+    def _refresh_tau(self) -> None:
+        """The device tensor follows the schedule (in place: a captured step reads it)."""
         if self._tau is not None:
             self._tau.fill_(self.tau)
 
