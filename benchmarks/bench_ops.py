@@ -133,7 +133,7 @@ def test_tree_attention(benchmark, cuda, impl):
     from fastprompt.engines import ops
     from fastprompt.engines.tree import tree_mask
 
-    fn = kernels.tree_attention if impl == "triton" else ops.tree_attention
+    fn = ops.bounded_tree_attention(kernels.tree_attention) if impl == "triton" else ops.tree_attention
     n_context, n_trunk, cu = _tree(cuda)
     nk = int(cu[-1])
     nq = nk - n_context

@@ -3,7 +3,7 @@
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh          # $OUT defaults to ./gpu_out
 #
-# 1. install the checkout without network, building csrc (fastprompt._C) with FASTPROMPT_BUILD_CUDA=1;
+# 1. install the checkout without network, building csrc (fastprompt.kernels._C) with FASTPROMPT_BUILD_CUDA=1;
 #    if that build fails, install without it and go on (reported, and the exit status says so)
 # 2. versions (python, torch, CUDA, triton, transformers, peft) and the GPU (nvidia-smi)
 # 3. the `gpu` tests:            python -m pytest -m gpu tests
@@ -79,10 +79,10 @@ for name in ("triton", "transformers", "peft", "flash_attn", "nvtx"):
     except Exception as e:
         print(name, "not available:", type(e).__name__)
 try:
-    import fastprompt._C
-    print("fastprompt._C (csrc) built:", fastprompt._C.__file__)
+    import fastprompt.kernels._C
+    print("fastprompt.kernels._C (csrc) built:", fastprompt.kernels._C.__file__)
 except Exception as e:
-    print("fastprompt._C (csrc) not available:", e)
+    print("fastprompt.kernels._C (csrc) not available:", e)
 EOF
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee -a "$OUT/versions.log"

@@ -1,4 +1,4 @@
-// Torch glue for fastprompt._C: checks, allocation, the current CUDA stream, then the raw-pointer
+// Torch glue for fastprompt.kernels._C: checks, allocation, the current CUDA stream, then the raw-pointer
 // launchers of layer_norm.cu. The autograd wiring is the Triton op's (kernels/layer_norm.py: add_layer_norm_cuda).
 #include <torch/extension.h>
 
@@ -15,30 +15,30 @@ namespace {
 
 fastprompt::LnDtype ln_dtype(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-              "fastprompt._C add_layer_norm: expected float32 or bfloat16, got ", t.scalar_type());
+              "fastprompt.kernels._C add_layer_norm: expected float32 or bfloat16, got ", t.scalar_type());
   return t.scalar_type() == at::kFloat ? fastprompt::LnDtype::kFloat32 : fastprompt::LnDtype::kBFloat16;
 }
 
 // A tensor the kernels read as `numel` contiguous elements of `like`'s dtype, on `like`'s device.
 void check_like(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "fastprompt._C add_layer_norm: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), "fastprompt._C add_layer_norm: ", name, " is on ", t.device(),
+  TORCH_CHECK(t.is_cuda(), "fastprompt.kernels._C add_layer_norm: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.device() == like.device(), "fastprompt.kernels._C add_layer_norm: ", name, " is on ", t.device(),
               ", expected ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastprompt._C add_layer_norm: ", name, " has dtype ",
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastprompt.kernels._C add_layer_norm: ", name, " has dtype ",
               t.scalar_type(), ", expected ", like.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "fastprompt._C add_layer_norm: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), "fastprompt.kernels._C add_layer_norm: ", name, " must be contiguous");
 }
 
 void check_same_shape(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), "fastprompt._C add_layer_norm: ", name, " has shape ", t.sizes(),
+  TORCH_CHECK(t.sizes() == like.sizes(), "fastprompt.kernels._C add_layer_norm: ", name, " has shape ", t.sizes(),
               ", expected ", like.sizes());
 }
 
 void check_stats(const at::Tensor& t, int64_t rows, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fastprompt._C add_layer_norm: ", name,
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fastprompt.kernels._C add_layer_norm: ", name,
               " must be on ", like.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == rows,
-              "fastprompt._C add_layer_norm: ", name, " must be a contiguous float32 tensor of ", rows,
+              "fastprompt.kernels._C add_layer_norm: ", name, " must be a contiguous float32 tensor of ", rows,
               " elements (one per row)");
 }
 
@@ -47,17 +47,17 @@ void check_stats(const at::Tensor& t, int64_t rows, const at::Tensor& like, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
     const at::Tensor& bias, double eps) {
-  TORCH_CHECK(x.is_cuda(), "fastprompt._C add_layer_norm: x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() >= 1, "fastprompt._C add_layer_norm: x must have at least one dimension");
+  TORCH_CHECK(x.is_cuda(), "fastprompt.kernels._C add_layer_norm: x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() >= 1, "fastprompt.kernels._C add_layer_norm: x must have at least one dimension");
   const auto dtype = ln_dtype(x);
   check_like(x, x, "x");
   const int64_t cols = x.size(-1);
-  TORCH_CHECK(cols > 0, "fastprompt._C add_layer_norm: the normalised dimension is empty");
+  TORCH_CHECK(cols > 0, "fastprompt.kernels._C add_layer_norm: the normalised dimension is empty");
   const int64_t rows = x.numel() / cols;
   check_like(weight, x, "weight");
   check_like(bias, x, "bias");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == cols && bias.dim() == 1 && bias.size(0) == cols,
-              "fastprompt._C add_layer_norm: weight and bias must have shape (", cols, ",)");
+              "fastprompt.kernels._C add_layer_norm: weight and bias must have shape (", cols, ",)");
   const bool has_residual = residual.has_value();
   if (has_residual) {
     check_like(*residual, x, "residual");
@@ -82,8 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd(
 // Returns dx (..., d), which is also the gradient of the residual. No dweight/dbias: frozen.
 at::Tensor add_layer_norm_bwd(const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
                               const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
-  TORCH_CHECK(h.is_cuda(), "fastprompt._C add_layer_norm: h must be a CUDA tensor");
-  TORCH_CHECK(h.dim() >= 1 && h.size(-1) > 0, "fastprompt._C add_layer_norm: h must have a non-empty last dim");
+  TORCH_CHECK(h.is_cuda(), "fastprompt.kernels._C add_layer_norm: h must be a CUDA tensor");
+  TORCH_CHECK(h.dim() >= 1 && h.size(-1) > 0, "fastprompt.kernels._C add_layer_norm: h must have a non-empty last dim");
   const auto dtype = ln_dtype(h);
   check_like(h, h, "h");
   const int64_t cols = h.size(-1);
@@ -96,7 +96,7 @@ at::Tensor add_layer_norm_bwd(const at::Tensor& dy, const std::optional<at::Tens
     check_same_shape(*dh, h, "dh");
   }
   check_like(weight, h, "weight");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == cols, "fastprompt._C add_layer_norm: weight must have shape (",
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == cols, "fastprompt.kernels._C add_layer_norm: weight must have shape (",
               cols, ",)");
   check_stats(mean, rows, h, "mean");
   check_stats(rstd, rows, h, "rstd");

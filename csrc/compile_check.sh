@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-check the CUDA sources of fastprompt._C without a GPU (CI runs this).
+# Compile-check the CUDA sources of fastprompt.kernels._C without a GPU (CI runs this).
 #
 #   bash csrc/compile_check.sh              every csrc/*.cu with `nvcc -c -std=c++17 -arch=sm_$ARCH`
 #   bash csrc/compile_check.sh --bindings   also syntax-check csrc/bindings.cpp with the host compiler

@@ -7,13 +7,12 @@ One program per row; the whole row (d <= 8192) sits in one block. weight/bias ar
 dgamma/dbeta, so the backward is a per-row map with no cross-row reduction.
 
 One autograd function, two sets of launchers with one contract: the Triton kernels here
-(``add_layer_norm``) and the CUDA C++ extension ``fastprompt._C`` (csrc/layer_norm.cu, loaded by
-``fastprompt.cuda_ops``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
+(``add_layer_norm``) and the CUDA C++ extension ``fastprompt.kernels._C`` (csrc/layer_norm.cu, loaded by
+``kernels/cuda_ext.py``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
 """
 import torch
 
-from fastprompt import cuda_ops
-
+from . import cuda_ext
 from ._common import check_float, next_power_of_2, require_triton, tl, triton
 
 
@@ -162,19 +161,19 @@ def add_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
 
 
 def cuda_ln_fwd(x, residual, weight, bias, eps):
-    """``add_ln_fwd`` through ``fastprompt._C`` (csrc/bindings.cpp), which takes contiguous tensors; h is
+    """``add_ln_fwd`` through ``fastprompt.kernels._C`` (csrc/bindings.cpp), which takes contiguous tensors; h is
     the contiguous x without residual. The extension is looked up at call time (tests put in a stand-in)."""
     residual = None if residual is None else residual.contiguous()
-    return cuda_ops.require_ext().add_layer_norm_fwd(x.contiguous(), residual, weight.contiguous(),
+    return cuda_ext.require_ext().add_layer_norm_fwd(x.contiguous(), residual, weight.contiguous(),
                                                      bias.contiguous(), float(eps))
 
 
 def cuda_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
-    """``add_ln_bwd`` through ``fastprompt._C``: one dx, returned for both x and residual."""
+    """``add_ln_bwd`` through ``fastprompt.kernels._C``: one dx, returned for both x and residual."""
     if not (need_dx or need_dr):
         return None, None
     dh = None if dh is None else dh.contiguous()
-    dx = cuda_ops.require_ext().add_layer_norm_bwd(dy.contiguous(), dh, h, weight.contiguous(), mean, rstd)
+    dx = cuda_ext.require_ext().add_layer_norm_bwd(dy.contiguous(), dh, h, weight.contiguous(), mean, rstd)
     return (dx if need_dx else None), (dx if need_dr else None)
 
 
@@ -224,6 +223,6 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5):
 
 
 def add_layer_norm_cuda(x, residual, weight, bias, eps=1e-5):
-    """``add_layer_norm`` through the CUDA C++ extension ``fastprompt._C`` (CUDA tensors, fp32 or bf16, one
+    """``add_layer_norm`` through the CUDA C++ extension ``fastprompt.kernels._C`` (CUDA tensors, fp32 or bf16, one
     dtype for all); a RuntimeError with the build command where it is not built."""
     return _apply(_CUDA, x, residual, weight, bias, eps)

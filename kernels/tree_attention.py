@@ -23,7 +23,6 @@ import math
 
 import torch
 
-from fastprompt.engines.tree import segment_bounds
 
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
 
@@ -286,8 +285,8 @@ def attention_blocks(block_d, kernel, lowp):
     return 64, 64, 8
 
 
-def tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale):
-    """Returns o (Nq, H, D), lse2 (H, Nq) fp32, seg_start, seg_end."""
+def tree_attn_fwd(q, k, v, n_trunk, seg_start, seg_end, scale):
+    """Returns o (Nq, H, D), lse2 (H, Nq) fp32."""
     require_triton(q, k, v)
     check_float(q, "q")
     nq, nh, d = q.shape
@@ -297,7 +296,7 @@ def tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale):
     block_d = next_power_of_2(d)
     if block_d > 256:
         raise ValueError(f"tree_attention supports head dim <= 256, got {d}")
-    seg_start, seg_end = segment_bounds(nk, n_trunk, cu_seqlens.to(q.device))
+    _check_bounds(seg_start, seg_end, nk, q.device)
     o = torch.empty_like(q)
     lse = torch.empty(nh, nq, device=q.device, dtype=torch.float32)
     lowp = use_lowp_dot(q, k, v)
@@ -309,7 +308,7 @@ def tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale):
             o.stride(0), o.stride(1), nq, nk - nq, n_trunk, d, scale * _LOG2E,
             LOWP_DOT=lowp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps,
         )
-    return o, lse, seg_start, seg_end
+    return o, lse
 
 
 def tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, n_trunk, scale, need_dq, need_dkdv):
@@ -348,9 +347,9 @@ def tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, n_trunk, scale, need_
 
 class TreeAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, n_trunk, cu_seqlens, scale):
+    def forward(ctx, q, k, v, n_trunk, seg_start, seg_end, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse, seg_start, seg_end = tree_attn_fwd(q, k, v, n_trunk, cu_seqlens, scale)
+        o, lse = tree_attn_fwd(q, k, v, n_trunk, seg_start, seg_end, scale)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
         ctx.n_trunk, ctx.scale = n_trunk, scale
@@ -364,15 +363,24 @@ class TreeAttentionFn(torch.autograd.Function):
         dq, dk, dv = tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, ctx.n_trunk, ctx.scale,
                                    need_dq, need_dkdv)
         return (dq, dk if ctx.needs_input_grad[1] else None, dv if ctx.needs_input_grad[2] else None,
-                None, None, None)
+                None, None, None, None)
 
 
-def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
+def _check_bounds(seg_start, seg_end, n_keys, device):
+    for name, t in (("seg_start", seg_start), ("seg_end", seg_end)):
+        if t.shape != (n_keys,) or t.dtype != torch.int32 or t.device != device:
+            raise ValueError(f"tree_attention: {name} must be an int32 ({n_keys},) tensor on {device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def tree_attention(q, k, v, n_trunk, seg_start, seg_end, scale=None):
     """Attention over a packed row block shaped as a tree (see the module docstring for the mask).
 
-    q: (Nq, H, D); k, v: (Nk, H, D) with Nk >= Nq, fp32/bf16; n_trunk: int; cu_seqlens: (B+1,) int
-    key-row offsets, cu[0] == n_trunk, cu[-1] == Nk (B may be 0). Returns o (Nq, H, D) in q's dtype.
+    q: (Nq, H, D); k, v: (Nk, H, D) with Nk >= Nq, fp32/bf16; n_trunk: int; seg_start, seg_end: (Nk,)
+    int32 per-key-row bounds of the tree mask, as fastprompt/engines/tree.py ``segment_bounds`` computes
+    them from the segments' offsets (this folder imports nothing from fastprompt). Returns o (Nq, H, D)
+    in q's dtype.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return TreeAttentionFn.apply(q, k, v, int(n_trunk), cu_seqlens, float(scale))
+    return TreeAttentionFn.apply(q, k, v, int(n_trunk), seg_start, seg_end, float(scale))

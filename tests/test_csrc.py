@@ -1,4 +1,4 @@
-"""The CUDA C++ extension fastprompt._C (csrc/, loaded by fastprompt.cuda_ops) and the op that runs it,
+"""The CUDA C++ extension fastprompt.kernels._C (csrc/, loaded by fastprompt.kernels.cuda_ext) and the op that runs it,
 fastprompt.kernels.add_layer_norm_cuda: the Triton op's autograd function with _C's launchers.
 
 On CPU: the .cu sources compile (nvcc, no GPU needed), the missing extension fails loudly, and the autograd
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastprompt import cuda_ops
+from fastprompt.kernels import cuda_ext as cuda_ops
 from fastprompt.engines.ops import add_layer_norm as torch_add_layer_norm
 from fastprompt.kernels import add_layer_norm_cuda
 
@@ -123,7 +123,7 @@ def test_bindings_compile_against_torch_headers():
 def test_missing_extension_raises_with_build_hint(monkeypatch):
     monkeypatch.setattr(cuda_ops, "_C", None)
     x, residual, weight, bias = _inputs(2, 8, torch.float32, True, "cpu")
-    hint = r"fastprompt\._C.*FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation -e \."
+    hint = r"fastprompt\.kernels\._C.*FASTPROMPT_BUILD_CUDA=1 pip install --no-build-isolation -e \."
     with pytest.raises(RuntimeError, match=hint):
         add_layer_norm_cuda(x, residual, weight, bias)
 
@@ -201,8 +201,8 @@ def test_nan_fails_the_check():
 def ext():
     if not cuda_ops.CUDA_EXT_AVAILABLE:
         if os.environ.get("FASTPROMPT_REQUIRE_CUDA_EXT") == "1":
-            pytest.fail(f"fastprompt._C is not importable; {cuda_ops.BUILD_HINT}")
-        pytest.skip(f"fastprompt._C not built; {cuda_ops.BUILD_HINT}")
+            pytest.fail(f"fastprompt.kernels._C is not importable; {cuda_ops.BUILD_HINT}")
+        pytest.skip(f"fastprompt.kernels._C not built; {cuda_ops.BUILD_HINT}")
     return cuda_ops._C
 
 

@@ -394,7 +394,7 @@ def test_get_ops_selection(monkeypatch):
     assert all(callable(getattr(ops, n)) for n in ops_mod.OP_NAMES)
     with pytest.raises(ConfigError, match="unknown kernels"):
         ops_mod.get_ops("cutlass", cpu)
-    monkeypatch.setitem(sys.modules, "fastprompt.cuda_ops", None)  # the extension is not built
+    monkeypatch.setitem(sys.modules, "fastprompt.kernels.cuda_ext", None)  # the extension is not built
     with pytest.raises(ConfigError, match="kernels unavailable"):
         ops_mod.get_ops("cuda", cpu)
     monkeypatch.setitem(sys.modules, "fastprompt.kernels", None)

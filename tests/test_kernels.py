@@ -17,6 +17,8 @@ from fastprompt import kernels as K
 from fastprompt.engines import ops as T
 from fastprompt.engines import tree
 
+K_tree_attention = T.bounded_tree_attention(K.tree_attention)  # the kernel takes the bounds tree.py computes
+
 pytestmark = pytest.mark.skipif(not K.TRITON_AVAILABLE, reason="needs triton")
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -213,7 +215,7 @@ def test_tree_attention(dtype, case):
     nq = nk - n_context
     cu = _cu(n_trunk, segs, torch.int64 if d == 16 else torch.int32)
     q, k, v = _rand(nq, nh, d), _rand(nk, nh, d), _rand(nk, nh, d)
-    _compare(lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu),
+    _compare(lambda q, k, v: K_tree_attention(q, k, v, n_trunk, cu),
              lambda q, k, v: T.tree_attention(q, k, v, n_trunk, cu), [q, k, v], dtype,
              base_fn=lambda q, k, v: _attention_in_dtype(q, k, v, n_trunk, cu))
 
@@ -249,7 +251,7 @@ def test_tree_attention_exact_at_gpu_tiles(monkeypatch):
     for tile in tiles:
         with monkeypatch.context() as m:
             m.setattr(module, "attention_blocks", lambda *_, tile=tile: tile)
-            _compare(lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu),
+            _compare(lambda q, k, v: K_tree_attention(q, k, v, n_trunk, cu),
                      lambda q, k, v: T.tree_attention(q, k, v, n_trunk, cu), [q, k, v], torch.float32)
 
 
@@ -272,7 +274,7 @@ def test_tree_attention_custom_scale_and_partial_grads():
     cu = _cu(n_trunk, segs)
     q, k = torch.randn(10, 2, 32, requires_grad=True), torch.randn(10, 2, 32, requires_grad=True)
     v = torch.randn(10, 2, 32)  # no grad for v
-    o = K.tree_attention(q, k, v, n_trunk, cu, scale=0.3)
+    o = K_tree_attention(q, k, v, n_trunk, cu, scale=0.3)
     o2 = T.tree_attention(q, k, v, n_trunk, cu, scale=0.3)
     go = torch.randn_like(o)
     for a, b in zip(torch.autograd.grad(o, (q, k), go), torch.autograd.grad(o2, (q, k), go)):
@@ -326,7 +328,7 @@ def test_gpu_bf16_vs_fp32_reference(op):
         nk = n_trunk + sum(segs)
         cu = _cu(n_trunk, segs).to(dev)
         args = [_rand(nk - 3, 20, 64), _rand(nk, 20, 64), _rand(nk, 20, 64)]
-        fn = lambda q, k, v: K.tree_attention(q, k, v, n_trunk, cu)  # noqa: E731
+        fn = lambda q, k, v: K_tree_attention(q, k, v, n_trunk, cu)  # noqa: E731
         ref = lambda q, k, v: T.tree_attention(q, k, v, n_trunk, cu)  # noqa: E731
         n_outs = 1
     _compare(fn, ref, args, bf, device=dev, n_outs=n_outs)

@@ -1,7 +1,7 @@
 """The five ops of the fused engine, in plain torch, and the registry that picks an implementation.
 
 The fused engine calls its ops only through an ``Ops`` object, so the Triton kernels (``fastprompt.kernels``,
-``add_layer_norm`` also from the CUDA extension ``fastprompt._C``) plug in behind the same signatures:
+``add_layer_norm`` also from the CUDA extension ``fastprompt.kernels._C``) plug in behind the same signatures:
 
     add_layer_norm(x, residual, weight, bias, eps) -> (y, h)   h = x + residual (or x); y = LN(h)
     linear(x, weight, bias=None)                               x @ weight + bias; weight (in, out) (Conv1D)
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .tree import tree_mask
+from .tree import segment_bounds, tree_mask
 
 KERNELS = ("auto", "torch", "triton", "cuda")
 OP_NAMES = ("add_layer_norm", "linear", "bias_gelu", "tree_attention", "lm_head_ce")
@@ -220,7 +220,25 @@ def _import_ops(module_name: str, names, hint: str) -> dict:
     missing = [n for n in names if not callable(getattr(module, n, None))]
     if missing:
         raise ConfigError(f"kernels unavailable: {module_name} has no {', '.join(missing)}; {hint}")
-    return {n: getattr(module, n) for n in names}
+    return _adapt({n: getattr(module, n) for n in names})
+
+
+def bounded_tree_attention(kernel):
+    """``kernel(q, k, v, n_trunk, seg_start, seg_end, scale)`` (the Triton op, which imports nothing from
+    fastprompt) behind the ops' ``tree_attention(q, k, v, n_trunk, cu_seqlens, scale)``: the bounds come
+    from tree.py's one rule."""
+    def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
+        seg_start, seg_end = segment_bounds(k.shape[0], int(n_trunk), cu_seqlens.to(q.device))
+        return kernel(q, k, v, n_trunk, seg_start, seg_end, scale)
+
+    return tree_attention
+
+
+def _adapt(chosen: dict) -> dict:
+    """The kernels' own signatures brought to the ops' (only tree attention differs)."""
+    if "tree_attention" in chosen and chosen["tree_attention"] is not TORCH_OPS.tree_attention:
+        chosen["tree_attention"] = bounded_tree_attention(chosen["tree_attention"])
+    return chosen
 
 
 def get_ops(kernels: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Ops:
@@ -263,14 +281,14 @@ def _select_ops(kernels: str = "auto", device: torch.device | str | None = None)
             fn = getattr(module, name, None)
             chosen[name] = fn if callable(fn) else getattr(TORCH_OPS, name)
             sources[name] = "triton" if callable(fn) else "torch"
-        return Ops(**chosen, name="auto", sources=sources)
+        return Ops(**_adapt(chosen), name="auto", sources=sources)
     chosen = _import_ops("fastprompt.kernels", OP_NAMES, hint)
     sources = {name: "triton" for name in OP_NAMES}
     if kernels == "cuda":
         cuda_hint = ("build the CUDA extension (pip install -e . with a CUDA torch and nvcc, "
                      "FASTPROMPT_BUILD_CUDA=1), or pass kernels='triton'")
-        if not _import("fastprompt.cuda_ops", cuda_hint).CUDA_EXT_AVAILABLE:
-            raise ConfigError(f"kernels='cuda' needs the fastprompt._C extension, which is not built: {cuda_hint}")
+        if not _import("fastprompt.kernels.cuda_ext", cuda_hint).CUDA_EXT_AVAILABLE:
+            raise ConfigError(f"kernels='cuda' needs the fastprompt.kernels._C extension, which is not built: {cuda_hint}")
         chosen["add_layer_norm"] = _import("fastprompt.kernels", hint).add_layer_norm_cuda
         sources["add_layer_norm"] = "cuda"
     return Ops(**chosen, name=kernels, sources=sources)

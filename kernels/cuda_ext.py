@@ -1,4 +1,4 @@
-"""Loads the optional CUDA C++ extension ``fastprompt._C`` (csrc/): fused residual-add + LayerNorm launchers.
+"""Loads the optional CUDA C++ extension ``fastprompt.kernels._C`` (csrc/): fused residual-add + LayerNorm launchers.
 
 The op itself is ``fastprompt.kernels.layer_norm.add_layer_norm_cuda``: the Triton op's autograd function
 with ``_C.add_layer_norm_fwd`` / ``_C.add_layer_norm_bwd`` as its launchers. Importing this module never
@@ -7,7 +7,7 @@ fails; ``require_ext`` raises a RuntimeError that says how to build the extensio
 from __future__ import annotations
 
 try:
-    from fastprompt import _C
+    from . import _C  # built by setup.py next to this file; kernels/ imports nothing from fastprompt
 except ImportError as exc:  # not built (CPU-only install) or built against another torch
     _C = None
     _C_IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
@@ -29,7 +29,7 @@ def require_ext():
     if _C is None:
         why = f" (import failed with {_C_IMPORT_ERROR})" if _C_IMPORT_ERROR else ""
         raise RuntimeError(
-            f"add_layer_norm_cuda needs the CUDA extension fastprompt._C, which is not available{why}; "
+            f"add_layer_norm_cuda needs the CUDA extension fastprompt.kernels._C, which is not available{why}; "
             f"{BUILD_HINT}. The Triton op fastprompt.kernels.add_layer_norm needs no build step."
         )
     return _C
