@@ -1,6 +1,7 @@
 """The post's experiment on a real model, in one command and a time budget: the hand-written " antonyms"
 against trained prompts, with loss curves and a sample-efficiency run.
 
+    python examples/post_result.py --model smollm2 --steps 150 --minutes 25 --out runs/post_smollm2
     python examples/post_result.py --model gemma3-270m --minutes 60 --out runs/post_gemma
     python examples/post_result.py --model tiny --minutes 1 --curve-size 16 --eval-size 16 --out /tmp/post
 
@@ -9,7 +10,10 @@ Rows (the built-in antonyms, 80/20 split with --seed; every trained row gets the
 * hand-written: the soft prompt at the token embeddings of --words (0 steps);
 * soft, random init (the post's), --prompt-len vectors;
 * soft, initialised from --words (as many vectors as the words have tokens);
-* hard (PEZ) and relaxed (vocabulary softmax), random init, --prompt-len;
+* hard (PEZ) and relaxed (vocabulary softmax), random init, --prompt-len; with --steps the relaxed
+  temperature is annealed over the row's whole budget (one ``fit`` plans it), so it ends hard;
+* prefix-tuning (per-layer K/V at the slot), initialised from --words, where the model supports it (a row
+  saying why not, otherwise);
 * sample efficiency: the random-init soft prompt again on the first 100 and 500 training pairs (the
   whole split is its row above).
 
@@ -56,7 +60,8 @@ def rows_to_run(args, n_words: int) -> list[dict]:
             dict(name="soft, random init", method="soft", init="random", prompt_len=args.prompt_len),
             dict(name=f"soft, init {args.words.strip()!r}", method="soft", init=words, prompt_len=n_words),
             dict(name="hard (PEZ)", method="hard", init="random", prompt_len=args.prompt_len),
-            dict(name="relaxed", method="relaxed", init="random", prompt_len=args.prompt_len)]
+            dict(name="relaxed", method="relaxed", init="random", prompt_len=args.prompt_len),
+            dict(name=f"prefix-tuning, init {args.words.strip()!r}", method="prefix", init=words, prompt_len=n_words)]
     for size in (int(s) for s in args.sizes.split(",") if s.strip()):
         rows.append(dict(name=f"soft, random init, {size} pairs", method="soft", init="random",
                          prompt_len=args.prompt_len, train_size=size))
@@ -81,8 +86,14 @@ def run(args) -> dict:
     results = []
     for spec in plan:
         t_row = time.perf_counter()
-        tuner = fp.PromptTuner(model, tok, args.template, spec["prompt_len"], engine=args.engine, init=spec["init"],
-                               seed=args.seed, method=spec["method"])
+        try:
+            tuner = fp.PromptTuner(model, tok, args.template, spec["prompt_len"], engine=args.engine,
+                                   init=spec["init"], seed=args.seed, method=spec["method"])
+        except fp.FastpromptError as e:  # a method this model does not support: said in the table
+            results.append({"prompt": spec["name"], "method": spec["method"], "prompt_len": spec["prompt_len"],
+                            "skipped": str(e), "curve": [], "steps": 0, "train_pairs": 0})
+            print(f"{spec['name']}: skipped ({e})", flush=True)
+            continue
         data = fp.subsample(train, spec.get("train_size"), seed=args.seed)
         curve = []
         if spec.get("train", True):
@@ -104,8 +115,9 @@ def run(args) -> dict:
 
 
 def train_with_curve(tuner, data, curve_test, args, seconds: float) -> list[dict]:
-    """``fit`` one epoch at a time until ``seconds`` have passed (or ``--steps`` were taken); a curve point every
-    ``--curve-every`` steps and at the end. (The relaxed method's temperature is thus planned over an epoch.)"""
+    """With ``--steps``: one ``fit`` of that many steps (stopped early after ``seconds``); without: ``fit`` one epoch
+    at a time until ``seconds`` have passed (the relaxed temperature is then planned over an epoch). A curve
+    point every ``--curve-every`` steps and at the end."""
     curve, last = [], {"ce": 0.0, "tokens": 0, "epoch": -1}
     steps = [0]
 
@@ -128,7 +140,11 @@ def train_with_curve(tuner, data, curve_test, args, seconds: float) -> list[dict
 
     point(0)
     t0 = time.perf_counter()
-    while True:
+    if args.steps is not None:  # one fit over the whole row: a schedule (relaxed's temperature) spans it
+        per_epoch = -(-len(data) // args.batch_size)
+        tuner.fit(data, epochs=-(-args.steps // per_epoch), batch_size=args.batch_size, lr=args.lr, progress=False,
+                  step_callback=after_step, max_seconds=seconds, max_steps=args.steps)
+    while args.steps is None:
         left = seconds - (time.perf_counter() - t0)
         steps_left = None if args.steps is None else args.steps - steps[0]
         tuner.fit(data, epochs=1, batch_size=args.batch_size, lr=args.lr, progress=False, step_callback=after_step,
@@ -164,6 +180,9 @@ def write(args, report) -> None:
              "| prompt | length | train pairs | steps | test loss | exact match | parrot rate | tokens | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['prompt']} | {r['prompt_len']} | | | not run: {r['skipped']} | | | | |")
+            continue
         tokens = f"`{r['tokens']!r}`" if r["tokens"] is not None else "—"
         lines.append(f"| {r['prompt']} | {r['prompt_len']} | {r['train_pairs']} | {r['steps']} | "
                      f"{r['test_loss']:.4f} | {100 * r['test_exact_match']:.1f}% | {100 * r['test_parrot_rate']:.1f}% "
@@ -184,11 +203,11 @@ def plot(args, rows) -> None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for r in rows:
-        if r["curve"] and "pairs" not in r["prompt"]:
+        if r.get("curve") and "pairs" not in r["prompt"]:
             steps = [p["step"] for p in r["curve"]]
             a.plot(steps[1:], [p["train_loss"] for p in r["curve"]][1:], label=r["prompt"])
             b.plot(steps, [p["test_loss"] for p in r["curve"]], label=r["prompt"])
-    hand = [r for r in rows if r["steps"] == 0 and r["train_pairs"] == 0]
+    hand = [r for r in rows if r["steps"] == 0 and r["train_pairs"] == 0 and "skipped" not in r]
     for ax, title in ((a, "train loss (since the last point)"), (b, f"test loss (first {args.curve_size} pairs)")):
         for r in hand:
             ax.axhline(r["test_loss"], color="grey", linestyle="--", label=f"{r['prompt']} (whole test split)")
@@ -199,7 +218,7 @@ def plot(args, rows) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "loss_curves.png"), dpi=100)
     plt.close(fig)
-    soft = [r for r in rows if r["method"] == "soft" and r["train_pairs"] and "init '" not in r["prompt"]]
+    soft = [r for r in rows if r["method"] == "soft" and r["train_pairs"] and "init '" not in r["prompt"] and "skipped" not in r]
     soft.sort(key=lambda r: r["train_pairs"])
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([r["train_pairs"] for r in soft], [r["test_loss"] for r in soft], "o-")

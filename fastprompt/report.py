@@ -1,5 +1,6 @@
 """What the CLI reports after training (``final`` line of metrics.jsonl, ``hard_prompt.txt``): the test
-metrics of the trained prompt, its token readout, and for a relaxed prompt its argmax tokens as a hard prompt."""
+metrics of the trained prompt, its token readout, for a relaxed prompt its argmax tokens as a hard prompt,
+and (``--baseline``) a hand-written prompt's metrics on the same test examples, side by side."""
 from __future__ import annotations
 
 import os
@@ -17,9 +18,14 @@ def final_report(tuner, test, eval_size: int | None = None, progress: bool = Fal
     """What the CLI reports after training: the method's test metrics (loss on every test example, generation
     metrics on at most ``eval_size``), its token readout, and for a relaxed prompt the metrics of its argmax
     tokens used as a hard prompt."""
-    report: dict[str, Any] = {"event": "final", "method": tuner.method.name}
+    report: dict[str, Any] = {"event": "final", "method": tuner.method.name, "prompt_len": tuner.prompt_len}
     if test:
-        metrics = tuner.evaluate(test, generation_size=eval_size, progress=progress)
+        # the last epoch's test loss, where no step came after it and it was taken on these very examples (the
+        # CLI's test split): not computed twice
+        last_eval = getattr(tuner, "last_eval", None)
+        known = last_eval[1] if last_eval is not None and last_eval[0] is test else None
+        metrics = tuner.evaluate(test, generation_size=eval_size, progress=progress, loss=known is None)
+        metrics.setdefault("loss", known)
         report.update({f"test_{k}": v for k, v in metrics.items()})
         report["eval_size"] = min(len(test), eval_size or len(test))
     ids = tuner.method.token_ids(tuner.prompt)
@@ -54,3 +60,32 @@ def write_outputs(out: str, tuner, test, eval_size: int | None = None, progress:
                 if key in report:
                     f.write(f"{key}: {report[key]:.4f}\n")
     return report
+
+
+def baseline_report(tuner, text: str, test, eval_size: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """The hand-written prompt ``text`` (as many vectors as its tokens, at the token embeddings: the soft
+    method's ``text:`` init, 0 steps) evaluated like the trained prompt: same template, engine, precision and
+    test examples. The ``baseline`` line of metrics.jsonl."""
+    words = text.strip()
+    n_tokens = len(tuner.tokenizer(" " + words, add_special_tokens=False)["input_ids"])
+    engine = tuner.engine.name if tuner.engine.name in ("naive", "generic", "fused") else "auto"
+    probe = PromptTuner(tuner.model, tuner.tokenizer, tuner.template, n_tokens, engine=engine,
+                        precision=tuner.precision, init=f"text:{words}")
+    metrics = probe.evaluate(test, generation_size=eval_size, progress=progress)
+    return {"event": "baseline", "text": " " + words, "prompt_len": n_tokens,
+            **{f"test_{k}": v for k, v in metrics.items()}}
+
+
+def comparison_table(baseline: dict[str, Any], final: dict[str, Any], steps: int) -> str:
+    """The hand-written and the trained prompt side by side (the CLI's last lines)."""
+    rows = [(f"hand-written {baseline['text']!r} ({baseline['prompt_len']} tokens)", baseline),
+            (f"trained {final['method']} prompt ({final.get('prompt_len', '?')} vectors, {steps} steps)", final)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'prompt':<{width}}  test loss  exact match  parrot rate"]
+    for name, r in rows:
+        lines.append(f"{name:<{width}}  {r['test_loss']:9.4f}  {100 * r.get('test_exact_match', float('nan')):10.1f}%"
+                     f"  {100 * r.get('test_parrot_rate', float('nan')):10.1f}%")
+    delta = baseline["test_loss"] - final["test_loss"]
+    lines.append(f"the trained prompt's test loss is {abs(delta):.3f} nat {'below' if delta >= 0 else 'ABOVE'} "
+                 "the hand-written one's")
+    return "\n".join(lines)

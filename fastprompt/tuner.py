@@ -64,6 +64,7 @@ class PromptTuner:
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteGuard(limit=3)  # NaN/inf steps are not applied; 3 in a row stop fit
         self.resume_at: dict[str, Any] | None = None  # an epoch in progress, set by fastprompt.checkpoint
+        self.last_eval: tuple | None = None  # (eval_data, loss) of the current prompt, set by fit, cleared by a step
         self.stopped: str | None = None  # why the last fit stopped early: "max_steps", "max_seconds" or None
         self._step = None  # the training step (fastprompt/step.py), built by the first train_step
         self._batch_size = 64
@@ -163,6 +164,7 @@ class PromptTuner:
                     bar.close()
                     return self.history
                 ce_sum = self.train_step(batch)
+                self.last_eval = None  # the prompt moved
                 taken += 1
                 step_total += 1
                 if self.nonfinite.streak == 0:  # a skipped step adds nothing to the epoch's loss
@@ -186,6 +188,7 @@ class PromptTuner:
                 metrics = self.evaluate(eval_data, generation=generation, generation_size=eval_size,
                                         progress=progress)
                 record.update({f"test_{k}": v for k, v in metrics.items()})
+                self.last_eval = (eval_data, metrics["loss"])  # the current prompt's loss on eval_data
                 record["eval_seconds"] = time.perf_counter() - t_eval
             record["seconds"] = time.perf_counter() - t0
             self.history.append(record)
@@ -196,28 +199,31 @@ class PromptTuner:
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Any], batch_size: int = 256, *, generation: bool = True,
-                 generation_size: int | None = None, progress: bool = False) -> dict[str, float]:
+                 generation_size: int | None = None, progress: bool = False, loss: bool = True) -> dict[str, float]:
         """``loss``: token-weighted target cross-entropy through the engine, on every example. With
         ``generation`` (on at most ``generation_size`` examples, the first ones): the greedily decoded word
         compared with the target (``exact_match``) and with each input field's value (``parrot_rate``, the
         failure the post observed), both after ``normalize_word`` (surrounding punctuation and whitespace
         stripped, case folded); ``exact_match_strict`` / ``parrot_rate_strict`` compare the raw words.
-        ``batch_size``: examples a forward (larger than training's: nothing is kept for a backward)."""
+        ``batch_size``: examples a forward (larger than training's: nothing is kept for a backward).
+        ``loss=False`` leaves the loss out (a caller that has it already: the last epoch's test loss)."""
         encoded = self.encode(examples)
         n_gen = 0
         if generation:
             n_gen = len(encoded) if generation_size is None else min(generation_size, len(encoded))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(encoded) + n_gen, desc="evaluate", unit="ex", disable=not progress, leave=False)
-        total, n_tokens = 0.0, 0
-        prompt = self.method.inputs(self.prompt.detach())
-        for i in range(0, len(encoded), batch_size):
-            ce_sum, n = self.engine.loss_terms(prompt, encoded[i : i + batch_size])
-            total += ce_sum.item()
-            n_tokens += n
-            bar.update(len(encoded[i : i + batch_size]))
-        metrics = {"loss": total / n_tokens}
+        bar = tqdm(total=len(encoded) * loss + n_gen, desc="evaluate", unit="ex", disable=not progress, leave=False)
+        metrics = {}
+        if loss:
+            total, n_tokens = 0.0, 0
+            prompt = self.method.inputs(self.prompt.detach())
+            for i in range(0, len(encoded), batch_size):
+                ce_sum, n = self.engine.loss_terms(prompt, encoded[i : i + batch_size])
+                total += ce_sum.item()
+                n_tokens += n
+                bar.update(len(encoded[i : i + batch_size]))
+            metrics["loss"] = total / n_tokens
         if n_gen:
             words = self._greedy(encoded[:n_gen], progress=bar.update)
             fields = [self.template.as_fields(example) for example in examples[:n_gen]]

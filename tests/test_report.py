@@ -1,0 +1,69 @@
+"""The CLI's final report: the last epoch's test loss reused (never a stale one), and the hand-written
+baseline evaluated like the trained prompt, side by side."""
+import pytest
+import torch
+
+import fastprompt as fp
+from fastprompt.report import baseline_report, comparison_table, final_report
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = fp.load_model("tiny", seed=5)
+    train, test = fp.train_test_split(fp.load_pairs("antonyms"), test_size=0.2, seed=1337)
+    return model, tok, train[:45], test[:37]
+
+
+def _count_loss_calls(tuner, monkeypatch):
+    calls = []
+    real = tuner.engine.loss_terms
+    monkeypatch.setattr(tuner.engine, "loss_terms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _fresh_loss(model, tok, tuner, test):
+    probe = fp.PromptTuner(model, tok, prompt_len=tuner.prompt_len, prompt=tuner.prompt.detach().clone())
+    return probe.evaluate(test, generation=False)["loss"]
+
+
+def test_the_last_epochs_test_loss_is_reused_not_recomputed(setup, monkeypatch):
+    model, tok, train, test = setup
+    tuner = fp.PromptTuner(model, tok, prompt_len=3)
+    tuner.fit(train, epochs=2, batch_size=16, lr=1e-2, eval_data=test, progress=False)
+    calls = _count_loss_calls(tuner, monkeypatch)
+    report = final_report(tuner, test, eval_size=5)
+    assert calls == []  # the loss came from the last epoch's evaluation
+    assert report["test_loss"] == tuner.history[-1]["test_loss"] == pytest.approx(_fresh_loss(model, tok, tuner, test), rel=1e-6)
+    other = test[:20]  # other examples than the epoch was evaluated on: computed
+    assert final_report(tuner, other, eval_size=0)["test_loss"] == pytest.approx(_fresh_loss(model, tok, tuner, other), rel=1e-6)
+    assert calls
+
+
+def test_a_step_after_the_last_evaluation_makes_it_stale(setup, monkeypatch):
+    model, tok, train, test = setup
+    tuner = fp.PromptTuner(model, tok, prompt_len=3)
+    tuner.fit(train, epochs=1, batch_size=16, lr=1e-1, eval_data=test, progress=False)
+    tuner.fit(train, epochs=1, batch_size=16, lr=1e-1, eval_data=test, progress=False, max_steps=1)  # stops mid-epoch
+    assert tuner.stopped == "max_steps"
+    calls = _count_loss_calls(tuner, monkeypatch)
+    report = final_report(tuner, test, eval_size=0)
+    assert calls and report["test_loss"] != tuner.history[-1]["test_loss"]
+    assert report["test_loss"] == pytest.approx(_fresh_loss(model, tok, tuner, test), rel=1e-6)
+
+
+def test_the_baseline_is_the_hand_written_prompt_on_the_same_examples(setup):
+    model, tok, train, test = setup
+    tuner = fp.PromptTuner(model, tok, prompt_len=2)
+    tuner.fit(train, epochs=1, batch_size=16, lr=1e-2, eval_data=test, progress=False)
+    base = baseline_report(tuner, " antonyms ", test, eval_size=6)
+    n = len(tok(" antonyms", add_special_tokens=False)["input_ids"])
+    hand = fp.PromptTuner(model, tok, prompt_len=n, init="text:antonyms")
+    want = hand.evaluate(test, generation_size=6)
+    assert base["prompt_len"] == n and base["text"] == " antonyms"
+    assert base["test_loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert base["test_exact_match"] == want["exact_match"] and base["test_parrot_rate"] == want["parrot_rate"]
+    final = final_report(tuner, test, eval_size=6)
+    table = comparison_table(base, final, steps=3)
+    assert f"{base['test_loss']:.4f}" in table and f"{final['test_loss']:.4f}" in table
+    delta = base["test_loss"] - final["test_loss"]
+    assert f"{abs(delta):.3f} nat {'below' if delta >= 0 else 'ABOVE'}" in table
