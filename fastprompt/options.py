@@ -113,6 +113,9 @@ def every_n(value) -> str | None:
     return problem and problem.replace(", got", " (0: epoch ends only), got")
 
 
+REPORT_TO = ("none", "tensorboard")
+
+
 def report_to(value) -> str | None:
     if value not in REPORT_TO:
         return f"takes {' or '.join(REPORT_TO)}, got {value!r}"
@@ -121,9 +124,6 @@ def report_to(value) -> str | None:
 
         return tensorboard_missing()
     return None
-
-
-REPORT_TO = ("none", "tensorboard")
 
 
 # ------------------------------------------------------------------------------------- the options
