@@ -29,15 +29,16 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import ConfigError, NonFiniteError, PromptFileError
+from .errors import NonFiniteError, PromptFileError
+from .options import check_resume, resume_keys
 from .promptfile import atomic_write, check_fits
 
 FORMAT = "fastprompt-checkpoint-1"
 TENSORS = "checkpoint.safetensors"
 SIDECAR = "checkpoint.json"
-# Options that change what a resumed run computes; the others (epochs, engine, device, ...) may change.
-MUST_MATCH = ("model", "data", "template", "prompt_len", "init", "batch_size", "lr", "train_size", "test_size",
-              "seed", "method", "method_opt")
+# Options that change what a resumed run computes, as fastprompt/options.py declares them (resume=MATCH or
+# CONTENT); the others (epochs, engine, device, ...) may change.
+MUST_MATCH = resume_keys()
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -237,20 +238,9 @@ def _validate_optimizer(tensors, opt, param_shapes) -> str | None:
 
 
 def check_compatible(state: dict[str, Any], config: dict[str, Any], path: str) -> None:
-    """The resumed run must compute what the checkpointed one did (``MUST_MATCH`` options)."""
-    saved = state.get("config") or {}
-    for key in MUST_MATCH:
-        if key == "data" and saved.get("data_sha256") and config.get("data_sha256"):  # the same bytes, any path
-            if saved["data_sha256"] != config["data_sha256"]:
-                raise ConfigError(f"--data {config.get('data')} is not the data {path} was trained on (its contents "
-                                  f"differ: sha256 {config['data_sha256'][:12]}..., trained on "
-                                  f"{saved['data_sha256'][:12]}...): resume with that data, or start afresh in "
-                                  "another --out")
-            continue
-        if key in saved and key in config and saved[key] != config[key]:
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"{path} was written with {flag} {saved[key]!r}, this run has {config[key]!r}: "
-                              f"resume with the same {flag}, or start afresh in another --out")
+    """The resumed run must compute what the checkpointed one did (``MUST_MATCH`` options: each by value, the
+    data files by their sha256; ``options.check_resume``)."""
+    check_resume(state.get("config") or {}, config, path)
 
 
 def restore(tuner, tensors: dict[str, torch.Tensor], state: dict[str, Any], lr: float,

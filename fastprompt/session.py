@@ -13,13 +13,13 @@
   exits 130 / 143). An epoch's checkpoint is written before its ``metrics.jsonl`` line, so a kill at any
   moment leaves a directory that ``--resume`` continues: from the checkpoint, or, where the run had none
   yet, from step 0 after the same config checks against the run header in ``metrics.jsonl``.
-* ``--resume`` compares the data by content (sha256), not by path.
+* ``--resume`` compares the options ``fastprompt/options.py`` declares as MATCH by value and the data files
+  (``--data``, ``--eval-data``) by content (sha256), not by path.
 * ``torchrun``: the process group (``fastprompt.distributed``); rank 0 alone prints and writes; every rank
   takes part in each collective in the same order (the stop flag is all-reduced after every step).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import stat
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .data import content_hash
 from .distributed import setup
-from .errors import ConfigError, NonFiniteError, check_seed
+from .errors import ConfigError, NonFiniteError
 from .guard import Interrupted, StopSignals
-from .tuner import check_budgets
+from .options import content_hashes, hash_keys, header_config
+from .reporters import remove_events
 
 METRICS = "metrics.jsonl"
 # Every file a run writes in --out: what --overwrite (and a restart from step 0) may remove.
@@ -47,13 +47,12 @@ class Session:
         self.every = int(getattr(config, "checkpoint_every", 0) or 0)
         self.resume = bool(getattr(config, "resume", False))
         self.overwrite = bool(getattr(config, "overwrite", False))
-        check_options(config, self.every)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.resume and not config.out:
             raise ConfigError("--resume needs the --out DIR of the run to continue")
         self.writer = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone writes (and locks)
-        self.data_hash = content_hash(config.data)
+        self.hashes = content_hashes(config)  # every data file's sha256: data_sha256, eval_data_sha256
         self.lock: OutLock | None = None
         exists = check_out(out)
         if exists and self.writer:
@@ -92,7 +91,7 @@ class Session:
             if header is None:
                 raise ConfigError(f"nothing to resume in --out {out}: no {ckpt.TENSORS} and no run header in "
                                   f"{METRICS}; choose another --out, or --overwrite")
-            state = {"config": {**(header.get("config") or {}), "data_sha256": header.get("data_sha256")}}
+            state = {"config": {**(header.get("config") or {}), **{key: header.get(key) for key in hash_keys()}}}
             ckpt.check_compatible(state, self.config_dict(), os.path.join(out, METRICS))
             self.restart = True
             self.note = f"no checkpoint in {out} yet (the run stopped before its first one): starting again from step 0"
@@ -103,7 +102,7 @@ class Session:
         return self.ctx.is_main
 
     def config_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.config), "data_sha256": self.data_hash}
+        return {**header_config(self.config), **self.hashes}
 
     def prepare(self, tuner) -> None:
         """After every input was checked: restore the checkpoint (``--resume``), run the preflight, claim
@@ -139,7 +138,7 @@ class Session:
         a kill in between leaves a directory ``--resume`` continues from step 0."""
         info = {**info, **self.ctx.info(), "torch_threads": torch.get_num_threads(),
                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                "data_sha256": self.data_hash}
+                **self.hashes}
         if self.note:
             print(self.note, flush=True)
         if self.saved is None:
@@ -159,6 +158,7 @@ class Session:
         os.replace(tmp, metrics_path)
         if self.saved is None and (self.overwrite or self.restart):
             remove_outputs(self.out, [name for name in OUTPUTS if name != METRICS])
+            remove_events(self.out)  # --report-to tensorboard's events files
 
     # --------------------------------------------------------------------------------- training
     def fit(self, tuner, train, test, log) -> None:
@@ -217,17 +217,21 @@ class Session:
         raise Interrupted(signum, f"stopped by {StopSignals.name(signum)} {where}; checkpoint written to "
                                   f"{self.out}; continue with --resume --out {self.out}")
 
-    def encode(self, tuner, examples, train, test) -> None:
-        """Tokenise and check both splits; a data error names the file and line of the first bad example."""
+    def encode(self, tuner, examples, train, test, eval_examples=None) -> None:
+        """Tokenise and check the training and test examples; a data error names the file and line of the first
+        bad example (of ``examples``, the --data file, or, for the test set, ``eval_examples`` if given)."""
         from .data import locate
         from .errors import DataError
 
         try:
             self.probe = tuner.encode(train)[:8]  # the preflight's batch
+        except DataError as e:
+            raise locate(examples, tuner.encoder.encode, e) from None
+        try:
             if test:
                 tuner.encode(test)
         except DataError as e:
-            raise locate(examples, tuner.encoder.encode, e) from None
+            raise locate(examples if eval_examples is None else eval_examples, tuner.encoder.encode, e) from None
 
     def close(self) -> None:
         self.ctx.close()
@@ -237,19 +241,6 @@ class Session:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def check_options(config, every: int) -> None:
-    """Option values the model is not needed for (the rest are checked where they are used)."""
-    if every < 0:
-        raise ConfigError(f"--checkpoint-every must be >= 0 (0: epoch ends only), got {every}")
-    if config.samples < 0:
-        raise ConfigError(f"--samples must be >= 0, got {config.samples}")
-    check_budgets(getattr(config, "eval_every", 0), getattr(config, "eval_size", None),
-                  getattr(config, "max_steps", None), getattr(config, "max_seconds", None), cli=True)
-    check_seed(config.seed)
-    if config.out is not None and not config.out:
-        raise ConfigError("--out is empty: give a directory")
-
-
 def check_out(out: str) -> bool:
     """True when ``--out`` is an existing directory we may write in, False when it can be created;
     ``ConfigError`` otherwise (a file, below a file, a dangling symlink or a loop, no permission)."""

@@ -5,116 +5,27 @@
     python -m fastprompt.train ... --out runs/x --resume          # continue its last checkpoint
     torchrun --nproc_per_node 2 -m fastprompt.train ...             # data parallel (fastprompt/distributed.py)
 
+The options are declared once, in fastprompt/options.py (parser, config, checks, run header, resume check).
+
 Exit codes: 0 done; 2 bad input or options (one ``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
 prompt that is or gives NaN/inf, or losses or gradients that stopped training (``NonFiniteError``); 130 / 143
 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import math
 import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .errors import ConfigError, FastpromptError, NonFiniteError, UsageParser
-from .template import DEFAULT_TEMPLATE
-
-
-@dataclass
-class TrainConfig:
-    model: str = "gpt2-large"
-    data: str = "antonyms"
-    template: str = DEFAULT_TEMPLATE
-    prompt_len: int = 4
-    init: str = "random"
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-3
-    engine: str = "auto"
-    precision: str = "auto"
-    kernels: str = "auto"
-    cuda_graphs: str = "auto"
-    train_size: int | None = None
-    test_size: float = 0.2
-    seed: int = 1337
-    device: str = "auto"
-    out: str | None = None
-    samples: int = 20
-    method: str = "soft"
-    method_opt: list | None = None
-    progress: bool = True
-    checkpoint_every: int = 0
-    eval_every: int = 10
-    eval_size: int = 500
-    max_steps: int | None = None
-    max_seconds: float | None = None
-    resume: bool = False
-    overwrite: bool = False
-    peft_out: str | None = None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = UsageParser(prog="python -m fastprompt.train",
-                    description="Learn a soft prompt by backpropagation through a frozen causal LM.")
-    p.add_argument("--model", default=d.model, help="hub name, local directory, or 'tiny' (default: %(default)s)")
-    p.add_argument("--data", default=d.data, help="'antonyms' or a .csv/.jsonl file (default: %(default)s)")
-    p.add_argument("--template", default=d.template, help="template with {prompt} and a final {target}")
-    p.add_argument("--prompt-len", type=int, default=d.prompt_len, help="trainable prompt vectors (default: 4)")
-    p.add_argument("--init", default=d.init, help="random | vocab | text:WORDS | file:PROMPT.safetensors (default: random)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split (default: 100)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples a step (default: 64)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: 1e-3)")
-    p.add_argument("--engine", default=d.engine, help="auto | naive | generic | fused (default: auto)")
-    p.add_argument("--precision", default=d.precision,
-                   help="auto | fp32 | bf16 | autocast (default: auto = bf16 weights with an fp32 prompt on CUDA, "
-                        "fp32 on the CPU)")
-    p.add_argument("--kernels", default=d.kernels, help="fused engine kernels: auto | triton | cuda | torch")
-    p.add_argument("--cuda-graphs", default=d.cuda_graphs, help="auto | on | off (fused engine on CUDA)")
-    p.add_argument("--train-size", type=int, default=None, help="subsample the training split to N examples")
-    p.add_argument("--test-size", type=float, default=d.test_size, help="test share of the data (default: 0.2)")
-    p.add_argument("--seed", type=int, default=d.seed, help="split, init and shuffling seed (default: 1337)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
-    p.add_argument("--out", default=None, help="output directory (default: runs/<date-time>)")
-    p.add_argument("--samples", type=int, default=d.samples, help="test examples written to samples.txt")
-    p.add_argument("--method", default=d.method, help="soft | relaxed | hard | prefix (default: soft)")
-    p.add_argument("--method-opt", action="append", default=None, metavar="KEY=VALUE",
-                   help="a method option, repeatable (relaxed: tau_start, tau_end, init_std, lr_scale, gumbel; "
-                   "hard: metric, lr_scale)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="N",
-                   help="also checkpoint every N steps (default: epoch ends and SIGINT/SIGTERM only)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
-                   help="generation metrics (exact match, parrot rate) every N epochs and at the end; the test "
-                   "loss is computed every epoch (default: %(default)s; 0: at the end only)")
-    p.add_argument("--eval-size", type=int, default=d.eval_size, metavar="N",
-                   help="generation metrics on at most N test examples (default: %(default)s); the decoded word "
-                   "counts as a match when it equals the target (or, for parrot rate, an input) after stripping "
-                   "surrounding punctuation and whitespace, case-insensitively; the raw comparison is logged as "
-                   "*_strict")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop after N optimizer steps in all (a resumed run counts its earlier steps)")
-    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
-                   help="stop training after S seconds of this invocation (at the end of a step)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out without --resume")
-    p.add_argument("--peft-out", default=None, metavar="DIR",
-                   help="also write the trained prompt as a PEFT adapter to DIR ({prompt} first in the template; "
-                   "needs the peft extra)")
-    return p
-
-
-def parse_config(argv=None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+from .errors import ConfigError, FastpromptError, NonFiniteError
+from .options import TrainConfig, build_parser, header_config, parse_config, validate  # noqa: F401 (the CLI's
+# config, parser and checks are built from the declaration in fastprompt/options.py; TrainConfig and build_parser
+# are imported from here too)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,7 +43,7 @@ def run_info(config: TrainConfig, device: torch.device) -> dict:
 
     from . import __version__
 
-    info = {"event": "start", "config": dataclasses.asdict(config), "seed": config.seed, "device": str(device),
+    info = {"event": "start", "config": header_config(config), "seed": config.seed, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
             or platform.machine(), "versions": {"fastprompt": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version()}}
@@ -161,26 +72,26 @@ def parse_options(items) -> dict[str, Any]:
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
-    from .report import write_outputs
+    from .reporters import make_reporter
     from .session import Session
 
-    if config.epochs < 0 or config.batch_size < 1 or not config.lr > 0 or not math.isfinite(config.lr):
-        raise ConfigError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0 (finite)")
-    if config.prompt_len < 1 or config.prompt_len > 4096:
-        raise ConfigError(f"--prompt-len must be between 1 and 4096, got {config.prompt_len}")
+    config = validate(config)  # every declared check (fastprompt/options.py); --test-size filled in
     device = resolve_device(config.device)
     out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     session = Session(config, out, device)  # --out / --resume checks; torchrun's process group
     device = session.device
     examples = load_pairs(config.data)
+    eval_examples = load_pairs(config.eval_data) if config.eval_data is not None else None
     train, test = train_test_split(examples, test_size=config.test_size, seed=config.seed)
+    if eval_examples is not None:  # the test set; a --test-size split's share of --data is only kept from training
+        test = eval_examples
     train = subsample(train, config.train_size, seed=config.seed)
     model, tokenizer = load_model(config.model, seed=config.seed, device=device)
     tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=config.engine,
                         precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
-    session.encode(tuner, examples, train, test)  # every template, data and context error, named by file and line
+    session.encode(tuner, examples, train, test, eval_examples)  # every template, data and context error, by file and line
     if config.peft_out:  # refused (template, directory, no peft) before anything is trained or written
         from .peft_io import check_peft_out
 
@@ -191,9 +102,24 @@ def run(config: TrainConfig) -> dict:
     if session.is_main:
         os.makedirs(out, exist_ok=True)
         chosen = f" (precision auto: {tuner.precision})" if config.precision == "auto" else ""
+        source = f" (--eval-data {config.eval_data})" if eval_examples is not None else ""
         print(f"model {config.model} on {device} | engine {tuner.engine.describe()}{chosen} | {len(train)} train, "
-              f"{len(test)} test examples | output {out}", flush=True)
+              f"{len(test)} test examples{source} | output {out}", flush=True)
         session.write_header(metrics_path, run_info(config, device), tuner)
+    # --report-to (fastprompt/reporters.py): rank 0 alone writes; a resumed run continues at its steps
+    reporter = make_reporter(config.report_to if session.is_main else "none", out,
+                             steps_done(tuner, len(train), config.batch_size))
+    try:
+        return train_and_write(config, session, tuner, train, test, out, reporter)
+    finally:
+        reporter.close()
+
+
+def train_and_write(config, session, tuner, train, test, out: str, reporter) -> dict:
+    """``session.fit``, then the outputs (rank 0); returns the last epoch's record."""
+    from .report import write_outputs
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
 
     def log(record: dict) -> None:
         test_part = f"  test {record['test_loss']:.4f}" if "test_loss" in record else ""
@@ -204,6 +130,7 @@ def run(config: TrainConfig) -> dict:
               f"{record['seconds']:.1f}s", flush=True)
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        reporter.epoch(record)
         tuner.save(os.path.join(out, "prompt.safetensors"))
 
     session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
@@ -214,7 +141,8 @@ def run(config: TrainConfig) -> dict:
     final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
     final["seconds"] = time.perf_counter() - t_final
     log_final(final, metrics_path)
-    write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
+    pairs = write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
+    reporter.final(final, steps_done(tuner, len(train), config.batch_size), pairs)
     with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
         f.write(tuner.method.readout(tuner.prompt, k=5))
     plot_losses(os.path.join(out, "loss.png"), tuner.history)
@@ -237,15 +165,25 @@ def log_final(final: dict, metrics_path: str) -> None:
     print("  ".join(parts), flush=True)
 
 
-def write_samples(path: str, tuner, examples) -> None:
-    """Greedy predictions as "Actual / Predicted" pairs, the post's format."""
+def write_samples(path: str, tuner, examples) -> list[tuple[str, str]]:
+    """Greedy predictions as "Actual / Predicted" pairs, the post's format; returns the pairs."""
     words = tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"}
                             for ex in examples]) if examples else []
+    pairs = []
+    for ex, word in zip(examples, words):
+        fields = tuner.template.as_fields(ex)
+        pairs.append((tuner.template.render(fields), tuner.template.render({**fields, "target": word or "?"})))
     with open(path, "w", encoding="utf-8") as f:
-        for ex, word in zip(examples, words):
-            fields = tuner.template.as_fields(ex)
-            f.write(f"Actual: {tuner.template.render(fields)}\n")
-            f.write(f"Predicted: {tuner.template.render({**fields, 'target': word or '?'})}\n\n")
+        for actual, predicted in pairs:
+            f.write(f"Actual: {actual}\nPredicted: {predicted}\n\n")
+    return pairs
+
+
+def steps_done(tuner, n_train: int, batch_size: int) -> int:
+    """The optimizer steps the run has taken, over every invocation (the step of its epoch records)."""
+    per_epoch = -(-n_train // batch_size)
+    done = tuner.history[-1].get("step", len(tuner.history) * per_epoch) if tuner.history else 0
+    return done + (tuner.resume_at["step"] if tuner.resume_at else 0)
 
 
 def plot_losses(path: str, history: list[dict]) -> None:

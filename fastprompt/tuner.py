@@ -17,9 +17,14 @@ from .guard import NonFiniteGuard
 from .metrics import word_metrics
 from .methods import make_method, method_class
 from .models import max_positions
+from .options import api_defaults, check_api
 from .promptfile import check_fits, read_prompt_file, save_prompt_file
 from .step import TrainStep
 from .template import Encoded, Template, TemplateEncoder
+
+# Keywords that are also options of the CLI share its declaration (fastprompt/options.py): default and check.
+NEW = api_defaults("PromptTuner")
+FIT = api_defaults("PromptTuner.fit")
 
 
 class PromptTuner:
@@ -36,15 +41,14 @@ class PromptTuner:
     (``prompt``: per-layer K/V, ``(n_layer, 2, prompt_len, heads, head_dim)``); ``method_options``: its options.
     """
 
-    def __init__(self, model, tokenizer, template: Template | str = "Here are two {prompt} {input} and {target}",
-                 prompt_len: int = 4, *, engine: str = "auto", precision: str = "auto", init: str = "random",
-                 seed: int = 1337, prompt: torch.Tensor | None = None, method: str = "soft",
+    def __init__(self, model, tokenizer, template: Template | str = NEW.template, prompt_len: int = NEW.prompt_len,
+                 *, engine: str = NEW.engine, precision: str = NEW.precision, init: str = NEW.init,
+                 seed: int = NEW.seed, prompt: torch.Tensor | None = None, method: str = NEW.method,
                  method_options: dict[str, Any] | None = None, **engine_options):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template if isinstance(template, Template) else Template(template)
-        if not isinstance(prompt_len, int) or isinstance(prompt_len, bool) or prompt_len < 1:
-            raise ConfigError(f"prompt length must be a positive integer, got {prompt_len!r}")
+        check_api("PromptTuner", prompt_len=prompt_len, seed=seed)
         limit = max_positions(model)
         if limit is not None and prompt_len >= limit:
             raise ConfigError(f"prompt length {prompt_len} leaves no room in the model's context of {limit} tokens")
@@ -109,15 +113,18 @@ class PromptTuner:
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         return [[encoded[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
 
-    def fit(self, train: Sequence[Any], epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
-            eval_data: Sequence[Any] | None = None, progress: bool = True,
+    def fit(self, train: Sequence[Any], epochs: int = FIT.epochs, batch_size: int = FIT.batch_size,
+            lr: float = FIT.lr, eval_data: Sequence[Any] | None = None, progress: bool = True,
             callback: Callable[[dict[str, Any]], None] | None = None,
-            step_callback: Callable[[dict[str, Any]], None] | None = None, *, eval_every: int = 0,
-            eval_size: int | None = None, max_steps: int | None = None,
-            max_seconds: float | None = None) -> list[dict[str, Any]]:
-        """Train for ``epochs``; returns the history, one dict an epoch (train loss, steps, seconds and, with
-        ``eval_data``, the test loss through the engine; every ``eval_every`` epochs also the generation
-        metrics of ``evaluate`` on at most ``eval_size`` of the ``eval_data`` examples).
+            step_callback: Callable[[dict[str, Any]], None] | None = None, *, eval_every: int = FIT.eval_every,
+            eval_size: int | None = FIT.eval_size, max_steps: int | None = FIT.max_steps,
+            max_seconds: float | None = FIT.max_seconds) -> list[dict[str, Any]]:
+        """Train for ``epochs``; returns the history, one dict an epoch (train loss, steps, seconds, target tokens
+        a second of training (``train_target_tokens_per_second``), Adam's learning rate (``lr``, the first
+        parameter group's) and, with ``eval_data``, the test loss through the engine; every ``eval_every``
+        epochs also the generation metrics of ``evaluate`` on at most ``eval_size`` of the ``eval_data``
+        examples). The defaults and checks of ``epochs`` ... ``max_seconds`` are the CLI options' of the same
+        names (fastprompt/options.py; ``epochs``, ``eval_every`` and ``eval_size`` default lower here).
 
         Budgets: training stops after ``max_steps`` optimizer steps or once ``max_seconds`` have passed in
         this call, at the end of a whole step. A stop inside an epoch leaves ``resume_at`` set, so that the
@@ -127,9 +134,8 @@ class PromptTuner:
         ``step_callback`` gets ``{"epoch", "step", "steps", "ce_sum", "n_tokens"}`` after every step (epoch from
         0, step = batches done in it). With ``resume_at`` set (``fastprompt.checkpoint`` or a budget stop), the
         first epoch skips the batches already done and carries their summed loss."""
-        if epochs < 0 or batch_size < 1 or not lr > 0:
-            raise ConfigError("epochs must be >= 0, batch_size >= 1 and lr > 0")
-        check_budgets(eval_every, eval_size, max_steps, max_seconds)
+        check_api("PromptTuner.fit", epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every,
+                  eval_size=eval_size, max_steps=max_steps, max_seconds=max_seconds)
         encoded = self.encode(train)
         if eval_data:
             self.encode(eval_data)  # check the evaluation data before training starts
@@ -154,7 +160,7 @@ class PromptTuner:
             batches = self.batches(encoded, batch_size, epoch)
             done = skip if epoch == start_epoch else 0  # batches already done (resumed mid-epoch)
             total = torch.full((), resume["ce_sum"] if done else 0.0, device=self.device)
-            n_tokens = resume["n_tokens"] if done else 0
+            n_tokens = carried = resume["n_tokens"] if done else 0
             bar = tqdm(batches[done:], desc=f"epoch {epoch + 1}", unit="batch", disable=not progress, leave=False,
                        initial=done, total=len(batches))
             for step, batch in enumerate(bar, start=done):
@@ -182,6 +188,9 @@ class PromptTuner:
             record: dict[str, Any] = {"epoch": epoch + 1, "step": step_total,
                                       "train_loss": total.item() / n_tokens if n_tokens else float("nan")}
             record["train_seconds"] = time.perf_counter() - t0
+            if record["train_seconds"] > 0:  # target tokens of this call's applied steps
+                record["train_target_tokens_per_second"] = (n_tokens - carried) / record["train_seconds"]
+            record["lr"] = self.optimizer.param_groups[0]["lr"]  # what Adam used (relaxed: lr x lr_scale)
             if eval_data:
                 t_eval = time.perf_counter()
                 generation = bool(eval_every) and (epoch + 1) % eval_every == 0
@@ -325,19 +334,6 @@ class PromptTuner:
         from .peft_io import inputs_embeds
 
         return inputs_embeds(self, inputs)
-
-
-def check_budgets(eval_every, eval_size, max_steps, max_seconds, cli: bool = False) -> None:
-    """``fit``'s evaluation and budget arguments (the CLI's options of the same names, with ``cli``)."""
-    for name, value, minimum in (("eval_every", eval_every, 0), ("eval_size", eval_size, 1),
-                                 ("max_steps", max_steps, 0), ("max_seconds", max_seconds, 0)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum \
-                or (name != "max_seconds" and not isinstance(value, int)):
-            kind = "a number" if name == "max_seconds" else "an integer"
-            shown = "--" + name.replace("_", "-") if cli else name
-            raise ConfigError(f"{shown} must be {kind} >= {minimum:g}, got {value!r}")
 
 
 def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds: float | None) -> bool:
