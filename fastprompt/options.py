@@ -108,6 +108,10 @@ def directory_name(value) -> str | None:
     return "is empty: give a directory" if value == "" else None
 
 
+def words(value) -> str | None:
+    return None if value.strip() else f"takes words, got {value!r}"
+
+
 def every_n(value) -> str | None:
     problem = at_least(0)(value)
     return problem and problem.replace(", got", " (0: epoch ends only), got")
@@ -190,6 +194,9 @@ OPTIONS: tuple[Option, ...] = (
            checked_by="session.Session"),
     Option("peft_out", None, "also write the trained prompt as a PEFT adapter to DIR ({prompt} first in the "
            "template; needs the peft extra)", metavar="DIR", checked_by="peft_io.check_peft_out"),
+    Option("baseline", None, "a hand-written prompt, e.g. antonyms: its words (as many vectors as they have tokens, "
+           "untrained) evaluated on the same test examples and shown beside the trained prompt at the end",
+           check=words, metavar="WORDS"),
     Option("report_to", "none", "also log the metrics and samples to: none | tensorboard (in --out/tensorboard/; "
            "needs the tensorboard extra) (default: %(default)s)", check=report_to),
 )

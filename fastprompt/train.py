@@ -117,7 +117,7 @@ def run(config: TrainConfig) -> dict:
 
 def train_and_write(config, session, tuner, train, test, out: str, reporter) -> dict:
     """``session.fit``, then the outputs (rank 0); returns the last epoch's record."""
-    from .report import write_outputs
+    from .report import baseline_report, comparison_table, write_outputs
 
     metrics_path = os.path.join(out, "metrics.jsonl")
 
@@ -141,11 +141,26 @@ def train_and_write(config, session, tuner, train, test, out: str, reporter) -> 
     final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
     final["seconds"] = time.perf_counter() - t_final
     log_final(final, metrics_path)
+    steps = steps_done(tuner, len(train), config.batch_size)
+    baseline = None
+    if config.baseline and test:  # the hand-written prompt on the same test examples, beside the trained one
+        t_base = time.perf_counter()
+        baseline = baseline_report(tuner, config.baseline, test, config.eval_size, config.progress)
+        baseline["seconds"] = time.perf_counter() - t_base
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(baseline) + "\n")
     pairs = write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
-    reporter.final(final, steps_done(tuner, len(train), config.batch_size), pairs)
+    reporter.final(final, steps, pairs)
     with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
         f.write(tuner.method.readout(tuner.prompt, k=5))
-    plot_losses(os.path.join(out, "loss.png"), tuner.history)
+    plot_losses(os.path.join(out, "loss.png"), tuner.history, baseline)
+    if baseline is not None and "test_loss" in final:
+        print(comparison_table(baseline, final, steps), flush=True)
+    for actual, predicted in pairs[:3]:
+        print(f"Actual: {actual}\nPredicted: {predicted}", flush=True)
+    if pairs:
+        print(f"({len(pairs)} samples in {os.path.join(out, 'samples.txt')}, the loss curves in "
+              f"{os.path.join(out, 'loss.png')})", flush=True)
     if config.peft_out:
         tuner.save_peft(config.peft_out)
     return tuner.history[-1] if tuner.history else final
@@ -186,7 +201,8 @@ def steps_done(tuner, n_train: int, batch_size: int) -> int:
     return done + (tuner.resume_at["step"] if tuner.resume_at else 0)
 
 
-def plot_losses(path: str, history: list[dict]) -> None:
+def plot_losses(path: str, history: list[dict], baseline: dict | None = None) -> None:
+    """Train and test loss an epoch; the hand-written baseline's test loss as a line (``--baseline``)."""
     try:
         import matplotlib
 
@@ -200,6 +216,8 @@ def plot_losses(path: str, history: list[dict]) -> None:
     ax.plot(epochs, [r["train_loss"] for r in history], label="train")
     if history and "test_loss" in history[0]:
         ax.plot(epochs, [r["test_loss"] for r in history], label="test")
+    if baseline is not None:
+        ax.axhline(baseline["test_loss"], color="grey", linestyle="--", label=f"hand-written {baseline['text']!r} (test)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("target cross-entropy")
     ax.legend()

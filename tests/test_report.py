@@ -67,3 +67,23 @@ def test_the_baseline_is_the_hand_written_prompt_on_the_same_examples(setup):
     assert f"{base['test_loss']:.4f}" in table and f"{final['test_loss']:.4f}" in table
     delta = base["test_loss"] - final["test_loss"]
     assert f"{abs(delta):.3f} nat {'below' if delta >= 0 else 'ABOVE'}" in table
+
+
+def test_the_cli_shows_the_baseline_beside_the_trained_prompt(tmp_path, capsys):
+    import json
+
+    from fastprompt.train import main
+
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--epochs", "1", "--train-size", "32", "--batch-size", "16", "--test-size", "0.01",
+            "--eval-size", "4", "--samples", "2", "--no-progress", "--baseline", "antonyms", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline = [r for r in lines if r.get("event") == "baseline"]
+    final = [r for r in lines if r.get("event") == "final"][0]
+    assert len(baseline) == 1 and baseline[0]["text"] == " antonyms"
+    assert f"{baseline[0]['test_loss']:.4f}" in printed and f"{final['test_loss']:.4f}" in printed
+    assert "hand-written ' antonyms'" in printed and printed.count("Actual: ") == 2
+    assert main(args[:-4] + ["--baseline", "  ", "--out", str(tmp_path / "bad")]) == 2
+    assert "--baseline takes words" in capsys.readouterr().err and not (tmp_path / "bad").exists()
