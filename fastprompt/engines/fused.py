@@ -200,8 +200,8 @@ class FusedEngine(Engine):
         tables = {}
         for block in self.weights.blocks:
             r = block.attn.rotary
-            if r is not None and id(r.inv_freq) not in tables:
-                tables[id(r.inv_freq)] = rotary_tables(packed.positions, r.inv_freq, r.scaling)
+            if r is not None and _rope_key(r) not in tables:
+                tables[_rope_key(r)] = rotary_tables(packed.positions, r.inv_freq, r.scaling)
         return tables
 
     def blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None):
@@ -227,7 +227,7 @@ class FusedEngine(Engine):
                 q = self._norm(q, None, a.q_norm)[0]
                 k = self._norm(k, None, a.k_norm)[0]
             if a.rotary is not None:
-                cos, sin = tables[id(a.rotary.inv_freq)]
+                cos, sin = tables[_rope_key(a.rotary)]
                 q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
             if collect_kv:
                 collected.append((k, v))
@@ -268,3 +268,8 @@ class FusedEngine(Engine):
                 u = self._norm(u, None, block.mlp_out_norm)[0]
             y, h = self._norm(u, h, W.final_norm if last else W.blocks[i + 1].attn_norm)
         return y
+
+
+def _rope_key(rotary) -> tuple:
+    """One cos/sin table per distinct RoPE: every layer's ``inv_freq`` is a view of the same buffer."""
+    return (rotary.inv_freq.data_ptr(), rotary.inv_freq.shape[0], rotary.scaling)
