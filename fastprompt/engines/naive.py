@@ -147,7 +147,9 @@ class NaiveEngine(Engine):
             embeds = torch.where(in_prompt, inputs.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
             with eval_mode(self.model), self.autocast():
                 logits = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        # fp32 CE (bf16 logits under autocast upcast), fp64 for a float64 model: a float64 reference stays float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return ce_sum, target_count(batch)
 
     def _layer_kv_logits(self, layer_kv, ids, mask, slot):
