@@ -40,17 +40,23 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # must compile, no
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from archs import FAMILY_ARCHS, random_model  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
-MODELS = {"gpt2": "GPT-2 small (d 768, 12 heads of 64)", "gpt2-large": "GPT-2 Large (d 1280, 20 heads of 64)"}
+MODELS = {"gpt2": "GPT-2 small (d 768, 12 heads of 64)", "gpt2-large": "GPT-2 Large (d 1280, 20 heads of 64)",
+          "smollm2-135m": "SmolLM2-135M (Llama kind: d 576, 9 heads of 64, 3 K/V heads, V 49,152)",
+          "qwen3-0.6b": "Qwen3-0.6B (d 1024, 16 heads of 128, 8 K/V heads, q/k norm, V 151,936)",
+          "gemma3-270m": "Gemma 3 270M (d 640, 4 heads of 256, 1 K/V head, sliding layers, V 262,144)"}
 PRECISIONS = ("fp32", "bf16", "autocast")
-BATCHES = (2, 10, 24, 64, 100)  # examples a step: 5, 20, 42, 138, ~215 target rows; ~15 to ~410 packed rows
+BATCHES = (2, 4, 10, 24, 64, 100)  # examples a step: 5, ~8, 20, 42, 138, ~215 target rows; ~15 to ~410 packed rows
 
 
 def _kernel_modules():
     import fastprompt.kernels  # noqa: F401
 
     return {name: sys.modules[f"fastprompt.kernels.{name}"]
-            for name in ("tree_attention", "lm_head_ce", "layer_norm", "bias_gelu")}
+            for name in ("tree_attention", "lm_head_ce", "layer_norm", "bias_gelu", "rms_norm", "rotary", "gated_act")}
 
 
 def _jit_functions():
@@ -66,7 +72,12 @@ def _tuner(model_name: str, precision: str):
     import fastprompt as fp
     from fastprompt.models import gpt2_tokenizer, random_gpt2
 
-    model = random_gpt2(model_name, n_layer=2).eval().requires_grad_(False)
+    if model_name in FAMILY_ARCHS:
+        model = random_model(model_name, n_layer=2)  # a sliding and a full layer for Gemma 3
+    else:
+        model = random_gpt2(model_name, n_layer=2)
+    model = model.eval().requires_grad_(False)
+    # GPT-2's tokenizer for every model: ids < 50,257 fit each vocabulary, and the shapes are the model's
     return fp.PromptTuner(model, gpt2_tokenizer(), prompt_len=4, engine="fused", precision=precision,
                           kernels="triton", cuda_graphs="off", self_check=False)
 
@@ -84,7 +95,8 @@ def engine_cases(models, precisions, batches):
                     current.clear()
                     current[key] = _tuner(*key)
                 tuner = current[key]
-                batch = tuner.encode(pairs[:n])
+                vocab = tuner.model.config.vocab_size  # GPT-2's ids: keep the examples inside the vocabulary
+                batch = [e for e in tuner.encode(pairs[: 4 * n]) if max(e.ids) < vocab][:n]
                 rows = tuner.engine.rows_per_example(batch) * n
                 targets = sum(len(e.ids) - e.target_start for e in batch)
                 if train:

@@ -17,15 +17,16 @@ from typing import Iterable
 
 def with_speedups(records: Iterable[dict]) -> list[dict]:
     """Records with ``speedup_vs_naive_fp32`` / ``speedup_vs_naive_autocast`` filled in where the
-    baseline of the same config, method and prompt length was measured in the same run."""
+    baseline of the same config, model family, method and prompt length was measured in the same run."""
     records = [dict(r) for r in records]
     base = {}
     for r in records:
         if r.get("engine") == "naive" and r.get("epoch_s"):
-            base[(r.get("config"), r.get("method", "soft"), r.get("prompt_len"), r.get("precision"))] = r["epoch_s"]
-    for r in records:
+            base[(r.get("config"), r.get("family", ""), r.get("method", "soft"), r.get("prompt_len"),
+                  r.get("precision"))] = r["epoch_s"]
+    for r in records:  # family rows against their own model's naive row
         for precision in ("fp32", "autocast"):
-            ref = base.get((r.get("config"), r.get("method", "soft"), r.get("prompt_len"), precision))
+            ref = base.get((r.get("config"), r.get("family", ""), r.get("method", "soft"), r.get("prompt_len"), precision))
             key = f"speedup_vs_naive_{precision}"
             r[key] = ref / r["epoch_s"] if ref and r.get("epoch_s") else None
     peft = {(r.get("config"), r.get("prompt_len")): r["epoch_s"] for r in records

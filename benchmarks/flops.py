@@ -1,4 +1,4 @@
-"""FLOPs and bytes of one prompt-tuning step through a frozen GPT-2 (docs/ARCHITECTURE.md,
+"""FLOPs and bytes of one prompt-tuning step through a frozen GPT-2 or another family (docs/ARCHITECTURE.md,
 'Cost of a step'), so that a benchmark can print achieved GFLOP/s next to its time and a GPU step can be
 held against its floor.
 
@@ -15,6 +15,10 @@ GPT-2 Large: 24 * 1280^2 * 36 = 1.42 GFLOP per token, 2 * 1280 * 50257 = 0.129 G
 Bytes: the fewest a step must move is every frozen weight read once per pass, forward and backward:
 ``2 * weight_bytes(shape)`` with the blocks and the LM head (tied to wte; the position table is only
 gathered). At batch 64 this, not the FLOPs, bounds a GPT-2 Large step on an H100.
+
+Other families (``ModelShape``, ``shape_of(config)``): per row and layer ``2 * (d (q + 2 kv) + q d + m d I)``
+(q = H * head_dim, kv = K/V heads * head_dim, m = 3 for a gated MLP: gate, up, down); attention 4 q per key;
+the LM head 2 d V. The GPT-2 formulas are this with q = kv = d, m = 2, I = 4d.
 """
 from __future__ import annotations
 
@@ -43,24 +47,69 @@ class GPT2Shape:
         return self.vocab * self.d
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """Any family: the sizes the step's matmuls depend on."""
+
+    n_layer: int
+    d: int
+    vocab: int
+    q_dim: int  # heads * head_dim
+    kv_dim: int  # K/V heads * head_dim
+    inner: int  # MLP width
+    gated: bool
+    tied: bool = True
+
+    @property
+    def linear_params(self) -> int:
+        """Matmul weights of one layer."""
+        return self.d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.d + (3 if self.gated else 2) * self.d * self.inner
+
+    @property
+    def block_params(self) -> int:
+        return self.n_layer * (self.linear_params + 4 * self.d) + self.d
+
+    @property
+    def head_params(self) -> int:
+        return self.vocab * self.d
+
+
+def shape_of(config):
+    """``GPT2Shape`` for GPT-2 configs, else a ``ModelShape`` from a Hugging Face config."""
+    if getattr(config, "model_type", None) == "gpt2":
+        return GPT2Shape.from_config(config)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return ModelShape(int(config.num_hidden_layers), int(config.hidden_size), int(config.vocab_size), heads * head_dim,
+                      kv * head_dim, int(config.intermediate_size), True, bool(getattr(config, "tie_word_embeddings", True)))
+
+
+def _per_row(shape) -> tuple[float, float]:
+    """(linear FLOPs per row and layer, attention FLOPs per row, layer and key), forward."""
+    if isinstance(shape, ModelShape):
+        return 2 * shape.linear_params, 4 * shape.q_dim
+    return 24 * shape.d * shape.d, 4 * shape.d
+
+
 def forward_flops(shape: GPT2Shape, rows: float, logit_rows: float, keys_per_row: float = 0.0) -> float:
     """One forward pass over ``rows`` transformer rows, attention over ``keys_per_row`` keys on average,
     LM head on ``logit_rows`` rows."""
-    d, L = shape.d, shape.n_layer
-    return rows * L * (24 * d * d + 4 * d * keys_per_row) + logit_rows * 2 * d * shape.vocab
+    lin, att = _per_row(shape)
+    return rows * shape.n_layer * (lin + att * keys_per_row) + logit_rows * 2 * shape.d * shape.vocab
 
 
 def step_flops(shape: GPT2Shape, rows: float, logit_rows: float, keys_per_row: float = 0.0) -> float:
     """Forward + input-gradient-only backward (what every engine here computes: no weight gradients)."""
-    d, L = shape.d, shape.n_layer
-    linear = rows * L * 24 * d * d + logit_rows * 2 * d * shape.vocab
-    attention = rows * L * 4 * d * keys_per_row
+    lin, att = _per_row(shape)
+    linear = rows * shape.n_layer * lin + logit_rows * 2 * shape.d * shape.vocab
+    attention = rows * shape.n_layer * att * keys_per_row
     return 2 * linear + 3 * attention
 
 
 def weight_bytes(shape: GPT2Shape, bytes_per_param: int = 2) -> int:
     """Frozen weights one pass reads (blocks + LM head), in bf16 by default."""
-    return (shape.block_params + shape.head_params) * bytes_per_param
+    return (shape.block_params + shape.head_params) * bytes_per_param  # tied or not: the embedding is only gathered
 
 
 def bandwidth_floor_s(shape: GPT2Shape, copy_bytes_per_s: float, bytes_per_param: int = 2) -> float:

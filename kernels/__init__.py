@@ -1,4 +1,4 @@
-"""Triton kernels for the fused GPT-2 engine, imported as ``fastprompt.kernels``.
+"""Triton kernels for the packed (fused) engine, imported as ``fastprompt.kernels``.
 
 One op a file: Triton kernel -> launcher -> autograd.Function -> public function; ``add_layer_norm_cuda`` is
 the same function with the CUDA C++ extension's launchers. Only input gradients: weights are frozen
@@ -13,7 +13,11 @@ from .layer_norm import add_layer_norm, add_layer_norm_cuda
 from .linear import linear
 from .lm_head_ce import lm_head_ce
 from .tree_attention import tree_attention
+from .rms_norm import add_rms_norm  # the other families' ops (Llama kind, Gemma 3)
+from .rotary import rotary
+from .gated_act import gated_act
 
 __all__ = [
     "TRITON_AVAILABLE", "add_layer_norm", "add_layer_norm_cuda", "bias_gelu", "linear", "lm_head_ce", "tree_attention",
+    "add_rms_norm", "rotary", "gated_act",
 ]

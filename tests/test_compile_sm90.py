@@ -70,3 +70,40 @@ def test_16bit_dots_use_tensor_cores(report):
     autocast_heads = [v for v in report["variants"] if v["kernel"] == "_lm_head_ce_fwd_kernel"
                       and any(" autocast " in c for c in v["cases"])]
     assert autocast_heads and all(v["constexprs"]["LOWP_DOT"] for v in autocast_heads)
+
+
+@pytest.mark.slow
+def test_family_kernels_compile_for_sm90_without_spills(tmp_path):
+    """The other families' steps at real shapes (SmolLM2-135M: head dim 64, GQA 3; Qwen3-0.6B: 128, q/k norm;
+    Gemma 3 270M: 256, vocabulary 262,144), bf16 and fp32, batches of 4 (~8 target rows: the LM head's
+    smallest row block) and 24: RMSNorm, RoPE, gated MLP, tree attention and the LM head compile for sm_90
+    without spills, 16-bit dots on tensor cores."""
+    _ptxas_or_skip()
+    from fastprompt.kernels.compile_check import SM90_MAX_SHARED
+
+    out = tmp_path / "families.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compile_report.py"), "--models",
+           "smollm2-135m,qwen3-0.6b,gemma3-270m", "--precisions", "bf16,fp32", "--batches", "4,24", "--json", str(out)]
+    run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert not report["errors"], report["errors"]
+    names = {v["kernel"] for v in report["variants"]}
+    for name in ("_add_rms_fwd_kernel", "_add_rms_bwd_kernel", "_rotary_kernel", "_gated_act_kernel",
+                 "_tree_attn_fwd_kernel", "_lm_head_ce_fwd_kernel"):
+        assert name in names, name
+    spilled = set()
+    for v in report["variants"]:
+        tag = f"{v['kernel']} {v['constexprs']} ({', '.join(v['cases'][:2])})"
+        if v["spill_stores"] or v["spill_loads"]:
+            spilled.add((v["kernel"], v["constexprs"].get("BLOCK_D")))
+        else:
+            assert v["registers"] > 0, tag
+        assert v["shared"] <= SM90_MAX_SHARED, tag
+        if v["constexprs"].get("LOWP_DOT"):
+            assert v["dots"] and "fma" not in v["dots"], (tag, v["dots"])
+    # Known (issue 27): the tree attention's dK/dV kernel at head dim 256 (Gemma 3) in bf16 spills 12 B / 8 B a
+    # thread at its 32 x 32 tile (255 registers); its tiles are kernels/tree_attention.py's to choose. Nothing
+    # else may spill.
+    assert spilled <= {("_tree_attn_dkdv_kernel", 256)}, spilled

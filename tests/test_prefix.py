@@ -208,3 +208,91 @@ def test_generic_layer_kv_on_llama_equals_hugging_face_with_the_kv_as_cache(layo
     (ref_grad,) = torch.autograd.grad(ref_ce / n, kv)
     assert rel_err(ce, ref_ce) < 1e-5 and rel_err(grad, ref_grad) < 1e-5 and ref_grad.abs().sum() > 0
     assert (engine._packed is not False) == (layout == "packed")
+
+
+# ------------------------------------------------------------------------ every family (rotary models)
+FAMILY_MODELS = {  # kind -> overrides: GQA, q/k norm, sliding windows shorter than the sequences
+    "llama": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=48),
+    "qwen3": {},
+    "mistral": dict(sliding_window=12),  # shorter than the json template's sequences, reaching the slot from the target
+    "gemma3": dict(sliding_window=3),
+}
+
+
+def _family_model(kind):
+    from helpers import tiny_causal_lm
+
+    model = tiny_causal_lm(kind, seed=4, **FAMILY_MODELS[kind])
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # random norms: a missing or misplaced q/k norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("engine", ["fused", "generic"])
+@pytest.mark.parametrize("template", [TEMPLATES[0], TEMPLATES[1], TEMPLATES[3],
+                                      '"word": "{input}", {prompt} "hint": "{hint}", "answer": "{target}'])
+@pytest.mark.parametrize("kind", list(FAMILY_MODELS))
+def test_every_family_fast_equals_naive_fp32(kind, template, engine):
+    """Keys after q/k norm and RoPE, as the cache holds them, wherever the slot stands: the packed and generic
+    engines equal the naive reference (the model's own forward, the slot's K/V written over at its cache
+    update)."""
+    model, tok = _family_model(kind), tokenizer()
+    examples = [{"input": a, "hint": b, "target": b} for a, b in PAIRS]
+    if "{hint}" not in template:
+        examples = [(a, b) for a, b in PAIRS]
+    naive = fp.PromptTuner(model, tok, template, 3, method="prefix", engine="naive", seed=8)
+    fast = fp.PromptTuner(model, tok, template, 3, method="prefix", engine=engine, prompt=naive.prompt.detach())
+    assert fast.engine.name == engine
+    kv = naive.prompt.detach() + 0.3 * torch.randn(naive.prompt.shape, generator=torch.Generator().manual_seed(2))
+    c = model.config
+    assert kv.shape[3:] == (c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    results = []
+    for tuner in (naive, fast):
+        tuner.prompt.data.copy_(kv)
+        loss = tuner.loss(examples)
+        results.append((loss, *torch.autograd.grad(loss, tuner.prompt)))
+    (l0, g0), (l1, g1) = results
+    assert rel_err(l1, l0) <= 1e-5 and rel_err(g1, g0) <= 1e-5 and g0.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_rotary_reference_equals_hugging_face_with_the_kv_as_cache(kind):
+    """The naive reference on a rotary model, slot first: Hugging Face's forward with the K/V as its cache."""
+    from transformers import DynamicCache
+
+    model, tok = _family_model(kind), tokenizer()
+    L = 3
+    naive = fp.PromptTuner(model, tok, "{prompt} {input} and {target}", L, method="prefix", engine="naive", seed=1)
+    kv = naive.prompt.detach() + 0.3 * torch.randn(naive.prompt.shape, generator=torch.Generator().manual_seed(4))
+    e = naive.encode(PAIRS[-1:])[0]
+    c = model.config
+    cache = DynamicCache(config=c)
+    for layer in range(c.num_hidden_layers):
+        cache.update(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None], layer)
+    ids = torch.tensor([e.ids[L:]])
+    T = ids.shape[1]
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = model(input_ids=ids, **{name: cache}, position_ids=torch.arange(L, L + T)[None],
+                   attention_mask=torch.ones(1, L + T, dtype=torch.long)).logits[0]
+    ce = torch.nn.functional.cross_entropy(logits[e.target_start - L - 1 : T - 1], torch.tensor(e.ids[e.target_start:]),
+                                           reduction="sum")
+    ce_naive, _ = naive.engine.loss_terms(PromptInputs(layer_kv=kv), [e])
+    assert rel_err(ce_naive, ce) < 1e-5
+
+
+@pytest.mark.parametrize("template", [TEMPLATES[0], TEMPLATES[1]])
+def test_rotary_init_and_decoding(template):
+    """init: the K/V a soft prompt produces at the slot (the same loss as that soft prompt); cached decoding
+    equals re-running the reference forward per token."""
+    model, tok = _family_model("qwen3"), tokenizer()
+    soft = fp.PromptTuner(model, tok, template, 3, engine="naive", init="text:antonyms of", seed=0)
+    prefix = fp.PromptTuner(model, tok, template, 3, method="prefix", engine="fused", init="text:antonyms of", seed=0)
+    assert rel_err(prefix.loss(PAIRS), soft.loss(PAIRS)) < 1e-5
+    encoded = prefix.encode(PAIRS)
+    prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
+    kv = prefix.prompt.detach() + 0.5 * torch.randn(prefix.prompt.shape, generator=torch.Generator().manual_seed(1))
+    cached = prefix.method.greedy(kv, prefixes, 3, autocast=False)
+    assert cached == prefix.method._greedy_batch(kv, prefixes, 3, autocast=False)

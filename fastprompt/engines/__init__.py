@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..models import is_gpt2_family
+from ..families import family_of
+from ..families.base import FamilyError
 from .base import PRECISIONS, Engine, resolve_precision
 
 ENGINES = ("auto", "naive", "generic", "fused")
@@ -45,13 +46,18 @@ def engine_options(name: str, options: dict) -> dict:
 
 
 def resolve_engine_name(name: str, model) -> str:
+    """``auto`` is ``fused`` where the model's ``model_type`` has a family (families/), else ``generic``;
+    ``fused`` on a model without a family is refused. (A family may still refuse one setting of the config
+    when the engine reads the weights: ``make_engine`` then falls back from ``auto`` to ``generic``.)"""
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}: use one of {', '.join(ENGINES)}")
-    if name == "auto":
-        return "fused" if is_gpt2_family(model) else "generic"
-    if name == "fused" and not is_gpt2_family(model):
-        raise ConfigError("the fused engine supports the GPT-2 family only; use --engine generic for this model")
-    return name
+    try:
+        family_of(model)
+    except FamilyError as e:
+        if name == "fused":
+            raise
+        return "generic" if name == "auto" else name
+    return "fused" if name == "auto" else name
 
 
 def make_engine(name: str, model, encoder, precision: str = "fp32", **options) -> Engine:
@@ -59,8 +65,29 @@ def make_engine(name: str, model, encoder, precision: str = "fp32", **options) -
     precision = resolve_precision(precision, next(model.parameters()).device, name)
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
+    requested = name
     name = resolve_engine_name(name, model)
     options = engine_options(name, options)
+    if requested == "auto" and name == "fused":
+        from .fused import FusedEngine
+
+        try:
+            return FusedEngine(model, encoder, precision, **options)
+        except FamilyError as e:  # a setting the family does not implement: the generic engine runs it
+            from .generic import GenericEngine  # (the fused options, kernels/graphs, do nothing there)
+
+            engine = GenericEngine(model, encoder, precision)
+            engine.auto_reason = str(e)
+            return engine
+    if requested == "auto" and name == "generic":
+        from .generic import GenericEngine
+
+        engine = GenericEngine(model, encoder, precision, **options)
+        try:
+            family_of(model)
+        except FamilyError as e:
+            engine.auto_reason = str(e)
+        return engine
     if name == "naive":
         from .naive import NaiveEngine
 

@@ -1,6 +1,8 @@
-"""The fused engine: our own GPT-2 forward over one packed row block (docs/ARCHITECTURE.md, 'What a step leaves out').
+"""The packed engine (``fused``): any supported family's forward over one packed row block (docs/ARCHITECTURE.md,
+'What a step leaves out', 'Families').
 
-Rows of a step, for an encoder with ``n_context = P0`` and ``n_shared = S`` and examples of lengths ``n_b``:
+Rows of a step (``layout.PackedBatch``), for an encoder with ``n_context = P0`` and ``n_shared = S`` and
+examples of lengths ``n_b``:
 
     context positions [0, P0)        fixed text before the prompt and every field: K/V computed once per
                                      engine (lazily, no grad) and prepended to every layer's keys
@@ -10,167 +12,43 @@ Rows of a step, for an encoder with ``n_context = P0`` and ``n_shared = S`` and 
                                      token is never an input. Where a field precedes the prompt, the
                                      prompt rows sit inside every suffix.
 
+The model runs through its family's description (``families.read_weights``: a ``ModelWeights`` of norms,
+attention settings, MLPs); this module never names a family. A block:
+
+    y = norm_attn(h);  q, k, v = y @ W_qkv (+ b);  q, k = q_norm(q), k_norm(k) per head;  RoPE(q, k) at the
+    rows' positions;  o = attention over the tree (GQA: K/V heads shared; a sliding window on layers that
+    have one);  a = o @ W_o (+ b), normalised where the family says (Gemma);  h = h + a;
+    y = norm_mlp(h);  m = MLP(y) (GELU, or gated: SwiGLU / GeGLU), normalised where the family says;  h = h + m
+
 Attention follows the tree (``ops.tree_attention``): trunk rows are causal among context+trunk keys; a
 suffix row sees the context, the trunk and its own earlier rows. After the last layer's attention only the
-rows that predict a target token go on (c_proj, MLP, ln_f, LM head + CE): ``lm_head_ce`` sees exactly
-``sum_b |target_b|`` rows. Weights are read from the Hugging Face model as detached views (never
-modified); ``precision="bf16"`` keeps one bf16 copy, made here. Ops come from ``ops.get_ops`` so the
-Triton / CUDA kernels replace the torch ones behind the same signatures.
+rows that predict a target token go on (output projection, MLP, final norm, LM head + CE, soft-capped where
+the family says): ``lm_head_ce`` sees exactly ``sum_b |target_b|`` rows. Weights are read from the Hugging
+Face model as detached views (never modified; q/k/v and gate/up of ``nn.Linear`` families concatenated once);
+``precision="bf16"`` keeps one bf16 copy, made here. Ops come from ``ops.get_ops`` so the Triton / CUDA
+kernels replace the torch ones behind the same signatures.
 
-Prefix-tuning (``PromptInputs.layer_kv``): the slot's rows are ordinary rows of the block (placeholder
-tokens), and every layer's K/V at those rows are overwritten by the given ones (``index_copy``: the
-gradient of a K/V row is the sum over its copies). What those rows compute is seen by nothing but
-themselves, so this is exactly the naive engine's reference forward, on the packed layout, wherever the
-slot stands (in the trunk, or in every suffix after a field).
+Prefix-tuning (``PromptInputs.layer_kv``, ``(n_layer, 2, L, Hkv, D)``): the slot's rows are ordinary rows of
+the block (placeholder tokens), and every layer's K/V at those rows are overwritten by the given ones after
+q/k norm and RoPE, i.e. keys as the model's cache holds them (``index_copy``: the gradient of a K/V row is the
+sum over its copies). What those rows compute is seen by nothing but themselves, so this is exactly the naive
+engine's reference forward, on the packed layout, wherever the slot stands.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
-from ..errors import ConfigError, DataError, NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from ..models import eval_mode
+from ..families import read_weights
+from ..families.base import GELU_TANH, ModelWeights, Norm  # noqa: F401  (GELU_TANH: the old name's home)
+from ..layout import PackedBatch
 from ..template import Encoded, TemplateEncoder
 from .base import Engine, PromptInputs, as_inputs
 from ..nvtx import nvtx_range
-from .ops import get_ops
-
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
-
-
-# ------------------------------------------------------------------------------------ packed batch
-@dataclass
-class PackedBatch:
-    """Index tensors of one step's packed row block (query rows: trunk rows, then each suffix)."""
-
-    token_ids: torch.Tensor  # (rows,) input token ids; the placeholder at prompt rows
-    positions: torch.Tensor  # (rows,) absolute positions (wpe)
-    prompt_rows: torch.Tensor  # (n_prompt_rows,) rows that take a prompt vector: L (trunk) or B * L (suffix)
-    prompt_slots: torch.Tensor  # (n_prompt_rows,) which prompt vector
-    cu_seqlens: torch.Tensor  # (B + 1,) key-row offsets of the suffixes; cu[0] = n_trunk_keys
-    target_rows: torch.Tensor  # (n_targets,) rows whose output predicts a target token (trunk rows repeat)
-    target_ids: torch.Tensor  # (n_targets,) the token each predicts
-    n_context: int  # constant context rows (keys only)
-    n_trunk_rows: int  # shared query rows
-    n_examples: int
-
-    @property
-    def n_rows(self) -> int:
-        return self.token_ids.shape[0]
-
-    @property
-    def n_trunk_keys(self) -> int:
-        return self.n_context + self.n_trunk_rows
-
-    @property
-    def n_targets(self) -> int:
-        return self.target_ids.shape[0]
-
-    @classmethod
-    def build(cls, encoder: TemplateEncoder, batch: Sequence[Encoded], device) -> "PackedBatch":
-        """Host-side indices for ``batch``, moved to ``device`` in one transfer."""
-        if len(batch) == 0:
-            raise DataError("empty batch")
-        P0, S, L = encoder.n_context, encoder.n_shared, encoder.prompt_len
-        shared = encoder.shared_ids
-        token_ids = list(shared[P0:S])
-        positions = list(range(P0, S))
-        prompt_rows: list[int] = []
-        prompt_slots: list[int] = []
-        if encoder.prompt_start is not None:  # the prompt is in the trunk, which starts with it
-            prompt_rows += range(encoder.prompt_start - P0, encoder.prompt_start - P0 + L)
-            prompt_slots += range(L)
-        n_trunk_rows = len(token_ids)
-        cu_seqlens = [S]
-        target_rows: list[int] = []
-        target_ids: list[int] = []
-        for b, e in enumerate(batch):
-            n = len(e.ids)
-            if e.target_start is None or e.target_start < S or e.target_start >= n or e.ids[:S] != shared:
-                raise DataError(f"example {b} was not encoded for this engine's template and prompt length")
-            offset = len(token_ids)  # query row of position S
-            token_ids += e.ids[S : n - 1]
-            positions += range(S, n - 1)
-            if e.prompt_start >= S:  # a field precedes the prompt: it lives in every suffix
-                prompt_rows += range(offset + e.prompt_start - S, offset + e.prompt_start - S + L)
-                prompt_slots += range(L)
-            for t in range(e.target_start - 1, n - 1):  # the output at position t predicts ids[t + 1]
-                target_rows.append(t - P0 if t < S else offset + t - S)
-                target_ids.append(e.ids[t + 1])
-            cu_seqlens.append(P0 + len(token_ids))
-        parts = (token_ids, positions, prompt_rows, prompt_slots, cu_seqlens, target_rows, target_ids)
-        flat = torch.tensor([v for part in parts for v in part], dtype=torch.long)
-        if device.type == "cuda":
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=True)
-        tensors = flat.split([len(part) for part in parts])
-        return cls(*tensors, n_context=P0, n_trunk_rows=n_trunk_rows, n_examples=len(batch))
-
-
-# ------------------------------------------------------------------------------------------ weights
-class LayerWeights(NamedTuple):
-    ln_1: tuple  # (weight (d,), bias (d,), eps)
-    attn_w: torch.Tensor  # (d, 3d)  Conv1D layout (in, out)
-    attn_b: torch.Tensor  # (3d,)
-    attn_proj_w: torch.Tensor  # (d, d)
-    attn_proj_b: torch.Tensor  # (d,)
-    ln_2: tuple
-    fc_w: torch.Tensor  # (d, 4d)
-    fc_b: torch.Tensor  # (4d,)
-    mlp_proj_w: torch.Tensor  # (4d, d)
-    mlp_proj_b: torch.Tensor  # (d,)
-
-
-class GPT2Weights(NamedTuple):
-    wte: torch.Tensor  # (V, d)
-    wpe: torch.Tensor  # (n_positions, d)
-    layers: tuple
-    ln_f: tuple
-    lm_head: torch.Tensor  # (V, d), tied to wte in GPT-2
-    n_head: int
-    scales: tuple  # per-layer attention scale
-
-
-def read_gpt2_weights(model, dtype: torch.dtype | None = None) -> GPT2Weights:
-    """Detached views of a Hugging Face GPT-2's weights (copies in ``dtype`` when it differs)."""
-    config = model.config
-
-    def w(t):
-        t = t.detach()
-        return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-    def ln(m):
-        return (w(m.weight), w(m.bias), m.eps)
-
-    act = getattr(config, "activation_function", "gelu_new")
-    if act not in GELU_TANH:
-        raise ConfigError(f"the fused engine implements GPT-2's tanh GELU, not {act!r}: use engine='generic'")
-    if getattr(config, "add_cross_attention", False):
-        raise ConfigError("the fused engine does not support GPT-2 with cross-attention: use engine='generic'")
-    tr = model.transformer
-    n_head = config.n_head
-    head_dim = config.n_embd // n_head
-    layers, scales = [], []
-    for i, block in enumerate(tr.h):
-        layers.append(LayerWeights(
-            ln(block.ln_1), w(block.attn.c_attn.weight), w(block.attn.c_attn.bias),
-            w(block.attn.c_proj.weight), w(block.attn.c_proj.bias), ln(block.ln_2),
-            w(block.mlp.c_fc.weight), w(block.mlp.c_fc.bias), w(block.mlp.c_proj.weight), w(block.mlp.c_proj.bias),
-        ))
-        scale = 1.0 / math.sqrt(head_dim) if getattr(config, "scale_attn_weights", True) else 1.0
-        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-            scale /= float(i + 1)
-        scales.append(scale)
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "bias", None) is not None:
-        raise ConfigError("the fused engine expects an LM head without bias (GPT-2): use engine='generic'")
-    lm_head = w(head.weight) if head is not None and head.weight is not tr.wte.weight else None
-    wte = w(tr.wte.weight)
-    return GPT2Weights(wte, w(tr.wpe.weight), tuple(layers), ln(tr.ln_f), wte if lm_head is None else lm_head,
-                       n_head, tuple(scales))
+from .ops import get_ops, rotary_tables
 
 
 # ------------------------------------------------------------------------------------------- engine
@@ -185,13 +63,13 @@ class FusedEngine(Engine):
             raise ConfigError("--cuda-graphs on needs a CUDA device; use auto or off on the CPU")
         self.cuda_graphs = cuda_graphs
         self.ops = get_ops(kernels, self.device, torch.bfloat16 if precision in ("bf16", "autocast") else None)
-        self.weights = read_gpt2_weights(model, torch.bfloat16 if precision == "bf16" else None)
+        self.weights: ModelWeights = read_weights(model, torch.bfloat16 if precision == "bf16" else None)
         self._context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked = not self_check
 
     def describe(self) -> str:
         graphs = "on" if self.graphs_enabled() else "off"
-        return (f"{self.name} ({self.precision}, kernels={self.ops.name}, "
+        return (f"{self.name} ({self.precision}, {self.weights.family}, kernels={self.ops.name}, "
                 f"attention={self.ops.sources.get('tree_attention', 'torch')}, cuda-graphs={graphs})")
 
     # ------------------------------------------------------------------------------------ public
@@ -241,7 +119,7 @@ class FusedEngine(Engine):
             context_kv = self.context_kv()
             x = self.embed(inputs.embeds, packed)  # (rows, d)
             h = self.blocks(x, context_kv, packed, layer_kv=inputs.layer_kv)  # (n_targets, d) after ln_f
-            loss = self.ops.lm_head_ce(h, self.weights.lm_head, packed.target_ids).float()  # (n_targets,) fp32
+            loss = self.lm_head_ce(h, packed.target_ids)  # (n_targets,) fp32
         return loss.sum() if target_weight is None else (loss * target_weight).sum()
 
     def check_against_model(self, inputs: PromptInputs, example: Encoded) -> None:
@@ -256,6 +134,8 @@ class FusedEngine(Engine):
         with torch.no_grad(), self.autocast():
             h = self.blocks(self.embed(prompt.detach(), packed), self.context_kv(), packed)  # (n_targets, d)
             ours = (h @ self.weights.lm_head.to(h.dtype).t()).float()  # (n_targets, V)
+            if self.weights.softcap:
+                ours = torch.tanh(ours / self.weights.softcap) * self.weights.softcap
             wte = self.model.get_input_embeddings()
             embeds = wte(torch.tensor([example.ids], device=self.device))  # (1, T, d)
             embeds[0, start : start + L] = prompt.detach().to(embeds.dtype)
@@ -271,54 +151,84 @@ class FusedEngine(Engine):
         err = (full - ours).abs().max().item()
         if not err <= tol * (1.0 + full.abs().max().item()):
             raise ConfigError(
-                f"the fused engine's GPT-2 forward does not reproduce the logits of {type(self.model).__name__} "
-                f"(max difference {err:.3g}): the model is not a plain GPT-2; use engine='generic' or 'naive'")
+                f"the fused engine's {self.weights.family} forward does not reproduce the logits of "
+                f"{type(self.model).__name__} (max difference {err:.3g}): the model is not a plain "
+                f"{self.weights.family}; use engine='generic' or 'naive'")
         self._checked = True
 
     # ----------------------------------------------------------------------------------- forward
     def embed(self, prompt: torch.Tensor | None, packed: PackedBatch) -> torch.Tensor:
-        """Input rows: token and position embeddings, the ``(L, d)`` prompt at its rows (None: placeholders)."""
+        """Input rows: token embeddings (times the family's scale), the ``(L, d)`` prompt at its rows (None:
+        placeholders), then learned positions where the family has them."""
         W = self.weights
-        x = W.wte[packed.token_ids]  # (rows, d); no grad: wte is a detached view
+        x = W.embed[packed.token_ids]  # (rows, d); no grad: a detached view
+        if W.embed_scale is not None:
+            x = x * W.embed_scale
         if prompt is not None and packed.prompt_rows.numel():
             vectors = prompt[packed.prompt_slots].to(x.dtype)  # (n_prompt_rows, d); grad sums over copies
             x = x.index_copy(0, packed.prompt_rows, vectors)
-        return x + W.wpe[packed.positions]
+        return x if W.positions is None else x + W.positions[packed.positions]
+
+    def lm_head_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(n_targets,) fp32 CE of the (soft-capped) logits ``h @ lm_head^T``."""
+        W = self.weights
+        if W.softcap:
+            return self.ops.lm_head_ce_softcap(h, W.lm_head, targets, W.softcap).float()
+        return self.ops.lm_head_ce(h, W.lm_head, targets).float()
 
     def context_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (K, V) of the constant context, each (n_context, H, D): computed once, no grad."""
+        """Per-layer (K, V) of the constant context, each (n_context, Hkv, D): computed once, no grad."""
         if self._context_kv is None:
-            P0 = self.encoder.n_context
-            if P0 == 0:  # the template starts with the prompt: nothing constant to cache
+            if self.encoder.n_context == 0:  # the template starts with the prompt: nothing constant to cache
                 self._context_kv = []
                 return self._context_kv
-            ids = torch.tensor(self.encoder.shared_ids[:P0], dtype=torch.long, device=self.device)
-            packed = PackedBatch(
-                ids, torch.arange(P0, device=self.device), ids[:0], ids[:0],
-                torch.tensor([P0, P0], dtype=torch.long, device=self.device),  # one empty suffix
-                ids[:0], ids[:0], n_context=0, n_trunk_rows=P0, n_examples=1,
-            )
+            packed = PackedBatch.context(self.encoder, self.device)
             with torch.no_grad():
                 x = self.embed(None, packed)
                 kv = self.blocks(x, None, packed, collect_kv=True)
             self._context_kv = [(k.detach().contiguous(), v.detach().contiguous()) for k, v in kv]
         return self._context_kv
 
+    def _norm(self, x, residual, norm: Norm):
+        """(y, h): h = x + residual (or x), y = norm(h): LayerNorm or RMSNorm, through the ops."""
+        if norm.rms:
+            return self.ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.offset)
+        return self.ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
+
+    def _rotary_tables(self, packed: PackedBatch) -> dict:
+        """(cos, sin) (rows, D) per distinct RoPE of the model (Gemma: one per layer type), at the rows' positions."""
+        tables = {}
+        for block in self.weights.blocks:
+            r = block.attn.rotary
+            if r is not None and _rope_key(r) not in tables:
+                tables[_rope_key(r)] = rotary_tables(packed.positions, r.inv_freq, r.scaling)
+        return tables
+
     def blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None):
-        """The transformer over the packed rows. Returns ln_f(h) at the target rows (n_targets, d), or with
-        ``collect_kv`` each layer's (K, V) of the rows (for the context cache). ``layer_kv`` (n_layer, 2, L, H, D):
-        K/V written over the prompt rows' at every layer (see the module docstring)."""
+        """The transformer over the packed rows. Returns the final norm at the target rows (n_targets, d), or
+        with ``collect_kv`` each layer's (K, V) of the rows (for the context cache). ``layer_kv``
+        (n_layer, 2, L, Hkv, D): K/V written over the prompt rows' at every layer (see the module docstring)."""
         ops, W = self.ops, self.weights
-        rows, d = x.shape
-        H = W.n_head
-        D = d // H
-        n_layer = len(W.layers)
+        rows = x.shape[0]
+        n_layer = W.n_layer
+        tables = self._rotary_tables(packed)
+        key_positions = None
         collected = []
-        y, h = ops.add_layer_norm(x, None, *W.layers[0].ln_1)  # h: residual stream (rows, d)
-        for i, layer in enumerate(W.layers):
+        y, h = self._norm(x, None, W.blocks[0].attn_norm)  # h: residual stream (rows, d)
+        for i, block in enumerate(W.blocks):
             last = i == n_layer - 1
-            qkv = ops.linear(y, layer.attn_w, layer.attn_b)  # (rows, 3d)
-            q, k, v = qkv.view(rows, 3, H, D).unbind(1)  # each (rows, H, D)
+            a = block.attn
+            H, G, D = a.n_head, a.n_kv_head, a.head_dim
+            qkv = ops.linear(y, a.qkv_w, a.qkv_b)  # (rows, (H + 2G) D)
+            q = qkv[:, : H * D].view(rows, H, D)
+            k = qkv[:, H * D : (H + G) * D].view(rows, G, D)
+            v = qkv[:, (H + G) * D :].view(rows, G, D)
+            if a.q_norm is not None:
+                q = self._norm(q, None, a.q_norm)[0]
+                k = self._norm(k, None, a.k_norm)[0]
+            if a.rotary is not None:
+                cos, sin = tables[_rope_key(a.rotary)]
+                q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
             if collect_kv:
                 collected.append((k, v))
                 if last:
@@ -328,16 +238,38 @@ class FusedEngine(Engine):
                 v = v.index_copy(0, packed.prompt_rows, layer_kv[i, 1][packed.prompt_slots].to(v.dtype))
             if context_kv is not None and packed.n_context:
                 pk, pv = context_kv[i]
-                k = torch.cat([pk.to(k.dtype), k])  # (n_context + rows, H, D)
+                k = torch.cat([pk.to(k.dtype), k])  # (n_context + rows, G, D)
                 v = torch.cat([pv.to(v.dtype), v])
-            o = ops.tree_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, W.scales[i])
-            o = o.reshape(rows, d)
+            if G != H:  # GQA: query head j reads K/V head j // (H / G), as HF's repeat_kv
+                k = k.repeat_interleave(H // G, dim=1)
+                v = v.repeat_interleave(H // G, dim=1)
+            if a.window is None:
+                o = ops.tree_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale)
+            else:
+                if key_positions is None:
+                    key_positions = packed.key_positions()
+                o = ops.window_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale, a.window,
+                                         key_positions)
+            o = o.reshape(rows, H * D)
             if last:  # from here on every op is per row: keep only the rows that predict a target
-                o = o.index_select(0, packed.target_rows)  # (n_targets, d)
+                o = o.index_select(0, packed.target_rows)  # (n_targets, H D)
                 h = h.index_select(0, packed.target_rows)
-            a = ops.linear(o, layer.attn_proj_w, layer.attn_proj_b)
-            y, h = ops.add_layer_norm(a, h, *layer.ln_2)
-            m = ops.bias_gelu(ops.linear(y, layer.fc_w), layer.fc_b)  # (rows, 4d)
-            m = ops.linear(m, layer.mlp_proj_w, layer.mlp_proj_b)
-            y, h = ops.add_layer_norm(m, h, *(W.ln_f if last else W.layers[i + 1].ln_1))
+            o = ops.linear(o, a.out_w, a.out_b)  # (rows, d)
+            if block.attn_out_norm is not None:
+                o = self._norm(o, None, block.attn_out_norm)[0]
+            y, h = self._norm(o, h, block.mlp_norm)
+            m = block.mlp
+            if m.gated:
+                u = ops.gated_act(ops.linear(y, m.up_w, m.up_b), m.activation)  # (rows, I)
+            else:
+                u = ops.bias_gelu(ops.linear(y, m.up_w), m.up_b)  # (rows, I)
+            u = ops.linear(u, m.down_w, m.down_b)
+            if block.mlp_out_norm is not None:
+                u = self._norm(u, None, block.mlp_out_norm)[0]
+            y, h = self._norm(u, h, W.final_norm if last else W.blocks[i + 1].attn_norm)
         return y
+
+
+def _rope_key(rotary) -> tuple:
+    """One cos/sin table per distinct RoPE: every layer's ``inv_freq`` is a view of the same buffer."""
+    return (rotary.inv_freq.data_ptr(), rotary.inv_freq.shape[0], rotary.scaling)

@@ -62,7 +62,8 @@ from ..kvcache import append_layer_kv, cache_kwarg, expand_batch, new_cache
 from ..models import eval_mode
 from ..template import Encoded
 from .base import Engine, PromptInputs, as_inputs, target_count
-from .tree import TRUNK, tree_allowed
+from ..layout import PACK_ROWS, SuffixPacks, pack_shape
+from .tree import tree_allowed
 
 
 # Target rows are rounded up to a multiple of ROW_BUCKET with zero rows the loss ignores. Fewer rows than
@@ -71,9 +72,6 @@ from .tree import TRUNK, tree_allowed
 # float64 at 1-7 rows); the extra rows cost at most ROW_BUCKET - 1 rows of logits.
 ROW_BUCKET = 16
 IGNORE = -100
-# Packed layout: at most this many suffix rows share one packed sequence (the attention of a pack is
-# quadratic in its length; the linear layers do not care). Longer batches run as several packs (batch P).
-PACK_ROWS = 512
 
 
 class GenericEngine(Engine):
@@ -96,6 +94,7 @@ class GenericEngine(Engine):
         self._packed = False if layout == "padded" else None
         self.packed_reason = None  # why the packed layout was not taken (auto), once checked
         self._naive = None  # layer_kv inputs where a field precedes the prompt (see the module docstring)
+        self.auto_reason = None  # why engine "auto" chose this engine over the packed one (make_engine)
 
     # --------------------------------------------------------------------------------------- layout
     @property
@@ -197,9 +196,12 @@ class GenericEngine(Engine):
         return self._naive
 
     def describe(self) -> str:
+        notes = [self.precision]
         if self._naive is not None:
-            return f"{self.name} ({self.precision}; prefix K/V after a field: the naive reference forward)"
-        return super().describe()
+            notes.append("prefix K/V after a field: the naive reference forward")
+        if self.auto_reason:
+            notes.append(f"auto: not the packed engine, {self.auto_reason.removesuffix(': use engine=' + repr('generic'))}")
+        return f"{self.name} ({'; '.join(notes)})"
 
     def _start_cache(self, prompt: PromptInputs):
         """A fresh cache of what precedes the trunk's rows: the constant context and, for ``layer_kv``, the slot's
@@ -267,29 +269,10 @@ class GenericEngine(Engine):
         ``[where[b][0], where[b][1] + t]``; or ``(None, None, None)`` where the cache or attention takes no such
         mask."""
         enc, dev = self.encoder, self.device
-        n_shared, L = enc.n_shared, enc.prompt_len
+        n_shared = enc.n_shared
         H = n_shared - self._trunk_start(prompt) if with_trunk else 0
-        where, P, N = _assign_packs(lens)
-        if H and P != 1:
-            raise AssertionError("the trunk is packed with the suffixes only where they fit one pack")
-        where = [(p, at + H) for p, at in where]
-        N += H
-        ids = torch.zeros((P, N), dtype=torch.long)
-        pos = torch.full((P, N), n_shared, dtype=torch.long)
-        owner = -2 - torch.arange(P * N).view(P, N)  # padding rows: each its own (negative) example
-        slot = torch.full((P, N), -1, dtype=torch.long)
-        if H:
-            pos[0, :H] = torch.arange(n_shared - H, n_shared)
-            owner[0, :H] = TRUNK
-        for b, (e, n, (p, at)) in enumerate(zip(batch, lens, where)):
-            if n == 0:
-                continue
-            ids[p, at:at + n] = torch.tensor(e.ids[n_shared:n_shared + n])
-            pos[p, at:at + n] = torch.arange(n_shared, n_shared + n)
-            owner[p, at:at + n] = b
-            if e.prompt_start >= n_shared:
-                k = at + e.prompt_start - n_shared
-                slot[p, k:k + L] = torch.arange(L)
+        packs = SuffixPacks.build(enc, batch, lens, H, cap=PACK_ROWS)
+        ids, pos, owner, slot, where = packs.ids, packs.positions, packs.owner, packs.slot, packs.where
         if cache is None:
             cache = self._new_cache()
         embeds = self.runner.get_input_embeddings()(ids[:, H:].to(dev))  # (P, N - H, d)
@@ -301,8 +284,8 @@ class GenericEngine(Engine):
             embeds = torch.where((slot >= 0).unsqueeze(-1), prompt.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
         if H:
             embeds = torch.cat([self._trunk_embeds(prompt), embeds], dim=1)
-        if P > 1:
-            expand_batch(cache, P)
+        if ids.shape[0] > 1:
+            expand_batch(cache, ids.shape[0])
         h = self._forward(embeds, pos.to(dev), attention_mask=mask, cache=cache)
         return (h[:, :H] if H else None), h, where
 
@@ -455,22 +438,9 @@ def _bf16_runner(model):
     return runner
 
 
-def _assign_packs(lens):
-    """Suffixes of ``lens`` rows packed in order into sequences of at most max(PACK_ROWS, longest) rows:
-    ``([(pack, start) per example], packs, rows of the longest pack)``."""
-    cap = max(PACK_ROWS, max(lens))
-    where, fill = [], [0]
-    for n in lens:
-        if fill[-1] + n > cap:
-            fill.append(0)
-        where.append((len(fill) - 1, fill[-1]))
-        fill[-1] += n
-    return where, len(fill), max(fill)
-
-
 def _pack_shape(lens):
-    _, P, N = _assign_packs(lens)
-    return P, N
+    """``(packs, rows of the longest pack)`` for this engine's ``PACK_ROWS`` (layout.pack_shape)."""
+    return pack_shape(lens, PACK_ROWS)
 
 
 def _logit_transform(model):

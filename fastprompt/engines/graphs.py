@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..layout import PackedBatch
+
 
 def bucket(n: int, minimum: int = 16) -> int:
     """``n`` rounded up to a multiple of a quarter of its power of two (at least ``minimum``): under 25%
@@ -40,7 +42,7 @@ class StaticShape:
 class StaticBatch:
     """A padded packed batch plus what the padded loss needs."""
 
-    packed: object  # fused.PackedBatch with static shapes
+    packed: PackedBatch  # with static shapes
     target_weight: torch.Tensor  # (targets,) 1 for real target rows, 0 for padding
     n_tokens: torch.Tensor  # () float: real target tokens
     shape: StaticShape
@@ -80,7 +82,7 @@ def pad_packed(packed, shape: StaticShape) -> StaticBatch:
 
     cu = packed.cu_seqlens
     cu = torch.cat([cu, cu[-1:].expand(pad_examples), cu.new_full((1,), packed.n_context + shape.rows)])
-    padded = type(packed)(  # fused.PackedBatch (not imported: fused imports this module)
+    padded = PackedBatch(
         token_ids=cat(packed.token_ids, pad_rows, 0),
         positions=cat(packed.positions, pad_rows, 0),
         prompt_rows=cat(packed.prompt_rows, pad_prompt, rows),  # row `rows`: the first padding row

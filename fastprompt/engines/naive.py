@@ -6,9 +6,12 @@ engine is tested against this one.
 
     embeds    the Hugging Face model's own forward with ``inputs_embeds``, the prompt written over its slot
               (the post's loop; any causal LM)
-    layer_kv  ``gpt2_reference_forward``: GPT-2's forward written out (nanoGPT-style, reading the model's
-              weights), every layer's K/V overwritten at the slot by the given ones (prefix-tuning; the
-              GPT-2 family). Hugging Face's forward has no way to put keys and values in mid-sequence.
+    layer_kv  every layer's K/V overwritten at the slot by the given ones (prefix-tuning), wherever the slot
+              stands: ``gpt2_reference_forward`` for the GPT-2 family (GPT-2's forward written out,
+              nanoGPT-style, over the model's weights); for every other model ``slot_kv_forward``, the
+              model's own forward with a cache whose ``update`` writes the given K/V over the slot's (the
+              K/V a layer hands its cache: after q/k norm and RoPE, docs/ARCHITECTURE.md, 'Prefix K/V on
+              rotary models').
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..kvcache import cache_kwarg, new_cache
 from ..models import eval_mode, is_gpt2_family
 from ..template import Encoded
 from .base import Engine, as_inputs, target_count
@@ -64,6 +68,49 @@ def gpt2_reference_forward(model, embeds, position_ids, key_mask, slot=None, lay
     return (x, captured) if capture else x
 
 
+def slot_kv_forward(model, embeds, attention_mask, slot, layer_kv=None, capture=None, position_ids=None):
+    """The model's own forward over ``embeds`` (B, T, d) -> logits (B, T, V), with every layer's keys and values
+    at the slot written over by ``layer_kv`` (n_layer, 2, L, Hkv, hd) where given.
+
+    The forward runs with a fresh (empty) KV cache whose ``update`` is wrapped: each layer hands it its K/V
+    ``(B, Hkv, T, hd)``, after q/k norm and RoPE, and attends to what it returns; the wrapper returns them
+    with the slot's rows (``slot`` (B, T): the prompt row a position holds, or -1) replaced. Masks (causal,
+    padding, sliding windows), norms, soft-capping: all the model's own. ``capture`` (a list) receives each
+    layer's (K, V) as returned (for ``PrefixMethod.init``: the K/V a soft prompt produces at the slot).
+    ``position_ids`` (B, T) for left-padded rows (decoding); by default ``0 .. T - 1``."""
+    cache = new_cache(model.config)
+    update = cache.update
+    in_slot = (slot >= 0)[:, None, :, None]  # (B, 1, T, 1)
+    rows = slot.clamp(min=0)
+
+    def update_at_slot(key, value, layer_idx, *args, **kwargs):
+        if layer_kv is not None:
+            key = torch.where(in_slot, layer_kv[layer_idx, 0].to(key.dtype)[rows].transpose(1, 2), key)
+            value = torch.where(in_slot, layer_kv[layer_idx, 1].to(value.dtype)[rows].transpose(1, 2), value)
+        if capture is not None:
+            capture.append((key, value))
+        update(key, value, layer_idx, *args, **kwargs)  # the cache's bookkeeping; the layer reads our K/V
+        return key, value
+
+    cache.update = update_at_slot
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    return model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True,
+                 **{cache_kwarg(model): cache}, **extra).logits
+
+
+def layer_kv_logits(model, ids, attention_mask, slot, layer_kv, position_ids=None):
+    """Logits (B, T, V) of token ``ids`` with ``layer_kv`` at the slot: the reference forward of prefix-tuning
+    for any model (GPT-2 family: ``gpt2_reference_forward``; else ``slot_kv_forward``)."""
+    if is_gpt2_family(model):
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        hidden = gpt2_reference_forward(model, model.transformer.wte(ids), position_ids, attention_mask.bool(), slot,
+                                        layer_kv)
+        return model.lm_head(hidden)
+    embeds = model.get_input_embeddings()(ids)
+    return slot_kv_forward(model, embeds, attention_mask.long(), slot, layer_kv, position_ids=position_ids)
+
+
 class NaiveEngine(Engine):
     name = "naive"
 
@@ -100,14 +147,11 @@ class NaiveEngine(Engine):
             embeds = torch.where(in_prompt, inputs.embeds.to(embeds.dtype)[slot.clamp(min=0)], embeds)
             with eval_mode(self.model), self.autocast():
                 logits = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        # fp32 CE (bf16 logits under autocast upcast), fp64 for a float64 model: a float64 reference stays float64
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        ce_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         return ce_sum, target_count(batch)
 
     def _layer_kv_logits(self, layer_kv, ids, mask, slot):
-        if not is_gpt2_family(self.model):
-            raise ConfigError("per-layer K/V at the prompt slot (prefix-tuning) are defined for the GPT-2 family only")
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         with eval_mode(self.model), self.autocast():
-            embeds = self.model.transformer.wte(ids)
-            hidden = gpt2_reference_forward(self.model, embeds, positions, mask.bool(), slot, layer_kv)
-            return self.model.lm_head(hidden)  # (B, T, V)
+            return layer_kv_logits(self.model, ids, mask, slot, layer_kv)  # (B, T, V)

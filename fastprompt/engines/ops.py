@@ -23,7 +23,7 @@ The mask (``n_trunk``, ``cu_seqlens``) is ``engines/tree.py``'s.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,10 @@ from .tree import segment_bounds, tree_mask
 
 KERNELS = ("auto", "torch", "triton", "cuda")
 OP_NAMES = ("add_layer_norm", "linear", "bias_gelu", "tree_attention", "lm_head_ce")
+# Ops of the other families (RMSNorm, RoPE, gated MLPs, sliding windows, soft-capped logits): torch only so
+# far; every kernels choice takes these from here where fastprompt.kernels has no function of the name.
+FAMILY_OP_NAMES = ("add_rms_norm", "rotary", "gated_act", "window_attention", "lm_head_ce_softcap")
+ALL_OP_NAMES = OP_NAMES + FAMILY_OP_NAMES
 
 
 # ------------------------------------------------------------------------------------------ torch ops
@@ -54,6 +58,42 @@ def linear(x, weight, bias=None):
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias) (GPT-2's gelu_new)."""
     return F.gelu(x + bias.detach(), approximate="tanh")
+
+
+def add_rms_norm(x, residual, weight, eps=1e-6, offset=0.0):
+    """(y, h): h = x + residual (h = x when residual is None), y = h / rms(h) * (offset + weight) over the last
+    dimension, in fp32 (fp64 for fp64 h), cast once to h's dtype. ``offset`` 1: Gemma's ``1 + w``. The weight
+    is frozen: autograd forms dX only (no dW)."""
+    h = x if residual is None else x + residual
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    hf = h.to(dtype)
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    scale = weight.detach().to(dtype)
+    y = y * (scale + offset if offset else scale)
+    return y.to(h.dtype), h
+
+
+def rotary(x, cos, sin):
+    """RoPE on ``x`` (rows, heads, D) with ``cos``/``sin`` (rows, D) (the halves repeated, as HF builds them):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rotary_tables(positions, inv_freq, scaling=1.0):
+    """(cos, sin), each (rows, D) fp32, at ``positions`` (rows,): angles ``position * inv_freq`` as HF's
+    rotary modules compute them (fp32), both halves the same, times ``scaling``."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def gated_act(gate_up, activation="silu"):
+    """act(gate) * up for ``gate_up = [gate | up]`` (rows, 2I) -> (rows, I): SwiGLU (silu), GeGLU (gelu_tanh)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    a = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    return a * up
 
 
 _MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, additive mask)]: the last CPU mask
@@ -102,6 +142,43 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
         probs = torch.softmax(scores, dim=-1)
         out = torch.bmm(probs, v.to(dtype).transpose(0, 1))  # (H, Nq, D)
     return out.transpose(0, 1).to(q.dtype)  # (Nq, H, D)
+
+
+_WINDOW_CACHE: list = [None]  # [(cu_seqlens, its _version, key_positions, its _version, sizes, additive mask)]
+
+
+def window_attention(q, k, v, n_trunk, cu_seqlens, scale, window, key_positions):
+    """``tree_attention`` restricted to a sliding window: a query at position p also needs its key's position
+    > p - window (HF's sliding layers: ``q_pos - k_pos < window``). ``key_positions`` (Nk,) long, the
+    position of every key row (layout.PackedBatch.key_positions). Same shapes and dtypes as tree_attention."""
+    n_queries, n_keys = q.shape[0], k.shape[0]
+    cached = _WINDOW_CACHE[0]
+    key = (n_queries, n_keys, int(n_trunk), int(window))
+    if (cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version
+            and cached[2] is key_positions and cached[3] == key_positions._version and cached[4] == key):
+        mask = cached[5]
+    else:
+        mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
+        q_pos = key_positions[n_keys - n_queries:]
+        mask = mask & ((q_pos[:, None] - key_positions[None, :]) < window)
+        if not q.is_cuda:  # a cached tensor must not outlive a CUDA graph capture
+            _WINDOW_CACHE[0] = (cu_seqlens, cu_seqlens._version, key_positions, key_positions._version, key, mask)
+    return _masked_attention(q, k, v, mask, scale)
+
+
+def _masked_attention(q, k, v, mask, scale):
+    """softmax(q k^T * scale, masked) v with a dense bool ``mask`` (Nq, Nk); fp32 math on the CPU."""
+    if q.is_cuda:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                             attn_mask=mask, scale=scale)
+        return out[0].transpose(0, 1)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.baddbmm(bias, q.to(dtype).transpose(0, 1), k.to(dtype).permute(1, 2, 0), alpha=scale)
+        out = torch.bmm(torch.softmax(scores, dim=-1), v.to(dtype).transpose(0, 1))
+    return out.transpose(0, 1).to(q.dtype)
 
 
 VOCAB_CHUNK = 2048  # vocabulary rows per chunk of the one-pass LM head (a chunk of W stays in cache)
@@ -178,6 +255,64 @@ def lm_head_ce(h, weight, targets):
     return loss.view(targets.shape)
 
 
+class _LMHeadCESoftcap(torch.autograd.Function):
+    """loss_r = logsumexp_v(c_rv) - c_r,y_r with soft-capped logits c = cap * tanh(h W^T / cap) (Gemma).
+
+    The same one pass over the vocabulary as ``_LMHeadCE`` (chunks of W, online softmax, the gradient formed
+    in forward); the cap's derivative enters the reduction: dc/dz = 1 - t^2 (t = tanh(z / cap)), so
+
+        d loss_r / d h_r = sum_v (p_v - [v = y]) (1 - t_v^2) W_v
+                         = (sum_{v != y} e_v (1 - t_v^2) W_v  -  s' (1 - t_y^2) W_y) / s
+
+    (e = exp(c - m), s' = sum_{v != y} e_v, s = s' + e_y): no ``p_y - 1`` cancellation, as there."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, cap):
+        rows, V = h.shape[0], weight.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
+        m = torch.full((rows,), float("-inf"), **kw)
+        s_other = torch.zeros(rows, **kw)
+        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None
+        arange = torch.arange(rows, device=h.device)
+        c_y = torch.zeros(rows, **kw)
+        for start in range(0, V, VOCAB_CHUNK):
+            w = weight[start : start + VOCAB_CHUNK]  # (C, d)
+            t = torch.tanh((h @ w.to(h.dtype).t()).to(kw["dtype"]) / cap)  # (rows, C)
+            c = t * cap
+            inside = (targets >= start) & (targets < start + w.shape[0])
+            col = (targets - start).clamp(0, w.shape[0] - 1)
+            c_y = torch.where(inside, c[arange, col], c_y)
+            m_new = torch.maximum(m, c.amax(dim=1))
+            rescale = torch.exp(m - m_new)
+            e = (c - m_new[:, None]).exp()
+            e[arange, col] = torch.where(inside, 0.0, e[arange, col])  # leave the target's term out
+            s_other = s_other * rescale + e.sum(dim=1)
+            if want_grad:
+                acc = acc * rescale[:, None] + (e * (1 - t * t)) @ w.to(kw["dtype"])
+            m = m_new
+        s = s_other + torch.exp(c_y - m)
+        loss = (m - c_y) + torch.log(s)
+        if want_grad:
+            t_y = c_y / cap
+            w_y = weight[targets].to(kw["dtype"])
+            grad = (acc - (s_other * (1 - t_y * t_y))[:, None] * w_y) / s[:, None]
+            ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None, None
+
+
+def lm_head_ce_softcap(h, weight, targets, cap):
+    """``lm_head_ce`` on soft-capped logits ``cap * tanh(h @ weight^T / cap)`` (rows,) fp32."""
+    loss = _LMHeadCESoftcap.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1), float(cap))
+    return loss.view(targets.shape)
+
+
 # ------------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class Ops:
@@ -188,12 +323,17 @@ class Ops:
     bias_gelu: object
     tree_attention: object
     lm_head_ce: object
+    add_rms_norm: object = add_rms_norm
+    rotary: object = rotary
+    gated_act: object = gated_act
+    window_attention: object = window_attention
+    lm_head_ce_softcap: object = lm_head_ce_softcap
     name: str = "torch"
     sources: dict = field(default_factory=dict, compare=False)
 
 
-TORCH_OPS = Ops(add_layer_norm, linear, bias_gelu, tree_attention, lm_head_ce, "torch",
-                {name: "torch" for name in OP_NAMES})
+TORCH_OPS = Ops(add_layer_norm, linear, bias_gelu, tree_attention, lm_head_ce, name="torch",
+                sources={name: "torch" for name in ALL_OP_NAMES})
 
 
 def _triton_available() -> bool:
@@ -252,8 +392,7 @@ def get_ops(kernels: str = "auto", device: torch.device | str | None = None, dty
 
         if FLASH_ATTN_AVAILABLE:
             sources = {**ops.sources, "tree_attention": "flash-attn"}
-            ops = Ops(ops.add_layer_norm, ops.linear, ops.bias_gelu, varlen_tree_attention, ops.lm_head_ce,
-                      ops.name, sources)
+            ops = replace(ops, tree_attention=varlen_tree_attention, sources=sources)
     return ops
 
 
@@ -277,13 +416,18 @@ def _select_ops(kernels: str = "auto", device: torch.device | str | None = None)
             import fastprompt.kernels as module
         except Exception:
             return TORCH_OPS
-        for name in OP_NAMES:
+        for name in ALL_OP_NAMES:
             fn = getattr(module, name, None)
             chosen[name] = fn if callable(fn) else getattr(TORCH_OPS, name)
             sources[name] = "triton" if callable(fn) else "torch"
         return Ops(**_adapt(chosen), name="auto", sources=sources)
     chosen = _import_ops("fastprompt.kernels", OP_NAMES, hint)
     sources = {name: "triton" for name in OP_NAMES}
+    module = _import("fastprompt.kernels", hint)
+    for name in FAMILY_OP_NAMES:  # a kernel where fastprompt.kernels has one, else the torch op
+        fn = getattr(module, name, None)
+        chosen[name] = fn if callable(fn) else getattr(TORCH_OPS, name)
+        sources[name] = "triton" if callable(fn) else "torch"
     if kernels == "cuda":
         cuda_hint = ("build the CUDA extension (pip install -e . with a CUDA torch and nvcc, "
                      "FASTPROMPT_BUILD_CUDA=1), or pass kernels='triton'")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-TRUNK = -1  # the segment of trunk rows
+from ..layout import TRUNK  # the segment of trunk rows (-1)
 
 
 def tree_allowed(q_row, q_segment, k_row, k_segment, trunk: int = TRUNK) -> torch.Tensor:

@@ -1,0 +1,80 @@
+"""RoPE on query/key heads with an input-gradient-only backward (the tables cos/sin are constants).
+
+    x = [x1 | x2] (halves of a head of D)     y1 = x1 * cos1 - x2 * sin1,   y2 = x2 * cos2 + x1 * sin2
+
+``cos``/``sin`` are (rows, D) with both halves equal, as Hugging Face builds them (``ops.rotary_tables``).
+One program per (row, head); x may be a strided view (q, k sliced out of the fused q/k/v projection):
+rows and heads by stride, the head dimension contiguous. The torch reference is
+``fastprompt.engines.ops.rotary``.
+"""
+import torch
+
+from ._common import check_float, next_power_of_2, require_triton, tl, triton
+
+
+@triton.jit
+def _rotary_kernel(
+    X,  # (rows, heads, D) input (forward) or upstream gradient (backward)
+    COS,  # (rows, D) fp32 cos table
+    SIN,  # (rows, D) fp32 sin table
+    Y,  # (rows, heads, D) contiguous output
+    stride_row,  # elements between rows of X
+    stride_head,  # elements between heads of X
+    stride_table,  # elements between rows of COS / SIN
+    heads,  # heads per row
+    half,  # D / 2
+    BACKWARD: tl.constexpr,  # the transpose: dx1 = dy1 cos1 + dy2 sin2, dx2 = dy2 cos2 - dy1 sin1
+    BLOCK: tl.constexpr,  # next power of two >= D / 2
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < half
+    x_ptr = X + row * stride_row + head * stride_head
+    x1 = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + half + cols, mask=mask, other=0.0).to(tl.float32)
+    t_ptr = row * stride_table
+    c1 = tl.load(COS + t_ptr + cols, mask=mask, other=0.0)
+    c2 = tl.load(COS + t_ptr + half + cols, mask=mask, other=0.0)
+    s1 = tl.load(SIN + t_ptr + cols, mask=mask, other=0.0)
+    s2 = tl.load(SIN + t_ptr + half + cols, mask=mask, other=0.0)
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    y_ptr = Y + (row * heads + head) * 2 * half
+    tl.store(y_ptr + cols, y1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + half + cols, y2.to(Y.dtype.element_ty), mask=mask)
+
+
+def _launch(x, cos, sin, backward):
+    require_triton(x, cos, sin)
+    check_float(x, "x")
+    rows, heads, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    y = torch.empty((rows, heads, D), device=x.device, dtype=x.dtype)
+    if rows > 0 and heads > 0:
+        _rotary_kernel[(rows, heads)](x, cos, sin, y, x.stride(0), x.stride(1), cos.stride(0), heads, D // 2,
+                                      BACKWARD=backward, BLOCK=next_power_of_2(D // 2), num_warps=1)
+    return y
+
+
+class RotaryFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)  # the tables only: the map is linear in x
+        return _launch(x, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _launch(dy, cos, sin, backward=True), None, None  # tables are constants
+
+
+def rotary(x, cos, sin):
+    """RoPE on ``x`` (rows, heads, D) fp32/bf16 with ``cos``/``sin`` (rows, D) -> (rows, heads, D) in x's dtype."""
+    return RotaryFn.apply(x, cos, sin)
