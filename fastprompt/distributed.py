@@ -104,11 +104,17 @@ class Context:
         return self.world_size > 1
 
     def wrap(self, tuner) -> None:
-        if self.active and not isinstance(tuner.engine, DataParallelEngine):
-            tuner.engine = DataParallelEngine(tuner.engine, self.rank, self.world_size)
+        from .sharding import ShardedDataParallelEngine, sharded_weights
+
+        if self.active and not isinstance(tuner.engine, (DataParallelEngine, ShardedDataParallelEngine)):
+            weights = sharded_weights(tuner.model)  # --shard-weights: fastprompt/sharding.py
+            tuner.engine = DataParallelEngine(tuner.engine, self.rank, self.world_size) if weights is None else \
+                ShardedDataParallelEngine(tuner.engine, weights, self.rank, self.world_size)
 
     def unwrap(self, tuner) -> None:
-        if isinstance(tuner.engine, DataParallelEngine):
+        from .sharding import ShardedDataParallelEngine
+
+        if isinstance(tuner.engine, (DataParallelEngine, ShardedDataParallelEngine)):
             tuner.engine = tuner.engine.inner
 
     def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -138,9 +144,26 @@ class Context:
         return {"world_size": self.world_size, "backend": self.backend}
 
 
+# A collective that waits longer than this for another rank raises on the waiting rank (gloo: at once where the
+# other process has died; nccl: through its watchdog) instead of hanging: FASTPROMPT_DIST_TIMEOUT seconds.
+DEFAULT_TIMEOUT_S = 600
+
+
+def timeout_seconds() -> float:
+    value = os.environ.get("FASTPROMPT_DIST_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"FASTPROMPT_DIST_TIMEOUT must be a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"FASTPROMPT_DIST_TIMEOUT must be > 0 seconds, got {value!r}")
+    return seconds
+
+
 def setup(device: torch.device) -> tuple[Context, torch.device]:
     """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-    and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group."""
+    and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group.
+    Collectives time out after ``FASTPROMPT_DIST_TIMEOUT`` seconds (default 600)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Context(), device
@@ -156,5 +179,8 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        from datetime import timedelta
+
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_seconds()))
     return Context(rank, world, local_rank, backend), device

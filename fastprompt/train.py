@@ -59,6 +59,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     peft_out: str | None = None
+    shard_weights: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-out", default=None, metavar="DIR",
                    help="also write the trained prompt as a PEFT adapter to DIR ({prompt} first in the template; "
                    "needs the peft extra)")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="under torchrun (2+ processes): shard the frozen model's layers across the processes "
+                   "(FSDP2; engine generic or naive; fastprompt/sharding.py)")
     return p
 
 
@@ -175,8 +179,18 @@ def run(config: TrainConfig) -> dict:
     examples = load_pairs(config.data)
     train, test = train_test_split(examples, test_size=config.test_size, seed=config.seed)
     train = subsample(train, config.train_size, seed=config.seed)
-    model, tokenizer = load_model(config.model, seed=config.seed, device=device)
-    tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=config.engine,
+    engine = config.engine
+    if config.shard_weights:  # the layers sharded at load: a safetensors directory is read chunk by chunk
+        from .engines.base import resolve_precision
+        from .sharding import check_engine, load_sharded
+
+        engine = check_engine(engine)
+        low = resolve_precision(config.precision, device, engine) == "bf16"  # weights loaded in bf16: no copy
+        model, tokenizer = load_sharded(config.model, seed=config.seed, device=device,
+                                        dtype=torch.bfloat16 if low else None)
+    else:
+        model, tokenizer = load_model(config.model, seed=config.seed, device=device)
+    tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=engine,
                         precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
@@ -208,6 +222,10 @@ def run(config: TrainConfig) -> dict:
 
     session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
     if not session.is_main:
+        if config.shard_weights:  # the final forwards gather layers: every rank takes part, rank 0 writes
+            from .sharding import follow_outputs
+
+            follow_outputs(tuner, test, config)
         return tuner.history[-1] if tuner.history else {}
     tuner.save(os.path.join(out, "prompt.safetensors"))
     t_final = time.perf_counter()
