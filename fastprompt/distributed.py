@@ -160,6 +160,24 @@ def timeout_seconds() -> float:
     return seconds
 
 
+def lost_peer(exc: BaseException) -> str | None:
+    """Where ``exc`` is a collective that failed because another rank died or stopped answering (gloo:
+    "Connection closed by peer", a timeout; nccl: a DistError), one line saying so; else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    known = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "gloo", "NCCL")
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or (isinstance(exc, RuntimeError)
+                                                                  and any(k in text for k in known))):
+        return None
+    reason = "timed out waiting for another process" if "imed out" in text else "another process failed or was killed"
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}: {reason} (torchrun's report names the first failure; "
+            f"FASTPROMPT_DIST_TIMEOUT={timeout_seconds():g} s); continue from the last checkpoint with --resume "
+            f"[{text[:160]}]")
+
+
 def setup(device: torch.device) -> tuple[Context, torch.device]:
     """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
     and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group.

@@ -5,7 +5,7 @@
     python -m fastprompt.train ... --out runs/x --resume          # continue its last checkpoint
     torchrun --nproc_per_node 2 -m fastprompt.train ...             # data parallel (fastprompt/distributed.py)
 
-Exit codes: 0 done; 2 bad input or options (one ``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
+Exit codes: 0 done; 1 (torchrun) another process of the run failed or timed out; 2 bad input or options (one ``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
 prompt that is or gives NaN/inf, or losses or gradients that stopped training (``NonFiniteError``); 130 / 143
 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
@@ -309,6 +309,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # torchrun: a collective that lost another rank, one line on every rank
+        from .distributed import lost_peer
+
+        line = lost_peer(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     finally:
         release_locks()  # the --out lock (the kernel drops it anyway when the process ends)
     return 0
