@@ -361,33 +361,54 @@ def _params_on_meta():
 
 
 def _load_shards(model, files: dict[str, str], device) -> None:
-    """Materialise the meta parameters on ``device`` and fill them from the checkpoint: a layer parameter
-    with this rank's dim-0 chunk (FSDP2's ``torch.chunk`` split), every other parameter whole."""
+    """Fill the meta parameters from the checkpoint on ``device``: a layer parameter (an FSDP2 DTensor) with
+    this rank's dim-0 chunk (FSDP2's ``torch.chunk`` split), every other parameter whole, put in place as
+    read (tied parameters stay one). Each tensor is read through its own ``safe_open``, so the file's pages
+    are mapped one tensor at a time."""
     from safetensors import safe_open
 
-    model.to_empty(device=device)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    handles: dict[str, Any] = {}
-    try:
-        for pname, p in model.named_parameters():
-            key = pname if pname in files else _alias(pname, files)
-            if key is None:
-                raise ModelError(f"the checkpoint has no tensor {pname!r}: not a checkpoint of this config")
-            if files[key] not in handles:
-                handles[files[key]] = safe_open(files[key], framework="pt", device="cpu")
-            tensor = handles[files[key]].get_slice(key)
+    def read(pname, rows=None):
+        key = pname if pname in files else _alias(pname, files)
+        if key is None:
+            return None
+        with safe_open(files[key], framework="pt", device="cpu") as f:
+            tensor = f.get_slice(key)
+            return tensor[rows[0]:rows[1]] if rows is not None else tensor[:]
+
+    weights = sharded_weights(model)
+    for layer in weights.layers:  # the chunks: allocated by to_empty, then filled
+        buffers = {name: b.detach().clone() for name, b in layer.named_buffers()}  # computed at build: kept
+        layer.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in layer.named_buffers():
+                b.copy_(buffers[name])
+    done: dict[int, torch.nn.Parameter] = {}  # id of a meta parameter -> its loaded one (tied weights)
+    for mname, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            pname = f"{mname}.{name}" if mname else name
             with torch.no_grad():
                 if _is_dtensor(p):
                     local = p.to_local()
                     rows = -(-p.shape[0] // p.device_mesh.size())  # chunk size
                     start = p.device_mesh.get_local_rank() * rows
-                    if local.shape[0]:
-                        local.copy_(tensor[start : start + local.shape[0]])
-                else:
-                    p.copy_(tensor[:])
-    finally:
-        handles.clear()
+                    chunk = read(pname, (start, start + local.shape[0])) if local.shape[0] else local
+                    if chunk is None:
+                        raise ModelError(f"the checkpoint has no tensor {pname!r}: not a checkpoint of this config")
+                    local.copy_(chunk)
+                elif id(p) in done:
+                    module._parameters[name] = done[id(p)]
+                elif p.is_meta:
+                    tensor = read(pname)
+                    if tensor is not None:
+                        loaded = torch.nn.Parameter(tensor.to(device=device, dtype=p.dtype), requires_grad=False)
+                        done[id(p)] = module._parameters[name] = loaded
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the LM head: stored once, as the input embedding
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(f"the checkpoint has no tensor {missing[0]!r}: not a checkpoint of this config")
 
 
 def _alias(pname: str, files) -> str | None:

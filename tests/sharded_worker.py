@@ -12,7 +12,7 @@ from helpers import rel_err, tiny_causal_lm, tiny_gpt2, tokenizer  # noqa: E402
 
 from fastprompt import PromptTuner  # noqa: E402
 from fastprompt.engines import generic  # noqa: E402
-from fastprompt.sharding import ShardedDataParallelEngine, shard_model  # noqa: E402
+from fastprompt.sharding import ShardedDataParallelEngine, load_sharded, shard_model, sharded_weights  # noqa: E402
 
 AFTER_FIELD = "{input} means {prompt} so {target}"
 CASES = [  # (model, engine, method, template, engine options)
@@ -28,13 +28,30 @@ CASES = [  # (model, engine, method, template, engine options)
     ("gpt2", "naive", "prefix", None, {}),
     ("llama", "generic", "soft", None, {"layout": "packed"}),
     ("llama", "generic", "soft", None, {"layout": "padded"}),
+    ("gpt2-dir", "generic", "soft", None, {}),  # built on the meta device, each rank reading its chunks
+    ("llama-dir", "generic", "soft", None, {"layout": "padded"}),
 ]
 PAIRS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"), ("yes", "no"),
          ("in", "out")]  # batch 7: 4 + 3 over 2 ranks, 2 + 2 + 3 over 3
 
 
 def model(kind):
-    return tiny_gpt2() if kind == "gpt2" else tiny_causal_lm("llama")
+    return tiny_gpt2() if kind.startswith("gpt2") else tiny_causal_lm("llama")
+
+
+def sharded(kind, rank):
+    """The model of ``kind`` with sharded layers: sharded in place, or (``-dir``) saved by rank 0 and loaded
+    by ``load_sharded`` from the directory."""
+    if not kind.endswith("-dir"):
+        m = model(kind)
+        return m, shard_model(m)
+    directory = os.path.join(os.environ["SHARD_TMP"], kind)
+    if rank == 0:
+        model(kind).save_pretrained(directory)
+        tokenizer().save_pretrained(directory)
+    dist.barrier()
+    m, _ = load_sharded(directory)
+    return m, sharded_weights(m)
 
 
 def tuner(m, engine, method, template, options):
@@ -48,11 +65,10 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     examples = [{"input": a, "target": b} for a, b in PAIRS]
     for kind, engine, method, template, options in CASES:
-        options = dict(options)
+        shown, options = options, dict(options)
         generic.PACK_ROWS = options.pop("pack_rows", 512)
         one = tuner(model(kind), engine, method, template, options)
-        sharded_model = model(kind)
-        weights = shard_model(sharded_model)
+        sharded_model, weights = sharded(kind, rank)
         many = tuner(sharded_model, engine, method, template, options)
         init = rel_err(many.prompt, one.prompt)
         many.engine = ShardedDataParallelEngine(many.engine, weights, rank, world)
@@ -72,7 +88,7 @@ def main():
         with torch.no_grad():
             eval_one, eval_many = one.evaluate(examples, generation=True), many.evaluate(examples, generation=True)
         if rank == 0:
-            print(json.dumps({"case": [kind, engine, method, template, options], "init": init, "worst": worst,
+            print(json.dumps({"case": [kind, engine, method, template, shown], "init": init, "worst": worst,
                               "replicated": many.engine.replicated_batches, "eval": [eval_one, eval_many]}),
                   flush=True)
     dist.destroy_process_group()
