@@ -8,7 +8,7 @@ GPT-2 small architecture with random weights, saved once with ``save_pretrained`
 (``--model-dir`` to keep or reuse one), loaded by ``fastprompt.sharding.load_sharded`` (the meta device,
 each rank reading its chunks) for sharded runs and by ``load_model`` otherwise. Each rank reports: RSS after
 the imports (the baseline), peak RSS after loading, anonymous resident memory (``RssAnon``: no file pages)
-right after loading and after the steps, peak RSS after the training steps (``ru_maxrss``: the
+right after loading and after the steps, the steps' own peak RSS (``VmHWM`` reset after loading), peak RSS after the training steps (``ru_maxrss``: the
 process's high-water mark), and the parameter bytes it holds (layer chunks + the unsharded rest). Training:
 the generic engine, fp32, batch 16 of the built-in antonyms, the default template, prompt_len 4.
 ``--speed`` times ``--steps`` steps after one warm-up, median seconds a step, replicated
@@ -42,6 +42,17 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's high-water mark (``VmHWM``; Linux: ``clear_refs`` 5), so that ``rss_mb("VmHWM")``
+    reads the peak since now. False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def worker(args) -> None:
     base = rss_mb()
     import torch
@@ -57,6 +68,7 @@ def worker(args) -> None:
     else:
         model, tokenizer = load_model(args.model_dir)
     after_load, anon_load = peak_mb(), rss_mb("RssAnon")
+    step_peak = reset_peak()  # the steps' own peak: VmHWM from here
     weights = sharded_weights(model)
     held = weights.local_bytes(model) if weights is not None else \
         {"layer_shards": 0, "unsharded": sum(p.numel() * p.element_size() for p in model.parameters())}
@@ -73,7 +85,8 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t0)
     record = {"rank": ctx.rank, "world_size": ctx.world_size, "sharded": bool(args.shard),
               "rss_baseline_mb": round(base, 1), "peak_rss_after_load_mb": round(after_load, 1),
-              "peak_rss_after_steps_mb": round(peak_mb(), 1), "anon_after_load_mb": round(anon_load, 1),
+              "peak_rss_after_steps_mb": round(peak_mb(), 1),
+              "peak_rss_of_steps_mb": round(rss_mb("VmHWM"), 1) if step_peak else None, "anon_after_load_mb": round(anon_load, 1),
               "anon_after_steps_mb": round(rss_mb("RssAnon"), 1),
               "param_mb": {k: round(v / MB, 1) for k, v in held.items()},
               "step_s_median": statistics.median(times[1:]) if len(times) > 1 else None,
@@ -136,7 +149,8 @@ def main() -> None:
                     f"params held {held['layer_shards'] + held['unsharded']:.0f} MB (layer chunks "
                     f"{held['layer_shards']:.0f} + unsharded {held['unsharded']:.0f}); peak RSS "
                     f"{r['peak_rss_after_load_mb']:.0f} MB after load, {r['peak_rss_after_steps_mb']:.0f} MB after "
-                    f"{r['steps'] + 1} steps (baseline {r['rss_baseline_mb']:.0f} MB); anonymous now "
+                    f"{r['steps'] + 1} steps (baseline {r['rss_baseline_mb']:.0f} MB; the steps' own peak "
+                    f"{r['peak_rss_of_steps_mb'] or float('nan'):.0f} MB); anonymous now "
                     f"{r['anon_after_load_mb']:.0f} MB after load, {r['anon_after_steps_mb']:.0f} MB after the steps")
             if args.speed:
                 line += f"; median step {r['step_s_median']:.3f} s"

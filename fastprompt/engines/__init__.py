@@ -47,6 +47,10 @@ def engine_options(name: str, options: dict) -> dict:
 def resolve_engine_name(name: str, model) -> str:
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}: use one of {', '.join(ENGINES)}")
+    if getattr(model, "_fastprompt_shards", None) is not None:  # sharded layers (fastprompt/sharding.py)
+        from ..sharding import check_engine
+
+        return check_engine(name)
     if name == "auto":
         return "fused" if is_gpt2_family(model) else "generic"
     if name == "fused" and not is_gpt2_family(model):
