@@ -77,8 +77,8 @@ def test_every_engine_path_and_method_matches_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_cli_three_processes_match_one_and_resume_with_two(tmp_path):
-    """3 sharded processes end at one process's prompt; a checkpoint of theirs resumed by 2 processes (and
-    by 1, unsharded) continues to the prompt of an uninterrupted run."""
+    """3 sharded processes write a checkpoint that 2 sharded processes resume: the prompt and the final test
+    loss of an uninterrupted one-process run."""
     single = tmp_path / "single"
     assert main([*ARGS, "--epochs", "2", "--engine", "generic", "--out", str(single)]) == 0
     three = tmp_path / "three"
