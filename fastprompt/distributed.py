@@ -104,11 +104,17 @@ class Context:
         return self.world_size > 1
 
     def wrap(self, tuner) -> None:
-        if self.active and not isinstance(tuner.engine, DataParallelEngine):
-            tuner.engine = DataParallelEngine(tuner.engine, self.rank, self.world_size)
+        from .sharding import ShardedDataParallelEngine, sharded_weights
+
+        if self.active and not isinstance(tuner.engine, (DataParallelEngine, ShardedDataParallelEngine)):
+            weights = sharded_weights(tuner.model)  # --shard-weights: fastprompt/sharding.py
+            tuner.engine = DataParallelEngine(tuner.engine, self.rank, self.world_size) if weights is None else \
+                ShardedDataParallelEngine(tuner.engine, weights, self.rank, self.world_size)
 
     def unwrap(self, tuner) -> None:
-        if isinstance(tuner.engine, DataParallelEngine):
+        from .sharding import ShardedDataParallelEngine
+
+        if isinstance(tuner.engine, (DataParallelEngine, ShardedDataParallelEngine)):
             tuner.engine = tuner.engine.inner
 
     def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
@@ -138,9 +144,44 @@ class Context:
         return {"world_size": self.world_size, "backend": self.backend}
 
 
+# A collective that waits longer than this for another rank raises on the waiting rank (gloo: at once where the
+# other process has died; nccl: through its watchdog) instead of hanging: FASTPROMPT_DIST_TIMEOUT seconds.
+DEFAULT_TIMEOUT_S = 600
+
+
+def timeout_seconds() -> float:
+    value = os.environ.get("FASTPROMPT_DIST_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"FASTPROMPT_DIST_TIMEOUT must be a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise ConfigError(f"FASTPROMPT_DIST_TIMEOUT must be > 0 seconds, got {value!r}")
+    return seconds
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """Where ``exc`` is a collective that failed because another rank died or stopped answering (gloo:
+    "Connection closed by peer", a timeout; nccl: a DistError), one line saying so; else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    known = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "gloo", "NCCL")
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or (isinstance(exc, RuntimeError)
+                                                                  and any(k in text for k in known))):
+        return None
+    reason = "timed out waiting for another process" if "imed out" in text else "another process failed or was killed"
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}: {reason} (torchrun's report names the first failure; "
+            f"FASTPROMPT_DIST_TIMEOUT={timeout_seconds():g} s); continue from the last checkpoint with --resume "
+            f"[{text[:160]}]")
+
+
 def setup(device: torch.device) -> tuple[Context, torch.device]:
     """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-    and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group."""
+    and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group.
+    Collectives time out after ``FASTPROMPT_DIST_TIMEOUT`` seconds (default 600)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Context(), device
@@ -156,5 +197,8 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        from datetime import timedelta
+
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_seconds()))
     return Context(rank, world, local_rank, backend), device

@@ -69,6 +69,11 @@ class Session:
             self._check_resumable(existing)
         self.fresh = not existing  # nothing of ours or anyone's in --out: it must still be so when we claim it
         self.ctx, self.device = setup(device)
+        if getattr(config, "shard_weights", False):  # torchrun with 2+ processes, an engine that shards
+            from .sharding import check_context, check_engine
+
+            check_context(self.ctx)
+            check_engine(config.engine)
         if self.ctx.active and getattr(config, "max_seconds", None) is not None:
             # each process would read its own clock and stop at a different step: use --max-steps
             raise ConfigError("--max-seconds does not work under torchrun (the processes would stop at different "

@@ -7,7 +7,8 @@
 
 The options are declared once, in fastprompt/options.py (parser, config, checks, run header, resume check).
 
-Exit codes: 0 done; 2 bad input or options (one ``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
+Exit codes: 0 done; 1 (torchrun) another process of the run failed or timed out; 2 bad input or options (one
+``error:`` line, ``--out`` unchanged); 3 NaN/inf: an initial
 prompt that is or gives NaN/inf, or losses or gradients that stopped training (``NonFiniteError``); 130 / 143
 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
@@ -86,8 +87,18 @@ def run(config: TrainConfig) -> dict:
     if eval_examples is not None:  # the test set; a --test-size split's share of --data is only kept from training
         test = eval_examples
     train = subsample(train, config.train_size, seed=config.seed)
-    model, tokenizer = load_model(config.model, seed=config.seed, device=device)
-    tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=config.engine,
+    engine = config.engine
+    if config.shard_weights:  # the layers sharded at load: a safetensors directory is read chunk by chunk
+        from .engines.base import resolve_precision
+        from .sharding import check_engine, load_sharded
+
+        engine = check_engine(engine)
+        low = resolve_precision(config.precision, device, engine) == "bf16"  # weights loaded in bf16: no copy
+        model, tokenizer = load_sharded(config.model, seed=config.seed, device=device,
+                                        dtype=torch.bfloat16 if low else None)
+    else:
+        model, tokenizer = load_model(config.model, seed=config.seed, device=device)
+    tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=engine,
                         precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
@@ -135,6 +146,10 @@ def train_and_write(config, session, tuner, train, test, out: str, reporter) -> 
 
     session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
     if not session.is_main:
+        if config.shard_weights:  # the final forwards gather layers: every rank takes part, rank 0 writes
+            from .sharding import follow_outputs
+
+            follow_outputs(tuner, test, config)
         return tuner.history[-1] if tuner.history else {}
     tuner.save(os.path.join(out, "prompt.safetensors"))
     t_final = time.perf_counter()
@@ -247,6 +262,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # torchrun: a collective that lost another rank, one line on every rank
+        from .distributed import lost_peer
+
+        line = lost_peer(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     finally:
         release_locks()  # the --out lock (the kernel drops it anyway when the process ends)
     return 0

@@ -51,6 +51,10 @@ def resolve_engine_name(name: str, model) -> str:
     when the engine reads the weights: ``make_engine`` then falls back from ``auto`` to ``generic``.)"""
     if name not in ENGINES:
         raise ConfigError(f"unknown engine {name!r}: use one of {', '.join(ENGINES)}")
+    if getattr(model, "_fastprompt_shards", None) is not None:  # sharded layers (fastprompt/sharding.py)
+        from ..sharding import check_engine
+
+        return check_engine(name)
     try:
         family_of(model)
     except FamilyError as e:

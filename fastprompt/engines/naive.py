@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..kvcache import cache_kwarg, new_cache
 from ..models import eval_mode, is_gpt2_family
 from ..template import Encoded
+from ..sharding import gathered
 from .base import Engine, as_inputs, target_count
 
 
@@ -48,22 +49,23 @@ def gpt2_reference_forward(model, embeds, position_ids, key_mask, slot=None, lay
     scale = 1.0 / math.sqrt(hd) if getattr(c, "scale_attn_weights", True) else 1.0
     captured = []
     for layer, block in enumerate(tr.h):
-        h = block.ln_1(x)
-        q, k, v = block.attn.c_attn(h).split(d, dim=-1)
-        q, k, v = (t.view(B, T, H, hd) for t in (q, k, v))  # (B, T, H, hd)
-        if layer_kv is not None:
-            rows = slot.clamp(min=0)
-            k = torch.where(in_slot, layer_kv[layer, 0].to(k.dtype)[rows], k)
-            v = torch.where(in_slot, layer_kv[layer, 1].to(v.dtype)[rows], v)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        if capture:
-            captured.append((k, v))
-        layer_scale = scale / (layer + 1) if getattr(c, "scale_attn_by_inverse_layer_idx", False) else scale
-        att = (q @ k.transpose(-1, -2)).float() * layer_scale  # (B, H, T, T)
-        att = att.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
-        y = (att @ v).transpose(1, 2).reshape(B, T, d)
-        x = x + block.attn.c_proj(y)
-        x = x + block.mlp(block.ln_2(x))
+        with gathered(model, block):  # --shard-weights: the block's parameters whole while it runs
+            h = block.ln_1(x)
+            q, k, v = block.attn.c_attn(h).split(d, dim=-1)
+            q, k, v = (t.view(B, T, H, hd) for t in (q, k, v))  # (B, T, H, hd)
+            if layer_kv is not None:
+                rows = slot.clamp(min=0)
+                k = torch.where(in_slot, layer_kv[layer, 0].to(k.dtype)[rows], k)
+                v = torch.where(in_slot, layer_kv[layer, 1].to(v.dtype)[rows], v)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+            if capture:
+                captured.append((k, v))
+            layer_scale = scale / (layer + 1) if getattr(c, "scale_attn_by_inverse_layer_idx", False) else scale
+            att = (q @ k.transpose(-1, -2)).float() * layer_scale  # (B, H, T, T)
+            att = att.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+            y = (att @ v).transpose(1, 2).reshape(B, T, d)
+            x = x + block.attn.c_proj(y)
+            x = x + block.mlp(block.ln_2(x))
     x = tr.ln_f(x)
     return (x, captured) if capture else x
 

@@ -1,0 +1,451 @@
+"""Frozen weights sharded across torchrun's processes (``--shard-weights``; docs/ARCHITECTURE.md, 'Sharded weights').
+
+Data parallelism (``fastprompt/distributed.py``) replicates the frozen model on every process. Here every
+decoder layer is an FSDP2 unit (``torch.distributed.fsdp.fully_shard``, ``reshard_after_forward=True``):
+each rank keeps ``1/N`` of the layer's parameters (dim-0 chunks), a layer's forward all-gathers it and frees
+the gathered copy right after, and its backward all-gathers it again. The weights are frozen, so nothing is
+ever reduced for them; the prompt's gradient is all-reduced as in data parallel training.
+
+What is sharded and what is not:
+
+    decoder layers   sharded (GPT-2's ``transformer.h``, Llama's ``model.layers``, ...): ~2/3 of GPT-2 small,
+                     ~87% of Llama-3-8B, ~97% of a 70B model
+    the rest         embeddings, position embeddings, final norm, LM head: whole on every rank. The methods
+                     read the embedding table outside the engine (relaxed: ``softmax(theta) @ E``, hard: the
+                     nearest rows, every ``--init``), and decoding reads it too.
+
+Why the engine is wrapped (``ShardedDataParallelEngine``) and not only the model:
+
+* **Side channels.** FSDP2 all-gathers a layer for backward when the gradient reaches the layer's *output*.
+  The generic engine's trunk runs as its own forward and leaves its K/V in a cache that the suffixes'
+  forward reads: the trunk's ``k``/``v`` projections get their gradient through the cache, not through the
+  layer's output, and may be reached after FSDP freed the layer. So every frozen layer weight that autograd
+  saves is saved as a reference (``saved_tensors_hooks``: ``_ParamRef``), and unpacking it all-gathers the
+  layer again where it is not gathered. A last identity on the prompt (``_ReshardAfterBackward``) frees
+  every gathered layer once the prompt's gradient is complete.
+* **Lockstep.** All-gathers are collectives: every rank must gather the same layers in the same order.
+  The engines' control flow depends on the batch (how many forwards a step takes: packs, empty suffixes,
+  the layout check of the first batch), so a rank's shard alone could make it take another path than its
+  neighbours and gather the wrong layer (silently, where shapes agree) or hang. Every rank holds the whole
+  global batch, so every rank computes every shard's path (``path_signature``); where all shards take the
+  same path each rank computes its own shard, otherwise (an empty shard, shards on different paths, the
+  generic layout not yet decided) every rank computes the whole batch and ranks other than 0 count zero: the
+  same result, ``N`` times the compute, for that batch only.
+
+Outside a training step no wrapper is needed: evaluation and decoding run with the same batches on every
+rank (``evaluate``, ``greedy``: all ranks take part; rank 0 alone writes), and forwards without grad need
+nothing but FSDP2's own hooks.
+
+Loading (``load_sharded``): a local directory of safetensors is built on the meta device, sharded, and each
+rank reads only its chunk of every layer tensor (``safe_open(...).get_slice``) plus the unsharded rest: no
+full copy on any rank. Other names (``tiny``, ``random:*``, hub names, ``gemma3-270m``) are loaded whole on
+every rank by ``models.load_model`` and then sharded (the layers' other chunks are freed): a transient full
+copy per process, fine for the small models these are.
+
+Engines: ``generic`` and ``naive`` (``auto`` means ``generic`` here). The fused engine reads its weights
+once, as its own tensors, outside any module call: refused (``check_engine``). Prefix-tuning through
+``gpt2_reference_forward`` (its init, the naive engine, the generic engine where a field precedes the slot,
+decoding after a field) calls a block's submodules directly; ``gathered`` gathers the block around that use.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .engines.base import as_inputs, target_count
+from .errors import ConfigError, ModelError
+
+LAYER_LISTS = ("h", "layers", "blocks")  # the decoder's ModuleList of layers (GPT-2, Llama/Qwen/Gemma, ...)
+RUN_HINT = "torchrun --nproc_per_node N -m fastprompt.train ... --shard-weights (N >= 2)"
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_context(ctx) -> None:
+    """``--shard-weights`` needs torchrun with two or more processes (``ConfigError`` otherwise)."""
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"--shard-weights shards the weights across torchrun's processes: run {RUN_HINT}")
+    if not ctx.active:
+        raise ConfigError("--shard-weights with one process shards nothing: use torchrun --nproc_per_node 2 or "
+                          "more, or drop --shard-weights")
+
+
+def check_engine(name: str) -> str:
+    """The engine to run on sharded weights: ``auto`` is ``generic``; ``fused`` is refused."""
+    if name == "auto":
+        return "generic"
+    if name == "fused":
+        raise ConfigError("the fused engine reads its weights outside the model's modules and cannot run on "
+                          "sharded weights: use --engine generic (or naive) with --shard-weights")
+    return name
+
+
+# ------------------------------------------------------------------------------------------ sharding
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder's layers, in order (the FSDP units)."""
+    base = getattr(model, "base_model", None)
+    for holder in (base, getattr(base, "decoder", None), getattr(base, "language_model", None)):
+        for attr in LAYER_LISTS:
+            layers = getattr(holder, attr, None)
+            if isinstance(layers, torch.nn.ModuleList) and len(layers):
+                return list(layers)
+    raise ConfigError(f"--shard-weights: no list of decoder layers found in {type(model).__name__} "
+                      f"(looked for base_model.{{{', '.join(LAYER_LISTS)}}})")
+
+
+def sharded_weights(model) -> "ShardedWeights | None":
+    """The ``ShardedWeights`` of a model sharded by ``shard_model``, or None."""
+    return getattr(model, "_fastprompt_shards", None)
+
+
+def shard_model(model, mesh=None) -> "ShardedWeights":
+    """Shard ``model``'s decoder layers over the default process group (or ``mesh``), in place."""
+    existing = sharded_weights(model)
+    return existing if existing is not None else ShardedWeights(model, mesh)
+
+
+class _ParamRef:
+    """A frozen layer weight (or a view of one) saved for backward by reference, not by value."""
+
+    __slots__ = ("layer", "name", "size", "stride", "offset")
+
+    def __init__(self, layer, name, t):
+        self.layer, self.name = layer, name
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+
+class ShardedWeights:
+    """The FSDP2 units of one model: one per decoder layer (see the module docstring)."""
+
+    def __init__(self, model, mesh=None):
+        from torch.distributed.fsdp import fully_shard
+
+        self.layers = decoder_layers(model)
+        for layer in self.layers:
+            if any(p.requires_grad for p in layer.parameters()):
+                raise ConfigError("--shard-weights shards frozen weights only; this model has trainable layer "
+                                  "parameters")
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+            # after FSDP2's pre-forward (the layer gathered) and before its post-forward (freed)
+            layer.register_forward_pre_hook(self._enter_hook)
+            layer.register_forward_hook(self._leave_hook, prepend=True)
+        self._current = None  # the layer being computed: its gathered parameters by storage address
+        self._ptrs: dict[int, tuple[Any, str, int]] = {}
+        self._gathered: set = set()  # layers gathered by an unpack, freed after the backward
+        model._fastprompt_shards = self
+
+    # -- which saved tensors are layer weights
+    def _enter(self, layer) -> None:
+        self._current = layer
+        self._ptrs = {}
+        for name, p in layer.named_parameters():
+            if not _is_dtensor(p) and p.numel():
+                self._ptrs[p.untyped_storage().data_ptr()] = (layer, name, p.untyped_storage().nbytes())
+
+    def _enter_hook(self, layer, args):
+        self._enter(layer)
+
+    def _leave_hook(self, layer, args, output):
+        self._current, self._ptrs = None, {}
+
+    def _pack(self, t):
+        if self._current is None or t.requires_grad or _is_dtensor(t):
+            return t
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return t
+        hit = self._ptrs.get(storage.data_ptr())
+        if hit is None or storage.nbytes() != hit[2]:
+            return t
+        return _ParamRef(hit[0], hit[1], t)
+
+    def _unpack(self, x):
+        if not isinstance(x, _ParamRef):
+            return x
+        p = x.layer.get_parameter(x.name)
+        if _is_dtensor(p):  # freed since the forward: gather the layer again (freed after the backward)
+            x.layer.unshard()
+            self._gathered.add(x.layer)
+            p = x.layer.get_parameter(x.name)
+        return p.as_strided(x.size, x.stride, x.offset)
+
+    def saving(self):
+        """Layer weights saved for backward by reference while this context is open."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @contextlib.contextmanager
+    def gathered(self, layer):
+        """``layer`` gathered around code that calls its submodules directly (``gpt2_reference_forward``)."""
+        if not hasattr(layer, "unshard"):
+            yield
+            return
+        layer.unshard()
+        self._enter(layer)
+        try:
+            yield
+        finally:
+            self._current, self._ptrs = None, {}
+            layer.reshard()
+
+    def reshard(self) -> None:
+        for layer in self._gathered:
+            layer.reshard()
+        self._gathered.clear()
+
+    # -- memory accounting (benchmarks/shard_memory.py)
+    def local_bytes(self, model) -> dict[str, int]:
+        """Parameter bytes this rank holds: its layer shards and the unsharded rest."""
+        sharded = sum(_local(p).numel() * p.element_size() for layer in self.layers for p in layer.parameters())
+        seen = {id(p) for layer in self.layers for p in layer.parameters()}
+        rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
+        return {"layer_shards": sharded, "unsharded": rest}
+
+
+@contextlib.contextmanager
+def gathered(model, layer):
+    """``layer`` of ``model`` gathered where the model is sharded (a no-op otherwise)."""
+    weights = sharded_weights(model)
+    if weights is None:
+        yield
+    else:
+        with weights.gathered(layer):
+            yield
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(p):
+    return p.to_local() if _is_dtensor(p) else p
+
+
+# ------------------------------------------------------------------------------------------ the step
+class _ReshardAfterBackward(torch.autograd.Function):
+    """Identity on the prompt; its backward (the last node before the prompt: every use of a weight is done)
+    frees the layers that unpacks gathered."""
+
+    @staticmethod
+    def forward(ctx, prompt, weights):
+        ctx.weights = weights
+        return prompt.view_as(prompt)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.weights.reshard()
+        return grad, None
+
+
+def path_signature(engine, inputs, batch: Sequence[Any]):
+    """What decides the sequence of layer forwards (hence of all-gathers) ``engine.loss_terms`` takes on
+    ``batch``; None where it may still change (the generic layout check not done yet)."""
+    from .engines.generic import GenericEngine, _pack_shape
+
+    if not batch:
+        return None
+    if isinstance(engine, GenericEngine):
+        if inputs.layer_kv is not None and engine.encoder.prompt_start is None:
+            return ("naive",)  # the naive reference forward: one pass, whatever the batch
+        if engine._packed is None or not engine._checked:
+            return None
+        lens = engine.suffix_lens(batch)
+        one_pack = bool(engine._packed) and max(lens) > 0 and _pack_shape(lens)[0] == 1
+        return ("generic", bool(engine._packed), max(lens) > 0, one_pack)
+    return (type(engine).__name__,)  # naive: one forward of the whole (padded) batch
+
+
+class ShardedDataParallelEngine:
+    """Data parallel ``loss_terms`` over sharded weights (module docstring: side channels, lockstep)."""
+
+    def __init__(self, inner, weights: ShardedWeights, rank: int, world_size: int, group=None):
+        self.inner, self.weights = inner, weights
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.replicated_batches = 0  # batches every rank computed whole (see the module docstring)
+
+    def loss_terms(self, inputs, batch):
+        from .distributed import DataParallelEngine, _SumBackward, _SumForward
+
+        inputs = as_inputs(inputs)
+        shards = [DataParallelEngine(None, r, self.world_size).shard(batch) for r in range(self.world_size)]
+        paths = {path_signature(self.inner, inputs, s) for s in shards}
+        replicated = None in paths or len(paths) != 1
+        mine = batch if replicated else shards[self.rank]
+        self.replicated_batches += replicated
+        inputs = inputs.map(lambda t: _ReshardAfterBackward.apply(_SumBackward.apply(t, self.group), self.weights))
+        with self.weights.saving():
+            ce_local, _ = self.inner.loss_terms(inputs, mine)
+        if replicated and self.rank != 0:
+            ce_local = ce_local * 0.0  # rank 0 counts the batch; the others took the same path for nothing
+        if not (torch.is_grad_enabled() and ce_local.requires_grad):
+            self.weights.reshard()
+        return _SumForward.apply(ce_local, self.group), target_count(batch)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} x {self.world_size} processes, weights sharded"
+
+    def graphs_enabled(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_sharded(name: str, *, seed: int = 0, device=None, dtype=None):
+    """``(model, tokenizer)``, the decoder layers sharded over the process group. A local directory of
+    safetensors: built on the meta device, each rank reading its chunks only; anything else:
+    ``models.load_model`` on every rank, then sharded (module docstring)."""
+    from .models import load_model
+
+    device = torch.device(device or "cpu")
+    files = _safetensors_files(name) if isinstance(name, str) and os.path.isdir(name) else None
+    if not files:
+        model, tokenizer = load_model(name, seed=seed, device=device, dtype=dtype)
+        shard_model(model)
+        return model, tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise ModelError(f"could not read the config of {name!r}: {str(e).strip().splitlines()[0][:200]}") from None
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.eval().requires_grad_(False)
+    shard_model(model)
+    _load_shards(model, files, device)
+    tokenizer = _tokenizer(name, config)
+    model.config._name_or_path = name
+    return model, tokenizer
+
+
+def _safetensors_files(directory: str) -> dict[str, str] | None:
+    """Tensor name -> file, from ``model.safetensors`` or a sharded checkpoint's index; None if neither."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(single):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Parameters created on the meta device, buffers where they are (rotary tables, masks: computed, not
+    stored in the checkpoint)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _load_shards(model, files: dict[str, str], device) -> None:
+    """Fill the meta parameters from the checkpoint on ``device``: a layer parameter (an FSDP2 DTensor) with
+    this rank's dim-0 chunk (FSDP2's ``torch.chunk`` split), every other parameter whole, put in place as
+    read (tied parameters stay one). Each tensor is read through its own ``safe_open``, so the file's pages
+    are mapped one tensor at a time."""
+    from safetensors import safe_open
+
+    def read(pname, rows=None):
+        key = pname if pname in files else _alias(pname, files)
+        if key is None:
+            return None
+        with safe_open(files[key], framework="pt", device="cpu") as f:
+            tensor = f.get_slice(key)
+            return tensor[rows[0]:rows[1]] if rows is not None else tensor[:]
+
+    weights = sharded_weights(model)
+    for layer in weights.layers:  # the chunks: allocated by to_empty, then filled
+        buffers = {name: b.detach().clone() for name, b in layer.named_buffers()}  # computed at build: kept
+        layer.to_empty(device=device)
+        with torch.no_grad():
+            for name, b in layer.named_buffers():
+                b.copy_(buffers[name])
+    done: dict[int, torch.nn.Parameter] = {}  # id of a meta parameter -> its loaded one (tied weights)
+    for mname, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            pname = f"{mname}.{name}" if mname else name
+            with torch.no_grad():
+                if _is_dtensor(p):
+                    local = p.to_local()
+                    rows = -(-p.shape[0] // p.device_mesh.size())  # chunk size
+                    start = p.device_mesh.get_local_rank() * rows
+                    chunk = read(pname, (start, start + local.shape[0])) if local.shape[0] else local
+                    if chunk is None:
+                        raise ModelError(f"the checkpoint has no tensor {pname!r}: not a checkpoint of this config")
+                    local.copy_(chunk)
+                elif id(p) in done:
+                    module._parameters[name] = done[id(p)]
+                elif p.is_meta:
+                    tensor = read(pname)
+                    if tensor is not None:
+                        loaded = torch.nn.Parameter(tensor.to(device=device, dtype=p.dtype), requires_grad=False)
+                        done[id(p)] = module._parameters[name] = loaded
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the LM head: stored once, as the input embedding
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelError(f"the checkpoint has no tensor {missing[0]!r}: not a checkpoint of this config")
+
+
+def _alias(pname: str, files) -> str | None:
+    """The checkpoint's name for a parameter stored under another prefix (``model.`` / ``transformer.``)."""
+    for key in files:
+        if key.endswith("." + pname) or pname.endswith("." + key):
+            return key
+    return None
+
+
+def _tokenizer(name: str, config):
+    from transformers import AutoTokenizer
+
+    from .models import gpt2_tokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+            raise ValueError("empty tokenizer")
+    except Exception:
+        if getattr(config, "model_type", None) != "gpt2":
+            raise ModelError(f"could not load the tokenizer of {name!r}; save it next to the model") from None
+        tokenizer = gpt2_tokenizer()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def follow_outputs(tuner, test, config) -> None:
+    """On a rank other than 0 after training: the forwards rank 0 runs for its outputs
+    (``train.run``: ``write_outputs``' final report, ``--baseline``'s, ``write_samples``' decoding), in the same order, so that
+    every layer is gathered by every rank; nothing is written."""
+    from .report import baseline_report, final_report
+
+    final_report(tuner, test, config.eval_size, False)
+    if getattr(config, "baseline", None) and test:
+        baseline_report(tuner, config.baseline, test, config.eval_size, False)
+    examples = test[: config.samples]
+    if examples:
+        tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"} for ex in examples])

@@ -1,0 +1,98 @@
+"""Run by tests/test_sharding.py under torchrun: every engine path and method on sharded weights against the
+same computation on an unsharded copy of the model in this process; one JSON line a case on rank 0."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import rel_err, tiny_causal_lm, tiny_gpt2, tokenizer  # noqa: E402
+
+from fastprompt import PromptTuner  # noqa: E402
+from fastprompt.engines import generic  # noqa: E402
+from fastprompt.sharding import ShardedDataParallelEngine, load_sharded, shard_model, sharded_weights  # noqa: E402
+
+AFTER_FIELD = "{input} means {prompt} so {target}"
+CASES = [  # (model, engine, method, template, engine options)
+    ("gpt2", "generic", "soft", None, {"layout": "packed"}),
+    ("gpt2", "generic", "soft", None, {"layout": "padded"}),  # the trunk's K/V reach the suffixes by the cache
+    ("gpt2", "generic", "soft", None, {"layout": "packed", "pack_rows": 8}),  # several packs, trunk apart
+    ("gpt2", "generic", "soft", AFTER_FIELD, {}),
+    ("gpt2", "naive", "soft", None, {}),
+    ("gpt2", "generic", "relaxed", None, {}),
+    ("gpt2", "generic", "hard", None, {}),
+    ("gpt2", "generic", "prefix", None, {}),
+    ("gpt2", "generic", "prefix", AFTER_FIELD, {}),  # the naive reference forward, block by block
+    ("gpt2", "naive", "prefix", None, {}),
+    ("llama", "generic", "soft", None, {"layout": "packed"}),
+    ("llama", "generic", "soft", None, {"layout": "padded"}),
+    ("gpt2-dir", "generic", "soft", None, {}),  # built on the meta device, each rank reading its chunks
+    ("llama-dir", "generic", "soft", None, {"layout": "padded"}),
+]
+PAIRS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"), ("yes", "no"),
+         ("in", "out")]  # batch 7: 4 + 3 over 2 ranks, 2 + 2 + 3 over 3
+
+
+def model(kind):
+    return tiny_gpt2() if kind.startswith("gpt2") else tiny_causal_lm("llama")
+
+
+def sharded(kind, rank):
+    """The model of ``kind`` with sharded layers: sharded in place, or (``-dir``) saved by rank 0 and loaded
+    by ``load_sharded`` from the directory."""
+    if not kind.endswith("-dir"):
+        m = model(kind)
+        return m, shard_model(m)
+    directory = os.path.join(os.environ["SHARD_TMP"], kind)
+    if rank == 0:
+        model(kind).save_pretrained(directory)
+        tokenizer().save_pretrained(directory)
+    dist.barrier()
+    m, _ = load_sharded(directory)
+    return m, sharded_weights(m)
+
+
+def tuner(m, engine, method, template, options):
+    kwargs = {"template": template} if template else {}
+    return PromptTuner(m, tokenizer(), prompt_len=3, engine=engine, precision="fp32", method=method, seed=5,
+                       **options, **kwargs)
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    examples = [{"input": a, "target": b} for a, b in PAIRS]
+    for kind, engine, method, template, options in CASES:
+        shown, options = options, dict(options)
+        generic.PACK_ROWS = options.pop("pack_rows", 512)
+        one = tuner(model(kind), engine, method, template, options)
+        sharded_model, weights = sharded(kind, rank)
+        many = tuner(sharded_model, engine, method, template, options)
+        init = rel_err(many.prompt, one.prompt)
+        many.engine = ShardedDataParallelEngine(many.engine, weights, rank, world)
+        batch = one.encode(examples)
+        worst = 0.0
+        for step in range(3):  # the first batch runs whole on every rank (layout undecided), then by shards
+            for t in (one, many):
+                t.prompt.grad = None
+            loss_one = one.loss(batch)
+            grad_one, = torch.autograd.grad(loss_one, one.prompt)
+            loss_many = many.loss(batch)
+            grad_many, = torch.autograd.grad(loss_many, many.prompt)
+            worst = max(worst, rel_err(loss_many, loss_one), rel_err(grad_many, grad_one))
+            with torch.no_grad():  # the same next prompt on both, moved by the gradient
+                one.prompt -= 0.5 * grad_one / grad_one.norm()
+                many.prompt.copy_(one.prompt)
+        with torch.no_grad():
+            eval_one, eval_many = one.evaluate(examples, generation=True), many.evaluate(examples, generation=True)
+        if rank == 0:
+            print(json.dumps({"case": [kind, engine, method, template, shown], "init": init, "worst": worst,
+                              "replicated": many.engine.replicated_batches, "eval": [eval_one, eval_many]}),
+                  flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
