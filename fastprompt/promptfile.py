@@ -1,5 +1,5 @@
 """Prompt files, every method's: written (``save_prompt_file``), read (``read_prompt_file``) and checked
-against a model (``check_fits``) here only; and the atomic writes every output of a run goes through.
+against a model (``check_fits``) here only; ``atomic_write_dir`` (files: ``outputs.atomic_write``).
 
 A prompt file is safetensors: the method's tensors (``Method.tensors``: a soft prompt's are ``{"prompt": P}``)
 and string metadata (model, template, prompt length, hidden size, method, its options and schedule state;
@@ -15,24 +15,10 @@ import warnings
 import torch
 
 from .errors import PromptFileError
+from .outputs import atomic_write, umask  # noqa: F401  (atomic_write: every output goes through it)
 
 FORMAT_VERSION = "1"
 NDIM = {"prompt": 2, "logits": 2, "continuous": 2, "prefix": 5}  # the tensors methods save (Method.tensors)
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new one, whole."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: the mode open() gives every other output
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def atomic_write_dir(path: str, write) -> None:
@@ -44,7 +30,7 @@ def atomic_write_dir(path: str, write) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".", suffix=".tmpdir")  # not ".tmp": resume deletes those files
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode makedirs gives every other directory
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: the mode makedirs gives every other directory
         write(tmp)
         if not os.path.isdir(path):
             os.rename(tmp, path)
@@ -60,13 +46,6 @@ def atomic_write_dir(path: str, write) -> None:
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-
-
-def _umask() -> int:
-    """The process's umask (read by setting it and back: Python offers no other portable way)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_prompt_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:

@@ -28,16 +28,15 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from . import outputs
 from .data import content_hash
 from .distributed import setup
 from .errors import ConfigError, NonFiniteError, check_seed
 from .guard import Interrupted, StopSignals
 from .tuner import check_budgets
 
-METRICS = "metrics.jsonl"
-# Every file a run writes in --out: what --overwrite (and a restart from step 0) may remove.
-OUTPUTS = (ckpt.TENSORS, ckpt.SIDECAR, METRICS, METRICS + ".tmp", "prompt.safetensors", "samples.txt",
-           "nearest.txt", "loss.png", "hard_prompt.txt")
+METRICS = outputs.METRICS
+OUTPUTS = outputs.OUTPUTS  # every file a run writes in --out: checked first; what --overwrite may remove
 
 
 class Session:
@@ -66,6 +65,8 @@ class Session:
             shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
             raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume to continue its checkpoint, "
                               "--overwrite to replace it, or choose another --out")
+        if existing:  # before anything in it is read: no link, directory or special file at an output's name
+            outputs.check_outputs(out, OUTPUTS, overwrite=self.overwrite)
         if self.resume:
             self._check_resumable(existing)
         self.fresh = not existing  # nothing of ours or anyone's in --out: it must still be so when we claim it
@@ -153,10 +154,7 @@ class Session:
             resume = {**info, "event": "resume", "from_epoch": state["epoch"] + 1, "from_step": state["step"]}
             lines = old_headers(metrics_path) + [resume] + list(tuner.history)
             print(f"resuming {self.out} at epoch {state['epoch'] + 1}, step {state['step']}", flush=True)
-        tmp = metrics_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in lines)
-        os.replace(tmp, metrics_path)
+        outputs.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in lines))
         if self.saved is None and (self.overwrite or self.restart):
             remove_outputs(self.out, [name for name in OUTPUTS if name != METRICS])
 

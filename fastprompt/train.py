@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, FastpromptError, NonFiniteError, UsageParser
+from .outputs import append_line, atomic_write, write_text
 from .template import DEFAULT_TEMPLATE
 
 
@@ -181,10 +182,10 @@ def run(config: TrainConfig) -> dict:
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
     session.encode(tuner, examples, train, test)  # every template, data and context error, named by file and line
-    if config.peft_out:  # refused (template, directory, no peft) before anything is trained or written
+    if config.peft_out is not None:  # refused (template, directory, no peft) before anything is trained or written
         from .peft_io import check_peft_out
 
-        check_peft_out(tuner, config.peft_out)
+        check_peft_out(tuner, config.peft_out, out)
     session.prepare(tuner)  # checkpoint restored, first forward checked, --out locked, engine sharded
     # nothing has been written so far
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -202,8 +203,7 @@ def run(config: TrainConfig) -> dict:
                           f"parrot {100 * record['test_parrot_rate']:.1f}%")
         print(f"epoch {record['epoch']}/{config.epochs}  train {record['train_loss']:.4f}{test_part}  "
               f"{record['seconds']:.1f}s", flush=True)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(metrics_path, json.dumps(record) + "\n")
         tuner.save(os.path.join(out, "prompt.safetensors"))
 
     session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
@@ -215,17 +215,15 @@ def run(config: TrainConfig) -> dict:
     final["seconds"] = time.perf_counter() - t_final
     log_final(final, metrics_path)
     write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
-    with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
-        f.write(tuner.method.readout(tuner.prompt, k=5))
+    write_text(os.path.join(out, "nearest.txt"), tuner.method.readout(tuner.prompt, k=5))
     plot_losses(os.path.join(out, "loss.png"), tuner.history)
-    if config.peft_out:
+    if config.peft_out is not None:
         tuner.save_peft(config.peft_out)
     return tuner.history[-1] if tuner.history else final
 
 
 def log_final(final: dict, metrics_path: str) -> None:
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(final) + "\n")
+    append_line(metrics_path, json.dumps(final) + "\n")
     parts = [f"final ({final['method']})"]
     if "test_loss" in final:
         parts.append(f"test {final['test_loss']:.4f}  exact {100 * final['test_exact_match']:.1f}%")
@@ -241,11 +239,12 @@ def write_samples(path: str, tuner, examples) -> None:
     """Greedy predictions as "Actual / Predicted" pairs, the post's format."""
     words = tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"}
                             for ex in examples]) if examples else []
-    with open(path, "w", encoding="utf-8") as f:
-        for ex, word in zip(examples, words):
-            fields = tuner.template.as_fields(ex)
-            f.write(f"Actual: {tuner.template.render(fields)}\n")
-            f.write(f"Predicted: {tuner.template.render({**fields, 'target': word or '?'})}\n\n")
+    lines = []
+    for ex, word in zip(examples, words):
+        fields = tuner.template.as_fields(ex)
+        lines.append(f"Actual: {tuner.template.render(fields)}\n")
+        lines.append(f"Predicted: {tuner.template.render({**fields, 'target': word or '?'})}\n\n")
+    write_text(path, "".join(lines))
 
 
 def plot_losses(path: str, history: list[dict]) -> None:
@@ -266,8 +265,10 @@ def plot_losses(path: str, history: list[dict]) -> None:
     ax.set_ylabel("target cross-entropy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
