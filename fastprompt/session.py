@@ -31,7 +31,7 @@ from . import checkpoint as ckpt
 from . import outputs
 from .data import content_hash
 from .distributed import setup
-from .errors import ConfigError, NonFiniteError, check_seed
+from .errors import ConfigError, FastpromptError, NonFiniteError, check_seed
 from .guard import Interrupted, StopSignals
 from .tuner import check_budgets
 
@@ -89,14 +89,27 @@ class Session:
             self.saved = ckpt.load_checkpoint(out)  # PromptFileError: missing, corrupt, damaged or foreign
             ckpt.check_compatible(self.saved[1], self.config_dict(), os.path.join(out, ckpt.TENSORS))
         else:
-            header = run_header(os.path.join(out, METRICS))
+            path = os.path.join(out, METRICS)
+            header, finished = restart_header(path, self.header_table())
             if header is None:
                 raise ConfigError(f"nothing to resume in --out {out}: no {ckpt.TENSORS} and no run header in "
                                   f"{METRICS}; choose another --out, or --overwrite")
-            state = {"config": {**(header.get("config") or {}), "data_sha256": header.get("data_sha256")}}
-            ckpt.check_compatible(state, self.config_dict(), os.path.join(out, METRICS))
+            results = [name for name in existing if name in OUTPUTS and name not in (METRICS, METRICS + ".tmp")]
+            if finished or results:  # a run that ended without a checkpoint (--epochs 0): nothing to continue
+                shown = ", ".join(results + ([f"{finished} in {METRICS}"] if finished else []))
+                raise ConfigError(f"--out {out} holds a run's results ({shown}) but no {ckpt.TENSORS}: there is "
+                                  "nothing to resume; --overwrite to run it again, or choose another --out")
+            state = {"config": {**header["config"], "data_sha256": header.get("data_sha256")}}
+            ckpt.check_compatible(state, self.config_dict(), path)
             self.restart = True
             self.note = f"no checkpoint in {out} yet (the run stopped before its first one): starting again from step 0"
+
+    def header_table(self):
+        """The run header's schema (``schema.header_fields``) over this run's options."""
+        from . import schema
+
+        return schema.header_fields(schema.config_fields(type(self.config) if dataclasses.is_dataclass(self.config)
+                                                         else None, required=ckpt.MUST_MATCH))
 
     # ------------------------------------------------------------------------------------ setup
     @property
@@ -355,25 +368,56 @@ def release_locks() -> None:
         lock.release()
 
 
-def run_header(metrics_path: str) -> dict[str, Any] | None:
-    """The last ``start`` record of a metrics.jsonl (None when there is none or the file is unreadable)."""
-    headers = [r for r in old_headers(metrics_path) if r.get("event") == "start"]
-    return headers[-1] if headers else None
+def restart_header(metrics_path: str, table) -> tuple[dict[str, Any] | None, str | None]:
+    """``(the last start record, what the file holds beyond headers)`` of the metrics.jsonl of a run without
+    a checkpoint, every header checked against ``table`` (``schema.header_fields``): its first line must be
+    a run header (written whole, by a rename), other lines records fastprompt writes, a last line cut off by a
+    kill excepted. ``(None, None)`` where the file is missing or empty; ``ConfigError`` for anything else."""
+    from . import schema
+
+    lines = outputs.read_bytes(metrics_path).split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        return None, None
+    headers, finished = [], None
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            if n == len(lines) and n > 1:
+                continue  # a line cut off by a kill
+            raise ConfigError(f"{metrics_path}, line {n}: not a JSON line fastprompt wrote") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{metrics_path}, line {n}: a JSON {type(record).__name__}, not a record fastprompt "
+                              "writes")
+        event = record.get("event")
+        if n == 1 and event != "start":
+            raise ConfigError(f"{metrics_path}, line 1: not a run header (no \"event\": \"start\")")
+        if event in ("start", "resume"):
+            problem = schema.check_record(record, table, "the run header")
+            if problem:
+                raise ConfigError(f"{metrics_path}, line {n}: {problem}")
+            if event == "start":
+                headers.append(record)
+        elif finished is None:
+            finished = "a final line" if event == "final" else "an epoch's line"
+    return headers[-1], finished
 
 
 def old_headers(metrics_path: str) -> list[dict[str, Any]]:
-    """The ``start`` and ``resume`` records of an earlier metrics.jsonl, in order."""
+    """The ``start`` and ``resume`` records of an earlier metrics.jsonl, in order (read without following a
+    link; lines that are not ours, or cut off by a kill, skipped)."""
     records = []
     try:
-        with open(metrics_path, "rb") as f:
-            raw = f.read()
-    except OSError:
+        raw = outputs.read_bytes(metrics_path)
+    except FastpromptError:
         return records
     for line in raw.split(b"\n"):
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):
-            continue  # a line cut off by a kill, or not ours
+            continue
         if isinstance(record, dict) and record.get("event") in ("start", "resume"):
             records.append(record)
     return records
