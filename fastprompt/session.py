@@ -30,9 +30,9 @@ import torch
 from . import checkpoint as ckpt
 from . import outputs
 from .data import content_hash
-from .distributed import setup
+from .distributed import launch_env, setup
 from .errors import ConfigError, FastpromptError, NonFiniteError, check_seed
-from .guard import Interrupted, StopSignals
+from .guard import Abandoned, Interrupted, StopSignals
 from .tuner import check_budgets
 
 METRICS = outputs.METRICS
@@ -51,7 +51,7 @@ class Session:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.resume and not config.out:
             raise ConfigError("--resume needs the --out DIR of the run to continue")
-        self.writer = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone writes (and locks)
+        self.writer = launch_env()[0] == 0  # torchrun: rank 0 alone writes (and locks); ConfigError if broken
         self.data_hash = content_hash(config.data)
         self.lock: OutLock | None = None
         exists = check_out(out)
@@ -77,6 +77,7 @@ class Session:
                               "steps); use --max-steps")
         torch.manual_seed(config.seed)  # the global RNG (Gumbel noise); batches have their own seeded RNG
         self.signals = StopSignals()
+        self.last_saved = "the one it held before this run" if self.saved is not None else "none yet"
         self.lr = config.lr
         self.probe: list = []  # encoded training examples for the preflight (``encode``)
 
@@ -206,6 +207,10 @@ class Session:
                           progress=config.progress and self.is_main, callback=epoch_end, step_callback=after_step,
                           eval_every=getattr(config, "eval_every", 0), eval_size=getattr(config, "eval_size", None),
                           max_steps=max_steps, max_seconds=getattr(config, "max_seconds", None))
+            except Abandoned as e:  # a second signal dropped the step in flight: the last checkpoint stands
+                raise Interrupted(e.signum, f"stopped by {StopSignals.name(e.signum)}; a second signal abandoned the "
+                                            f"step in flight: the last checkpoint in {self.out} ({self.last_saved}) "
+                                            f"stands; continue with --resume --out {self.out}") from None
             finally:
                 self.ctx.unwrap(tuner)  # evaluation after training runs on rank 0 alone
         if tuner.stopped:  # a budget ran out: the last completed step is checkpointed, --resume continues it
@@ -217,8 +222,10 @@ class Session:
                       f"to {self.out}; continue with --resume --out {self.out} (and a larger {flag})", flush=True)
 
     def save(self, tuner, **where) -> None:
-        if self.is_main:
-            ckpt.save_checkpoint(self.out, tuner, config=self.config_dict(), **where)
+        with self.signals.deferred():  # a second signal waits for the checkpoint the first asked for
+            if self.is_main:
+                ckpt.save_checkpoint(self.out, tuner, config=self.config_dict(), **where)
+        self.last_saved = f"epoch {where['epoch'] + 1}, step {where['step']}"
 
     def stop_if_asked(self, tuner, where: str, agreed: bool = False) -> None:
         if not (agreed or self.ctx.any(self.signals.requested, self.device)):

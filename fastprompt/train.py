@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, FastpromptError, NonFiniteError, UsageParser
+from .guard import FinalSignals, OutputsInterrupted
 from .outputs import append_line, atomic_write, write_text
 from .template import DEFAULT_TEMPLATE
 
@@ -209,17 +210,42 @@ def run(config: TrainConfig) -> dict:
     session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
     if not session.is_main:
         return tuner.history[-1] if tuner.history else {}
-    tuner.save(os.path.join(out, "prompt.safetensors"))
-    t_final = time.perf_counter()
-    final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
-    final["seconds"] = time.perf_counter() - t_final
-    log_final(final, metrics_path)
-    write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
-    write_text(os.path.join(out, "nearest.txt"), tuner.method.readout(tuner.prompt, k=5))
-    plot_losses(os.path.join(out, "loss.png"), tuner.history)
-    if config.peft_out is not None:
-        tuner.save_peft(config.peft_out)
+    done: list[str] = []  # the final outputs written so far (a signal among them says which are missing)
+    with FinalSignals() as signals:
+        try:
+            tuner.save(os.path.join(out, "prompt.safetensors"))
+            done.append("prompt.safetensors")
+            t_final = time.perf_counter()
+            final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
+            done += ["hard_prompt.txt"] if "token_ids" in final else []
+            final["seconds"] = time.perf_counter() - t_final
+            log_final(final, metrics_path)
+            done.append("metrics.jsonl's final line")
+            write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
+            done.append("samples.txt")
+            write_text(os.path.join(out, "nearest.txt"), tuner.method.readout(tuner.prompt, k=5))
+            done.append("nearest.txt")
+            plot_losses(os.path.join(out, "loss.png"), tuner.history)
+            done.append("loss.png")
+            if config.peft_out is not None:
+                tuner.save_peft(config.peft_out)
+        except OutputsInterrupted:
+            raise final_interrupted(signals.signum, out, done, config) from None
     return tuner.history[-1] if tuner.history else final
+
+
+def final_interrupted(signum: int, out: str, done: list[str], config: TrainConfig):
+    """The ``Interrupted`` of a signal among the final outputs: what was written and what was not."""
+    from . import checkpoint
+    from .guard import Interrupted, StopSignals
+
+    planned = ["prompt.safetensors", "metrics.jsonl's final line", "samples.txt", "nearest.txt", "loss.png"]
+    planned += [f"the PEFT adapter in {config.peft_out}"] if config.peft_out is not None else []
+    missing = [name for name in planned if name not in done]
+    then = (f"--resume --out {out} writes them" if checkpoint.exists(out)
+            else f"no checkpoint to resume (--epochs {config.epochs}): run it again with --overwrite")
+    return Interrupted(signum, f"stopped by {StopSignals.name(signum)} while writing the final outputs: "
+                               f"{', '.join(missing)} not written; {then}")
 
 
 def log_final(final: dict, metrics_path: str) -> None:
@@ -248,6 +274,11 @@ def write_samples(path: str, tuner, examples) -> None:
 
 
 def plot_losses(path: str, history: list[dict]) -> None:
+    import logging
+
+    quiet = logging.getLogger("matplotlib")  # an unwritable cache directory: matplotlib uses a temporary one
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import matplotlib
 
@@ -256,6 +287,8 @@ def plot_losses(path: str, history: list[dict]) -> None:
     except ImportError:
         print("note: matplotlib is not installed, loss.png skipped (pip install 'fastprompt[plot]')")
         return
+    finally:
+        quiet.setLevel(level)
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in history], label="train")
@@ -272,10 +305,21 @@ def plot_losses(path: str, history: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    from .console import safe_streams
+    from .distributed import launch_rank
+    from .guard import restore_signals
+
+    with safe_streams():  # unencodable characters escaped; a stdout that cannot be written dropped
+        try:
+            return _main(argv, quiet=launch_rank() not in (0, None))  # torchrun: rank 0 reports for all
+        finally:
+            restore_signals()  # the handlers a signal's shutdown kept away
+
+
+def _main(argv, quiet: bool) -> int:
     from .guard import Interrupted
     from .session import release_locks
 
-    quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports for all
     try:
         run(parse_config(argv))
     except NonFiniteError as e:
