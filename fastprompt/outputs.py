@@ -81,8 +81,10 @@ def _link_target(path: str) -> str:
         return "?"
 
 
-def check_creatable(path: str, flag: str) -> None:
-    """The nearest existing ancestor of a new ``path`` must be a directory we may create entries in."""
+def check_creatable(path: str, flag: str, probe: bool = False) -> None:
+    """The nearest existing ancestor of a new ``path`` must be a directory we may create entries in
+    (``probe``: proven by making and removing an empty directory there: a read-only mount or a special file
+    system such as /proc refuses it, whatever the permission bits say)."""
     parent = os.path.dirname(os.path.abspath(path))
     while True:
         try:
@@ -102,7 +104,16 @@ def check_creatable(path: str, flag: str) -> None:
             raise ConfigError(f"{flag} {path} lies below {parent}, {kind(mode)}, not a directory")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"{flag} {path}: no permission to create it in {parent}")
+        if probe:
+            _probe(parent, path, flag)
         return
+
+
+def _probe(parent: str, path: str, flag: str) -> None:
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".fastprompt-probe-"))
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create it in {parent} ({e.strerror})") from None
 
 
 def check_output_dir(path: str | None, flag: str, out: str | None, allowed=()) -> None:
@@ -131,7 +142,7 @@ def check_output_dir(path: str | None, flag: str, out: str | None, allowed=()) -
         if os.path.dirname(here) == there and os.path.basename(here) in OUTPUTS:
             raise ConfigError(f"{flag} {path} is the name of an output in --out; choose another directory")
     if st is None:
-        check_creatable(path, flag)
+        check_creatable(path, flag, probe=True)
         return
     if stat.S_ISLNK(st.st_mode):
         raise ConfigError(f"{flag} {path} is a symlink (to {_link_target(path)}); give the directory itself")
@@ -145,6 +156,7 @@ def check_output_dir(path: str | None, flag: str, out: str | None, allowed=()) -
     parent = os.path.dirname(os.path.abspath(path))
     if not os.access(parent, os.W_OK | os.X_OK):  # the directory is renamed aside and replaced
         raise ConfigError(f"{flag} {path}: no permission to replace it in {parent}")
+    _probe(parent, path, flag)
 
 
 # ------------------------------------------------------------------------------------------- writes

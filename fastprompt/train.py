@@ -173,6 +173,11 @@ def run(config: TrainConfig) -> dict:
     device = resolve_device(config.device)
     out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     session = Session(config, out, device)  # --out / --resume checks; torchrun's process group
+    if config.peft_out is not None:  # the path, before anything is loaded (the template and peft: below)
+        from .outputs import check_output_dir
+        from .peft_io import ADAPTER_FILES
+
+        check_output_dir(config.peft_out, "--peft-out", out, allowed=ADAPTER_FILES)
     device = session.device
     examples = load_pairs(config.data)
     train, test = train_test_split(examples, test_size=config.test_size, seed=config.seed)

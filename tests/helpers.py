@@ -58,3 +58,37 @@ def tiny_causal_lm(kind: str, **overrides):
         torch.manual_seed(0)
         model = cls(config)
     return model.eval().requires_grad_(False)
+
+
+def one_error_line(err: str) -> str:
+    """The single ``error:`` line a refused run prints on stderr (asserted: nothing else)."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def tree(path):
+    """What lies at ``path``, recursively, never following a link nor opening anything but regular files:
+    {relative name: (kind, bytes | link target | None, mode)}; None where nothing is there."""
+    import os
+    import stat
+
+    def entry(full):
+        st = os.lstat(full)
+        if stat.S_ISLNK(st.st_mode):
+            return ("link", os.readlink(full), None)
+        if stat.S_ISREG(st.st_mode):
+            with open(full, "rb") as f:
+                return ("file", f.read(), st.st_mode)
+        return (stat.S_IFMT(st.st_mode), None, st.st_mode)
+
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path) or os.path.islink(path):
+        return {".": entry(path)}
+    found = {}
+    for root, dirs, files in os.walk(path):  # links to directories are listed in dirs, not followed
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            found[os.path.relpath(full, path)] = entry(full)
+    return found

@@ -438,7 +438,7 @@ DAMAGE = {  # name: (edit, recompute the checksum?, message)
     "param groups miss the prompt": (lambda t, s: s["optimizer"]["param_groups"][0].update(params=[]), True,
                                      "cover"),
     "negative step": (lambda t, s: s.update(step=-1), True, "non-negative"),
-    "method schedule gone": (lambda t, s: s.pop("method"), True, "schedule"),
+    "method schedule gone": (lambda t, s: s.pop("method"), True, "no 'method'"),
 }
 
 
