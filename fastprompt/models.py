@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 
@@ -254,7 +255,9 @@ def _quiet_hub():
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" on stderr
     try:
-        yield
+        with warnings.catch_warnings():  # torch's notes on pickle protocols etc.: the one error line says it all
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)

@@ -50,7 +50,7 @@ def _type_of(value) -> str:
 
 def _describe(field: Field) -> str:
     names = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-             "list": "a list", "dict": "an object", "none": "null"}
+             "list": "a list", "dict": "a JSON object", "none": "null"}
     text = " or ".join(names.get(t, t) for t in field.types)
     if field.low is not None:
         text += f" {'>' if field.low_open else '>='} {field.low:g}"
@@ -75,7 +75,7 @@ def check(value: Any, field: Field, where: str) -> str | None:
     if kind in ("int", "float"):
         if kind == "float" and not math.isfinite(value):
             return f"{where} must be a finite number, got {value}"
-        if abs(value) >= INT_LIMIT or (field.low is not None and (value <= field.low if field.low_open
+        if (kind == "int" and abs(value) >= INT_LIMIT) or (field.low is not None and (value <= field.low if field.low_open
                                                                    else value < field.low)) \
                 or (field.high is not None and value > field.high):
             return f"{where} must be {_describe(field)}, got {_shown(value)}"
