@@ -2,7 +2,9 @@
 
 * ``--out`` safety: a non-empty ``--out`` is refused unless ``--resume`` (continue its checkpoint) or
   ``--overwrite``. Every check that can fail runs before anything in ``--out`` changes: the path itself
-  (a file, a dangling symlink, a loop, no permission), the options, the data, the checkpoint, and the first
+  (a file, a dangling symlink, a loop, no permission), every output's name in it (``outputs.check_outputs``:
+  no link, directory or special file is read or written through), the options, the data, the checkpoint
+  and the run header (``fastprompt.schema``), and the first
   forward of the initial prompt (``preflight``: NaN/inf exit 3, the engine's one-time check against the
   model). ``--overwrite`` then removes the outputs the run will not rewrite.
 * a lock: rank 0 holds an exclusive ``flock`` on the ``--out`` directory itself (nothing is written for it;
