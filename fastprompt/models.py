@@ -191,11 +191,14 @@ def _from_pretrained(name: str, dtype=None, **kwargs):
         modelcheck.check_files(name)  # a FIFO would be opened and waited on
     try:
         with _quiet_hub():
-            config = AutoConfig.from_pretrained(name, **kwargs)
-            modelcheck.check_config(config, name)  # before a model is built from its sizes
-            model, info = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype or torch.float32,
-                                                               output_loading_info=True, ignore_mismatched_sizes=True,
-                                                               **kwargs)
+            if "gguf_file" in kwargs:  # a GGUF file's tensors are mapped by its converter, not by name
+                model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs), None
+            else:
+                config = AutoConfig.from_pretrained(name, **kwargs)
+                modelcheck.check_config(config, name)  # before a model is built from its sizes
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    name, config=config, dtype=dtype or torch.float32, output_loading_info=True,
+                    ignore_mismatched_sizes=True, **kwargs)
     except ModelError:
         raise
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors ... for unreachable models
@@ -205,7 +208,7 @@ def _from_pretrained(name: str, dtype=None, **kwargs):
             f"could not load model {name!r} from {where}: {reason[:200]}. Give a local directory with a saved "
             "model (save_pretrained), or use --model tiny for a random small GPT-2"
         ) from None
-    if "gguf_file" not in kwargs:  # a GGUF file's tensors are mapped by its converter, not by name
+    if info is not None:
         modelcheck.check_loaded(info, name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
