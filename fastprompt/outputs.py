@@ -148,7 +148,10 @@ def check_output_dir(path: str | None, flag: str, out: str | None, allowed=()) -
         raise ConfigError(f"{flag} {path} is a symlink (to {_link_target(path)}); give the directory itself")
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{flag} {path} is {kind(st.st_mode)}, not a directory")
-    other = sorted(set(os.listdir(path)) - set(allowed))
+    try:
+        other = sorted(set(os.listdir(path)) - set(allowed))
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
     if other:
         shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
         raise ConfigError(f"{flag} {path} holds other files than a PEFT adapter ({shown}): choose a new or empty "

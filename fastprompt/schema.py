@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-INT_LIMIT = 2**63  # counts and steps beyond this are nonsense (and overflow where they become floats)
+INT_LIMIT = 2**63  # integers without bounds of their own stay within +-2**63 (beyond: nonsense, and overflow)
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ def check(value: Any, field: Field, where: str) -> str | None:
     if kind in ("int", "float"):
         if kind == "float" and not math.isfinite(value):
             return f"{where} must be a finite number, got {value}"
-        if (kind == "int" and abs(value) >= INT_LIMIT) or (field.low is not None and (value <= field.low if field.low_open
+        beyond = kind == "int" and ((field.high is None and value >= INT_LIMIT)
+                                    or (field.low is None and value <= -INT_LIMIT))
+        if beyond or (field.low is not None and (value <= field.low if field.low_open
                                                                    else value < field.low)) \
                 or (field.high is not None and value > field.high):
             return f"{where} must be {_describe(field)}, got {_shown(value)}"

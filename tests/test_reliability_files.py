@@ -136,7 +136,10 @@ def test_the_schema_takes_a_table_of_options():
     assert "finite" in schema.check_record({"lr": float("inf"), "layers": 1}, table, "config")
     assert "no 'layers'" in schema.check_record({"lr": 1}, table, "config")
     assert "never writes" in schema.check_record({"lr": 1, "layers": 1, "x": 0}, table, "config")
+    assert "config.count" in schema.check_record({"count": 2**70}, {"count": schema.COUNT}, "config")  # unbounded
     fields = schema.config_fields(required=checkpoint.MUST_MATCH)  # derived from TrainConfig
+    assert schema.check(2**64 - 1, fields["seed"], "seed") is None  # every seed --seed takes
+    assert "seed" in schema.check(2**64, fields["seed"], "seed")
     assert fields["prompt_len"].types == ("int",) and fields["train_size"].types == ("int", "none")
     assert set(checkpoint.MUST_MATCH) <= {k for k, f in fields.items() if f.required}
 
