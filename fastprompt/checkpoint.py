@@ -165,8 +165,15 @@ def _is_number(x) -> bool:
 
 
 def validate(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> str | None:
-    """What is wrong with a checkpoint whose checksum matched (a bug, or a hand-made file), or None: every
-    count, shape, dtype and reference that ``restore`` and the next step rely on."""
+    """What is wrong with a checkpoint whose checksum matched (a bug, or a hand-made file), or None: its keys,
+    types and ranges (``schema.checkpoint_fields``), then every count, shape, dtype and reference that
+    ``restore`` and the next step rely on."""
+    from . import schema
+
+    problem = schema.check_record(state, schema.checkpoint_fields(schema.config_fields(required=MUST_MATCH)),
+                                  "the state")
+    if problem:
+        return problem
     n_params, epoch, step = state.get("n_params"), state.get("epoch"), state.get("step")
     if not (_is_int(n_params, 1) and _is_int(epoch) and _is_int(step)):
         return "n_params, epoch and step must be non-negative integers"
@@ -204,6 +211,9 @@ def validate(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> str | N
     return _validate_optimizer(tensors, state.get("optimizer"), param_shapes)
 
 
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")  # what torch's Adam keeps per parameter with the run's settings
+
+
 def _validate_optimizer(tensors, opt, param_shapes) -> str | None:
     """Adam's param groups and per-parameter state (exp_avg, exp_avg_sq: the parameter's shape, finite,
     exp_avg_sq >= 0; step: a finite scalar >= 0)."""
@@ -225,7 +235,10 @@ def _validate_optimizer(tensors, opt, param_shapes) -> str | None:
         if not (pid.isdigit() and int(pid) < len(param_shapes) and isinstance(entry, dict)):
             return f"optimizer state {pid!r} belongs to no trained tensor"
         shape = param_shapes[int(pid)]
-        for key in ("exp_avg", "exp_avg_sq", "step"):
+        unknown = sorted(set(entry) - set(ADAM_STATE))
+        if unknown:
+            return f"optimizer state {pid} holds {unknown[0]!r}, which this run's Adam never keeps"
+        for key in ADAM_STATE:
             ref = entry.get(key)
             t = tensors.get(ref["tensor"]) if isinstance(ref, dict) and isinstance(ref.get("tensor"), str) else None
             if t is None or t.dtype != torch.float32 or not torch.isfinite(t).all():
@@ -258,10 +271,10 @@ def restore(tuner, tensors: dict[str, torch.Tensor], state: dict[str, Any], lr: 
         if tuple(saved.shape) != tuple(p.shape):
             raise PromptFileError(f"{path}: trained tensor {i} has shape {tuple(saved.shape)}, this run's has "
                                   f"{tuple(p.shape)} (another prompt length, method or model)")
+    opt = state["optimizer"]
+    groups = tuner.optimizer.state_dict()["param_groups"]  # the settings come from this run's options
+    check_optimizer(opt["param_groups"], groups, path)
     try:
-        opt = state["optimizer"]
-        groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-                  for g in opt["param_groups"]]
         opt_state = {int(pid): {k: (tensors[v["tensor"]].clone() if isinstance(v, dict) else v)
                                 for k, v in entry.items()} for pid, entry in opt["state"].items()}
         tuner.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
@@ -280,6 +293,50 @@ def restore(tuner, tensors: dict[str, torch.Tensor], state: dict[str, Any], lr: 
         method.step = int(state["method"].get("step", 0))
         method.total_steps = int(state["method"].get("total_steps", 0))
     tuner.resume_at = {"step": int(state["step"]), "ce_sum": float(state["ce_sum"]), "n_tokens": int(state["n_tokens"])}
+
+
+# Settings of the device, not of the math: a checkpoint written on a GPU (capturable Adam) resumes on the CPU.
+DEVICE_SETTINGS = ("capturable",)
+
+
+def check_optimizer(saved: list, groups: list[dict[str, Any]], path: str) -> None:
+    """The checkpoint's optimizer settings must be this run's own (``groups``: what its options give), key
+    for key: none missing, none the run does not use (amsgrad, maximize, ... as this run sets them), no other
+    value. The run then uses its own; nothing is taken from the file."""
+    if len(saved) != len(groups):
+        raise PromptFileError(f"{path}: the checkpoint has {len(saved)} optimizer param groups, this run "
+                              f"{len(groups)}; it cannot be resumed")
+    for i, (mine, theirs) in enumerate(zip(groups, saved)):
+        for key in theirs:
+            if key not in mine:
+                raise PromptFileError(f"{path}: optimizer setting {key!r} (param group {i}) is not one this run's "
+                                      "Adam has; it cannot be resumed")
+        for key, want in mine.items():
+            if key not in theirs:
+                raise PromptFileError(f"{path}: the checkpoint has no optimizer setting {key!r} (param group {i}); "
+                                      "it cannot be resumed")
+            got = theirs[key]
+            if key in DEVICE_SETTINGS:
+                if not isinstance(got, bool):
+                    raise PromptFileError(f"{path}: optimizer setting {key!r} must be true or false, got {got!r}")
+                continue
+            if not _same(got, want):
+                raise PromptFileError(f"{path}: optimizer setting {key!r} is {got!r} in the checkpoint, this run's "
+                                      f"options give {_plain(want)!r}; it cannot be resumed")
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, bool) or want is None:
+        return got is want
+    if isinstance(want, (int, float)):
+        return _is_number(got) and float(got) == float(want)
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, list) and len(got) == len(want) and all(_same(a, b) for a, b in zip(got, want))
+    return type(got) is type(want) and got == want
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def remove(out: str) -> None:

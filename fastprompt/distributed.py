@@ -178,16 +178,56 @@ def lost_peer(exc: BaseException) -> str | None:
             f"[{text[:160]}]")
 
 
+LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # what torchrun sets for every process (with MASTER_ADDR/PORT)
+
+
+def launch_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment, ``(0, 1, 0)`` without it. Some of
+    its variables without the others, values that are no integers or out of range, or a group without
+    ``MASTER_ADDR``/``MASTER_PORT`` are a ``ConfigError`` (a stray ``RANK=1`` would silence the run)."""
+    present = [k for k in LAUNCH if os.environ.get(k, "") != ""]
+    if not present:
+        return 0, 1, 0
+    missing = [k for k in LAUNCH if k not in present]
+    if missing:
+        raise ConfigError(f"{', '.join(f'{k}={os.environ[k]}' for k in present)} is set without "
+                          f"{', '.join(missing)}: start data-parallel runs with torchrun, or unset it")
+    values = {}
+    for key in LAUNCH:
+        try:
+            values[key] = int(os.environ[key])
+        except ValueError:
+            raise ConfigError(f"{key}={os.environ[key][:20]!r} is not an integer (torchrun's environment)") from None
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if not (world >= 1 and 0 <= rank < world and 0 <= local < world):
+        raise ConfigError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}: need 0 <= RANK, LOCAL_RANK < "
+                          "WORLD_SIZE")
+    if world > 1:
+        lacking = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if lacking:
+            raise ConfigError(f"WORLD_SIZE={world} without {', '.join(lacking)}: start data-parallel runs with "
+                              "torchrun")
+    return rank, world, local
+
+
+def launch_rank() -> int | None:
+    """This process's rank, None where torchrun's environment is broken (the error then comes from ``setup``,
+    printed: a broken environment must not silence it)."""
+    try:
+        return launch_env()[0]
+    except ConfigError:
+        return None
+
+
 def setup(device: torch.device) -> tuple[Context, torch.device]:
-    """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
-    and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process without torchrun: no group.
+    """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT:
+    ``launch_env``), and this rank's device (``cuda:LOCAL_RANK`` on GPUs). A single process: no group.
     Collectives time out after ``FASTPROMPT_DIST_TIMEOUT`` seconds (default 600)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank, world, local_rank = launch_env()
     if world <= 1:
         return Context(), device
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")

@@ -26,6 +26,10 @@ class ConfigError(FastpromptError, ValueError):
     """An option has an unknown or out-of-range value."""
 
 
+class OutputError(FastpromptError, OSError):
+    """An output could not be written (no space, a read-only file system): the path and the reason."""
+
+
 class NonFiniteError(FastpromptError, FloatingPointError):
     """Training produced NaN/inf losses or gradients several steps in a row (the CLI exits with code 3)."""
 

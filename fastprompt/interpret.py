@@ -8,15 +8,12 @@ nearest tokens to the mixture), prefix (per-layer K/V: shapes and norms; no toke
 """
 from __future__ import annotations
 
-import json
-import math
 import sys
-from typing import Any
-
 import torch
 
 from .errors import ConfigError, FastpromptError, PromptFileError, UsageParser, check_seed
 from .nearest import format_nearest
+from .promptfile import method_record  # noqa: F401  (the check lives with the file format)
 
 
 def _relaxed_readout(logits, options, step, total_steps, tokenizer, k):
@@ -37,40 +34,14 @@ def _relaxed_readout(logits, options, step, total_steps, tokenizer, k):
     return "\n".join(lines) + "\n"
 
 
-def method_record(path: str, method: str, tensors: dict, meta: dict[str, str]) -> dict[str, Any]:
-    """A prompt file's method metadata, parsed and checked: ``options``, ``step``, ``total_steps``,
-    ``token_ids`` (or None). ``PromptFileError`` for what a hand edit or another tool could leave."""
-    from .methods import METHODS
-
-    if method not in METHODS:
-        raise PromptFileError(f"{path}: unknown method {method!r} in its metadata (known: {', '.join(METHODS)})")
-    need = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}[method]
-    for name in need:
-        if name not in tensors:
-            raise PromptFileError(f"{path}: a {method} prompt file must hold the {name!r} tensor")
-    record: dict[str, Any] = {}
-    try:
-        options = json.loads(meta.get("method_options", "{}"))
-        step, total = (json.loads(meta.get(key, "0")) for key in ("method_step", "method_total_steps"))
-        ids = json.loads(meta["token_ids"]) if "token_ids" in meta else None
-    except (ValueError, RecursionError):
-        raise PromptFileError(f"{path}: its method metadata is not valid JSON") from None
-    if not isinstance(options, dict):
-        raise PromptFileError(f"{path}: method_options must be a JSON object")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (step, total)):
-        raise PromptFileError(f"{path}: method_step and method_total_steps must be non-negative integers")
-    if method == "relaxed" and options:
-        taus = [options.get("tau_start"), options.get("tau_end")]
-        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0 for t in taus):
-            raise PromptFileError(f"{path}: relaxed method_options need tau_start and tau_end > 0")
-    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                                              for i in ids)):
-        raise PromptFileError(f"{path}: token_ids must be a JSON list of integers")
-    record.update(options=options, step=step, total_steps=total, token_ids=ids)
-    return record
-
-
 def main(argv=None) -> int:
+    from .console import safe_streams
+
+    with safe_streams():  # unencodable characters escaped; a stdout that cannot be written dropped
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser = UsageParser(prog="python -m fastprompt.interpret", description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="a prompt.safetensors written by fastprompt")
     parser.add_argument("--model", default=None, help="model name or path (default: the one in the file)")

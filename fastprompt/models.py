@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import torch
 
@@ -271,21 +272,36 @@ def _save_weights_and_config(model, directory: str) -> None:
 
 
 def _from_pretrained(name: str, dtype=None, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     local = os.path.isdir(name)
     if not local and (os.sep in name and os.path.exists(os.path.dirname(name) or ".") and name.startswith((".", "/"))):
         raise ModelError(f"no model directory at {name}: give a directory written by save_pretrained(), or --model tiny")
+    from . import modelcheck  # issue 23: a model that loads "successfully" but wrong is refused
+
+    if local:
+        modelcheck.check_files(name)  # a FIFO would be opened and waited on
     try:
         with _quiet_hub():
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
+            if "gguf_file" in kwargs:  # a GGUF file's tensors are mapped by its converter, not by name
+                model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32, **kwargs), None
+            else:
+                config = AutoConfig.from_pretrained(name, **kwargs)
+                modelcheck.check_config(config, name)  # before a model is built from its sizes
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    name, config=config, dtype=dtype or torch.float32, output_loading_info=True,
+                    ignore_mismatched_sizes=True, **kwargs)
+    except ModelError:
+        raise
     except Exception as e:  # transformers raises OSError, ValueError, HTTP errors ... for unreachable models
-        reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+        reason = modelcheck.one_line(str(e)).rstrip(".") if str(e).strip() else type(e).__name__
         where = "the directory" if local else "the Hugging Face hub (or its local cache)"
         raise ModelError(
             f"could not load model {name!r} from {where}: {reason[:200]}. Give a local directory with a saved "
             "model (save_pretrained), or use --model tiny for a random small GPT-2"
         ) from None
+    if info is not None:
+        modelcheck.check_loaded(info, name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **{k: v for k, v in kwargs.items() if k == "gguf_file"})
         if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
@@ -329,11 +345,19 @@ def _quiet_hub():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" on stderr
     try:
-        yield
+        with warnings.catch_warnings():  # torch's notes on pickle protocols etc.: the one error line says it all
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

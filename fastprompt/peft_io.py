@@ -84,28 +84,22 @@ def from_peft_rows(kind: str, rows: torch.Tensor, model) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ adapters out
-def check_adapter_dir(path: str) -> None:
-    """``path`` may be new, empty, or an adapter directory (which is replaced); nothing else is overwritten."""
-    if not path:
-        raise ConfigError("give a directory for the PEFT adapter")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{path} is a file, not a directory for a PEFT adapter")
-    if os.path.isdir(path):
-        other = sorted(set(os.listdir(path)) - set(ADAPTER_FILES))
-        if other:
-            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
-            raise ConfigError(f"{path} holds other files than a PEFT adapter ({shown}): choose a new or empty "
-                              "directory")
+def check_adapter_dir(path: str, out: str | None = None) -> None:
+    """``path`` may be new, empty, or an adapter directory (which is replaced); nothing else is overwritten,
+    never through a link, never ``out`` (the run's --out) or a directory holding it (``outputs.check_output_dir``)."""
+    from .outputs import check_output_dir
+
+    check_output_dir(path, "--peft-out", out, allowed=ADAPTER_FILES)
 
 
-def check_peft_out(tuner, path: str) -> None:
+def check_peft_out(tuner, path: str, out: str | None = None) -> None:
     """Everything ``save_peft`` would refuse, checked without writing (the CLI calls it before training)."""
+    check_adapter_dir(path, out)
     require_peft("writing a PEFT adapter")
     check_prepended(tuner.encoder, "cannot write a PEFT adapter")
     if tuner.method.name == "prefix" and not is_gpt2_family(tuner.model):
         raise ConfigError("a prefix goes out as a PEFT adapter for the GPT-2 family only so far (PEFT's layout of "
                           "K/V heads for GQA and rotary models is not mapped); save it with fastprompt's prompt file")
-    check_adapter_dir(path)
 
 
 def adapter_config(tuner):

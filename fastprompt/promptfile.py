@@ -1,5 +1,5 @@
 """Prompt files, every method's: written (``save_prompt_file``), read (``read_prompt_file``) and checked
-against a model (``check_fits``) here only; and the atomic writes every output of a run goes through.
+against a model (``check_fits``) here only; ``atomic_write_dir`` (files: ``outputs.atomic_write``).
 
 A prompt file is safetensors: the method's tensors (``Method.tensors``: a soft prompt's are ``{"prompt": P}``)
 and string metadata (model, template, prompt length, hidden size, method, its options and schedule state;
@@ -9,30 +9,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import warnings
+from typing import Any
 
 import torch
 
 from .errors import PromptFileError
+from .outputs import atomic_write, umask  # noqa: F401  (atomic_write: every output goes through it)
 
 FORMAT_VERSION = "1"
 NDIM = {"prompt": 2, "logits": 2, "continuous": 2, "prefix": 5}  # the tensors methods save (Method.tensors)
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new one, whole."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: the mode open() gives every other output
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def atomic_write_dir(path: str, write) -> None:
@@ -44,7 +32,7 @@ def atomic_write_dir(path: str, write) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".", suffix=".tmpdir")  # not ".tmp": resume deletes those files
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: the mode makedirs gives every other directory
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700: the mode makedirs gives every other directory
         write(tmp)
         if not os.path.isdir(path):
             os.rename(tmp, path)
@@ -62,13 +50,6 @@ def atomic_write_dir(path: str, write) -> None:
             shutil.rmtree(tmp)
 
 
-def _umask() -> int:
-    """The process's umask (read by setting it and back: Python offers no other portable way)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_prompt_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
     """fp32 ``tensors`` and ``metadata`` (non-strings as JSON) as a safetensors prompt file, atomically."""
     from safetensors.torch import save_file
@@ -83,8 +64,14 @@ def read_prompt_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """``(tensors, metadata)`` of a prompt file, every tensor fp32, dense, real, finite and of its ``NDIM``.
     A legacy ``torch.save`` tensor (.pt, .pth, .bin) is ``{"prompt": tensor}`` without metadata, loaded with
     ``weights_only=True``: nothing is unpickled beyond plain tensors."""
-    if not os.path.isfile(path):
-        raise PromptFileError(f"no prompt file at {path}")
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        raise PromptFileError(f"no prompt file at {path}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would be opened and waited on
+        from .outputs import kind
+
+        raise PromptFileError(f"{path} is {kind(mode)}, not a prompt file")
     if path.endswith((".pt", ".pth", ".bin")):
         try:
             with warnings.catch_warnings():  # torch's notes on pickle protocols etc.: our one line says it all
@@ -110,12 +97,63 @@ def read_prompt_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return {name: _checked(t, name, path) for name, t in tensors.items()}, metadata
 
 
+STEP_LIMIT = 2**53  # schedule steps beyond it are nonsense (and overflow where they become floats)
+TAU_RANGE = (1e-30, 1e30)
+
+
+def method_record(path: str, method: str, tensors: dict, meta: dict[str, str]) -> dict[str, Any]:
+    """A prompt file's method metadata, parsed and checked: ``options``, ``step``, ``total_steps``,
+    ``token_ids`` (or None). ``PromptFileError`` for what a hand edit or another tool could leave."""
+    from .methods import METHODS
+
+    if not isinstance(method, str) or method not in METHODS:
+        raise PromptFileError(f"{path}: unknown method {method!r} in its metadata (known: {', '.join(METHODS)})")
+    need = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}[method]
+    for name in need:
+        if name not in tensors:
+            raise PromptFileError(f"{path}: a {method} prompt file must hold the {name!r} tensor")
+    record: dict[str, Any] = {}
+    try:
+        options = json.loads(meta.get("method_options", "{}"))
+        step, total = (json.loads(meta.get(key, "0")) for key in ("method_step", "method_total_steps"))
+        ids = json.loads(meta["token_ids"]) if "token_ids" in meta else None
+    except (ValueError, RecursionError):
+        raise PromptFileError(f"{path}: its method metadata is not valid JSON") from None
+    if not isinstance(options, dict):
+        raise PromptFileError(f"{path}: method_options must be a JSON object")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < STEP_LIMIT for x in (step, total)):
+        raise PromptFileError(f"{path}: method_step and method_total_steps must be integers from 0 to 2**53")
+    if method == "relaxed" and options:
+        taus = [options.get("tau_start"), options.get("tau_end")]
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and TAU_RANGE[0] <= t <= TAU_RANGE[1]
+                   for t in taus):
+            raise PromptFileError(f"{path}: relaxed method_options need tau_start and tau_end > 0 (from 1e-30 to "
+                                  "1e30)")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in ids)):
+        raise PromptFileError(f"{path}: token_ids must be a JSON list of integers")
+    for key, (low, high) in (("prompt_len", (1, 4096)), ("hidden_size", (1, 1 << 17))):
+        if key in meta:
+            try:
+                value = json.loads(meta[key])
+            except (ValueError, RecursionError):
+                value = meta[key]
+            if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+                raise PromptFileError(f"{path}: {key} in its metadata must be an integer from {low} to {high}, "
+                                      f"got {meta[key][:20]!r}")
+    record.update(options=options, step=step, total_steps=total, token_ids=ids)
+    return record
+
+
+
 def _checked(t: torch.Tensor, name: str, path: str) -> torch.Tensor:
     """A saved tensor as fp32: dense, real, finite and of its ``NDIM``, or ``PromptFileError``."""
     if t.layout != torch.strided or t.is_complex() or t.dtype == torch.bool:
         raise PromptFileError(f"{path}: tensor {name!r} must be dense and real, got {t.dtype} {t.layout}")
     if name in NDIM and t.dim() != NDIM[name]:
         raise PromptFileError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {NDIM[name]} dimensions")
+    if t.dim() == 0 or 0 in t.shape:
+        raise PromptFileError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}: it holds no vectors")
     t = t.float()
     if not torch.isfinite(t).all():
         raise PromptFileError(f"{path}: tensor {name!r} holds NaN/inf values")

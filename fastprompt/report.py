@@ -10,6 +10,7 @@ import torch
 
 from .methods.relaxed import RelaxedMethod
 from .models import embedding_table
+from .outputs import write_text
 from .tuner import PromptTuner
 
 
@@ -52,13 +53,11 @@ def write_outputs(out: str, tuner, test, eval_size: int | None = None, progress:
     """``hard_prompt.txt`` for methods with a token readout; returns ``final_report``."""
     report = final_report(tuner, test, eval_size, progress)
     if "token_ids" in report:
-        with open(os.path.join(out, "hard_prompt.txt"), "w", encoding="utf-8") as f:
-            f.write(f"{report['token_text']}\n")
-            f.write(f"ids: {report['token_ids']}\n")
-            f.write(f"template: {tuner.template.text.replace('{prompt}', report['token_text'].strip())}\n")
-            for key in ("test_loss", "test_exact_match", "argmax_test_loss", "argmax_test_exact_match"):
-                if key in report:
-                    f.write(f"{key}: {report[key]:.4f}\n")
+        lines = [f"{report['token_text']}\n", f"ids: {report['token_ids']}\n",
+                 f"template: {tuner.template.text.replace('{prompt}', report['token_text'].strip())}\n"]
+        lines += [f"{key}: {report[key]:.4f}\n" for key in ("test_loss", "test_exact_match", "argmax_test_loss",
+                                                            "argmax_test_exact_match") if key in report]
+        write_text(os.path.join(out, "hard_prompt.txt"), "".join(lines))
     return report
 
 

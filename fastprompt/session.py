@@ -2,7 +2,9 @@
 
 * ``--out`` safety: a non-empty ``--out`` is refused unless ``--resume`` (continue its checkpoint) or
   ``--overwrite``. Every check that can fail runs before anything in ``--out`` changes: the path itself
-  (a file, a dangling symlink, a loop, no permission), the options, the data, the checkpoint, and the first
+  (a file, a dangling symlink, a loop, no permission), every output's name in it (``outputs.check_outputs``:
+  no link, directory or special file is read or written through), the options, the data, the checkpoint
+  and the run header (``fastprompt.schema``), and the first
   forward of the initial prompt (``preflight``: NaN/inf exit 3, the engine's one-time check against the
   model). ``--overwrite`` then removes the outputs the run will not rewrite.
 * a lock: rank 0 holds an exclusive ``flock`` on the ``--out`` directory itself (nothing is written for it;
@@ -28,16 +30,15 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .distributed import setup
-from .errors import ConfigError, NonFiniteError
-from .guard import Interrupted, StopSignals
+from . import outputs
+from .distributed import launch_env, setup
+from .errors import ConfigError, FastpromptError, NonFiniteError
+from .guard import Abandoned, Interrupted, StopSignals
 from .options import content_hashes, hash_keys, header_config
 from .reporters import remove_events
 
-METRICS = "metrics.jsonl"
-# Every file a run writes in --out: what --overwrite (and a restart from step 0) may remove.
-OUTPUTS = (ckpt.TENSORS, ckpt.SIDECAR, METRICS, METRICS + ".tmp", "prompt.safetensors", "samples.txt",
-           "nearest.txt", "loss.png", "hard_prompt.txt")
+METRICS = outputs.METRICS
+OUTPUTS = outputs.OUTPUTS  # every file a run writes in --out: checked first; what --overwrite may remove
 
 
 class Session:
@@ -51,7 +52,7 @@ class Session:
             raise ConfigError("--resume and --overwrite exclude each other")
         if self.resume and not config.out:
             raise ConfigError("--resume needs the --out DIR of the run to continue")
-        self.writer = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 alone writes (and locks)
+        self.writer = launch_env()[0] == 0  # torchrun: rank 0 alone writes (and locks); ConfigError if broken
         self.hashes = content_hashes(config)  # every data file's sha256: data_sha256, eval_data_sha256
         self.lock: OutLock | None = None
         exists = check_out(out)
@@ -65,6 +66,8 @@ class Session:
             shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
             raise ConfigError(f"--out {out} is not empty ({shown}): pass --resume to continue its checkpoint, "
                               "--overwrite to replace it, or choose another --out")
+        if existing:  # before anything in it is read: no link, directory or special file at an output's name
+            outputs.check_outputs(out, OUTPUTS, overwrite=self.overwrite)
         if self.resume:
             self._check_resumable(existing)
         self.fresh = not existing  # nothing of ours or anyone's in --out: it must still be so when we claim it
@@ -80,6 +83,7 @@ class Session:
                               "steps); use --max-steps")
         torch.manual_seed(config.seed)  # the global RNG (Gumbel noise); batches have their own seeded RNG
         self.signals = StopSignals()
+        self.last_saved = "the one it held before this run" if self.saved is not None else "none yet"
         self.lr = config.lr
         self.probe: list = []  # encoded training examples for the preflight (``encode``)
 
@@ -92,14 +96,26 @@ class Session:
             self.saved = ckpt.load_checkpoint(out)  # PromptFileError: missing, corrupt, damaged or foreign
             ckpt.check_compatible(self.saved[1], self.config_dict(), os.path.join(out, ckpt.TENSORS))
         else:
-            header = run_header(os.path.join(out, METRICS))
+            path = os.path.join(out, METRICS)
+            header, finished = restart_header(path, self.header_table())
             if header is None:
                 raise ConfigError(f"nothing to resume in --out {out}: no {ckpt.TENSORS} and no run header in "
                                   f"{METRICS}; choose another --out, or --overwrite")
+            results = [name for name in existing if name in OUTPUTS and name not in (METRICS, METRICS + ".tmp")]
+            if finished or results:  # a run that ended without a checkpoint (--epochs 0): nothing to continue
+                shown = ", ".join(results + ([f"{finished} in {METRICS}"] if finished else []))
+                raise ConfigError(f"--out {out} holds a run's results ({shown}) but no {ckpt.TENSORS}: there is "
+                                  "nothing to resume; --overwrite to run it again, or choose another --out")
             state = {"config": {**(header.get("config") or {}), **{key: header.get(key) for key in hash_keys()}}}
-            ckpt.check_compatible(state, self.config_dict(), os.path.join(out, METRICS))
+            ckpt.check_compatible(state, self.config_dict(), path)
             self.restart = True
             self.note = f"no checkpoint in {out} yet (the run stopped before its first one): starting again from step 0"
+
+    def header_table(self):
+        """The run header's schema (``schema.header_fields``) over this run's options."""
+        from . import schema
+
+        return schema.header_fields(schema.config_fields(required=ckpt.MUST_MATCH))
 
     # ------------------------------------------------------------------------------------ setup
     @property
@@ -157,10 +173,7 @@ class Session:
             resume = {**info, "event": "resume", "from_epoch": state["epoch"] + 1, "from_step": state["step"]}
             lines = old_headers(metrics_path) + [resume] + list(tuner.history)
             print(f"resuming {self.out} at epoch {state['epoch'] + 1}, step {state['step']}", flush=True)
-        tmp = metrics_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in lines)
-        os.replace(tmp, metrics_path)
+        outputs.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in lines))
         if self.saved is None and (self.overwrite or self.restart):
             remove_outputs(self.out, [name for name in OUTPUTS if name != METRICS])
             remove_events(self.out)  # --report-to tensorboard's events files
@@ -200,6 +213,10 @@ class Session:
                           progress=config.progress and self.is_main, callback=epoch_end, step_callback=after_step,
                           eval_every=getattr(config, "eval_every", 0), eval_size=getattr(config, "eval_size", None),
                           max_steps=max_steps, max_seconds=getattr(config, "max_seconds", None))
+            except Abandoned as e:  # a second signal dropped the step in flight: the last checkpoint stands
+                raise Interrupted(e.signum, f"stopped by {StopSignals.name(e.signum)}; a second signal abandoned the "
+                                            f"step in flight: the last checkpoint in {self.out} ({self.last_saved}) "
+                                            f"stands; continue with --resume --out {self.out}") from None
             finally:
                 self.ctx.unwrap(tuner)  # evaluation after training runs on rank 0 alone
         if tuner.stopped:  # a budget ran out: the last completed step is checkpointed, --resume continues it
@@ -211,8 +228,10 @@ class Session:
                       f"to {self.out}; continue with --resume --out {self.out} (and a larger {flag})", flush=True)
 
     def save(self, tuner, **where) -> None:
-        if self.is_main:
-            ckpt.save_checkpoint(self.out, tuner, config=self.config_dict(), **where)
+        with self.signals.deferred():  # a second signal waits for the checkpoint the first asked for
+            if self.is_main:
+                ckpt.save_checkpoint(self.out, tuner, config=self.config_dict(), **where)
+        self.last_saved = f"epoch {where['epoch'] + 1}, step {where['step']}"
 
     def stop_if_asked(self, tuner, where: str, agreed: bool = False) -> None:
         if not (agreed or self.ctx.any(self.signals.requested, self.device)):
@@ -353,25 +372,56 @@ def release_locks() -> None:
         lock.release()
 
 
-def run_header(metrics_path: str) -> dict[str, Any] | None:
-    """The last ``start`` record of a metrics.jsonl (None when there is none or the file is unreadable)."""
-    headers = [r for r in old_headers(metrics_path) if r.get("event") == "start"]
-    return headers[-1] if headers else None
+def restart_header(metrics_path: str, table) -> tuple[dict[str, Any] | None, str | None]:
+    """``(the last start record, what the file holds beyond headers)`` of the metrics.jsonl of a run without
+    a checkpoint, every header checked against ``table`` (``schema.header_fields``): its first line must be
+    a run header (written whole, by a rename), other lines records fastprompt writes, a last line cut off by a
+    kill excepted. ``(None, None)`` where the file is missing or empty; ``ConfigError`` for anything else."""
+    from . import schema
+
+    lines = outputs.read_bytes(metrics_path).split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        return None, None
+    headers, finished = [], None
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            if n == len(lines) and n > 1:
+                continue  # a line cut off by a kill
+            raise ConfigError(f"{metrics_path}, line {n}: not a JSON line fastprompt wrote") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{metrics_path}, line {n}: a JSON {type(record).__name__}, not a record fastprompt "
+                              "writes")
+        event = record.get("event")
+        if n == 1 and event != "start":
+            raise ConfigError(f"{metrics_path}, line 1: not a run header (no \"event\": \"start\")")
+        if event in ("start", "resume"):
+            problem = schema.check_record(record, table, "the run header")
+            if problem:
+                raise ConfigError(f"{metrics_path}, line {n}: {problem}")
+            if event == "start":
+                headers.append(record)
+        elif finished is None:
+            finished = "a final line" if event == "final" else "an epoch's line"
+    return headers[-1], finished
 
 
 def old_headers(metrics_path: str) -> list[dict[str, Any]]:
-    """The ``start`` and ``resume`` records of an earlier metrics.jsonl, in order."""
+    """The ``start`` and ``resume`` records of an earlier metrics.jsonl, in order (read without following a
+    link; lines that are not ours, or cut off by a kill, skipped)."""
     records = []
     try:
-        with open(metrics_path, "rb") as f:
-            raw = f.read()
-    except OSError:
+        raw = outputs.read_bytes(metrics_path)
+    except FastpromptError:
         return records
     for line in raw.split(b"\n"):
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):
-            continue  # a line cut off by a kill, or not ours
+            continue
         if isinstance(record, dict) and record.get("event") in ("start", "resume"):
             records.append(record)
     return records

@@ -72,6 +72,11 @@ class Template:
                 raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
             if not value.strip():
                 raise DataError(f"{where}: field {name!r} is empty")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{where}: field {name!r} holds an unpaired surrogate (a \\ud800-\\udfff escape "
+                                "that is no character)") from None
         return values
 
     def render(self, example: Any, prompt_text: str = "<prompt>") -> str:

