@@ -193,11 +193,13 @@ def _copy_problem(directory: str, source: dict) -> str | None:
     """Why the copy in ``directory`` cannot be used (None: it is whole and made from ``source``). The manifest,
     written last and renamed into place with the whole directory, lists every file with its size and sha256:
     a missing, truncated, extra-damaged or half-written copy is never loaded."""
+    if not os.path.isdir(directory):
+        return "missing"  # no copy yet (or its place is unusable: the build's save says so)
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        return "missing" if not os.path.exists(directory) else "no manifest"
+        return "no manifest"
     except (OSError, ValueError) as e:
         return f"unreadable manifest ({e})"
     if not isinstance(manifest, dict) or manifest.get("source") != source or not isinstance(manifest.get("files"), dict):

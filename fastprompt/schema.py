@@ -188,6 +188,8 @@ def checkpoint_fields(config: dict[str, Field]) -> dict[str, Field]:
 
 
 def header_fields(config: dict[str, Field]) -> dict[str, Field]:
+    from .options import hash_keys
+
     text = Field(("str",), required=False)
     return {
         "event": Field(("str",), choices=("start", "resume")), "config": Field(("dict",), fields=config),
@@ -196,6 +198,6 @@ def header_fields(config: dict[str, Field]) -> dict[str, Field]:
         "world_size": Field(("int",), low=1, required=False), "backend": Field(("str", "none"), required=False),
         "torch_threads": Field(("int",), low=1, required=False),
         "deterministic_algorithms": Field(("bool",), required=False),
-        "data_sha256": Field(("str", "none"), required=False),
+        **{key: Field(("str", "none"), required=False) for key in hash_keys()},  # data_sha256, eval_data_sha256
         "from_epoch": Field(("int",), low=1, required=False), "from_step": Field(("int",), low=0, required=False),
     }

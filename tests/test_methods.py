@@ -186,7 +186,8 @@ def test_post_result_script_smoke(tmp_path):
     rows = {r["prompt"]: r for r in report["rows"]}
     assert rows["hand-written"]["steps"] == 0 and rows["hand-written"]["tokens"] == " antonyms"
     trained = [r for r in report["rows"] if r["prompt"] != "hand-written"]
-    assert len(trained) == 5 and all(r["steps"] == 3 for r in trained)
+    assert len(trained) == 6 and all(r["steps"] == 3 for r in trained)  # soft x2, hard, relaxed, prefix, 8 pairs
+    assert rows["prefix-tuning, init 'antonyms'"]["method"] == "prefix"
     assert [p["step"] for p in rows["soft, random init"]["curve"]] == [0, 2, 3]
     assert rows["soft, random init, 8 pairs"]["train_pairs"] == 8
     assert "| hand-written | 4 | 0 | 0 |" in (out / "results.md").read_text()

@@ -43,7 +43,8 @@ def test_refused_without_torchrun_or_with_one_process(tmp_path, monkeypatch, cap
     assert main([*ARGS, "--shard-weights", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert error_lines(err) == [err.strip()] and "torchrun --nproc_per_node N" in err
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # torchrun, one process
+        monkeypatch.setenv(key, value)
     assert main([*ARGS, "--shard-weights", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert error_lines(err) == [err.strip()] and "--nproc_per_node 2 or more" in err
