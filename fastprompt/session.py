@@ -273,7 +273,7 @@ def check_out(out: str) -> bool:
     except FileNotFoundError:
         if os.path.islink(out):
             raise ConfigError(f"--out {out} is a symlink to nothing ({os.readlink(out)})") from None
-        _check_creatable(out)
+        outputs.check_creatable(out, "--out")
         return False
     except NotADirectoryError:
         raise ConfigError(f"--out {out} lies below a file, not a directory") from None
@@ -286,28 +286,6 @@ def check_out(out: str) -> bool:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {out}: no permission to write in it")
     return True
-
-
-def _check_creatable(out: str) -> None:
-    """The nearest existing ancestor of a new ``--out`` must be a directory we may create entries in."""
-    parent = os.path.dirname(os.path.abspath(out))
-    while True:
-        try:
-            mode = os.stat(parent).st_mode
-        except FileNotFoundError:
-            if os.path.islink(parent):
-                raise ConfigError(f"--out {out}: {parent} is a symlink to nothing") from None
-            parent = os.path.dirname(parent)
-            continue
-        except NotADirectoryError:
-            raise ConfigError(f"--out {out} lies below a file, not a directory") from None
-        except OSError as e:
-            raise ConfigError(f"--out {out}: {e.strerror}") from None
-        if not stat.S_ISDIR(mode):
-            raise ConfigError(f"--out {out} lies below {parent}, a file, not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {out}: no permission to create it in {parent}")
-        return
 
 
 def preflight(tuner, batch) -> None:
