@@ -104,7 +104,7 @@ class Context:
         return self.world_size > 1
 
     def wrap(self, tuner) -> None:
-        from .sharding import ShardedDataParallelEngine, sharded_weights
+        from .sharding import sharded_weights
 
         if self.active and not isinstance(tuner.engine, (DataParallelEngine, ShardedDataParallelEngine)):
             weights = sharded_weights(tuner.model)  # --shard-weights: fastprompt/sharding.py
@@ -112,7 +112,6 @@ class Context:
                 ShardedDataParallelEngine(tuner.engine, weights, self.rank, self.world_size)
 
     def unwrap(self, tuner) -> None:
-        from .sharding import ShardedDataParallelEngine
 
         if isinstance(tuner.engine, (DataParallelEngine, ShardedDataParallelEngine)):
             tuner.engine = tuner.engine.inner
@@ -242,3 +241,59 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
         dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_seconds()))
     return Context(rank, world, local_rank, backend), device
+
+
+# ------------------------------------------------------------------------ over sharded weights
+def path_signature(engine, inputs, batch: Sequence[Any]):
+    """What decides the sequence of layer forwards (hence of all-gathers) ``engine.loss_terms`` takes on
+    ``batch``; None where it may still change (the generic layout check not done yet)."""
+    from .engines.generic import GenericEngine, _pack_shape
+
+    if not batch:
+        return None
+    if isinstance(engine, GenericEngine):
+        if inputs.layer_kv is not None and engine.encoder.prompt_start is None:
+            return ("naive",)  # the naive reference forward: one pass, whatever the batch
+        if engine._packed is None or not engine._checked:
+            return None
+        lens = engine.suffix_lens(batch)
+        one_pack = bool(engine._packed) and max(lens) > 0 and _pack_shape(lens)[0] == 1
+        return ("generic", bool(engine._packed), max(lens) > 0, one_pack)
+    return (type(engine).__name__,)  # naive: one forward of the whole (padded) batch
+
+
+class ShardedDataParallelEngine:
+    """Data parallel ``loss_terms`` over sharded weights (``sharding.ShardedWeights``; fastprompt/sharding.py's
+    docstring: side channels, lockstep)."""
+
+    def __init__(self, inner, weights, rank: int, world_size: int, group=None):
+        self.inner, self.weights = inner, weights
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.replicated_batches = 0  # batches every rank computed whole (see the module docstring)
+
+    def loss_terms(self, inputs, batch):
+        from .sharding import _ReshardAfterBackward
+
+        inputs = as_inputs(inputs)
+        shards = [DataParallelEngine(None, r, self.world_size).shard(batch) for r in range(self.world_size)]
+        paths = {path_signature(self.inner, inputs, s) for s in shards}
+        replicated = None in paths or len(paths) != 1
+        mine = batch if replicated else shards[self.rank]
+        self.replicated_batches += replicated
+        inputs = inputs.map(lambda t: _ReshardAfterBackward.apply(_SumBackward.apply(t, self.group), self.weights))
+        with self.weights.saving():
+            ce_local, _ = self.inner.loss_terms(inputs, mine)
+        if replicated and self.rank != 0:
+            ce_local = ce_local * 0.0  # rank 0 counts the batch; the others took the same path for nothing
+        if not (torch.is_grad_enabled() and ce_local.requires_grad):
+            self.weights.reshard()
+        return _SumForward.apply(ce_local, self.group), target_count(batch)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} x {self.world_size} processes, weights sharded"
+
+    def graphs_enabled(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

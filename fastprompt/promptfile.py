@@ -99,16 +99,17 @@ def read_prompt_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 STEP_LIMIT = 2**53  # schedule steps beyond it are nonsense (and overflow where they become floats)
 TAU_RANGE = (1e-30, 1e30)
+# The tensors each method's file must hold (the methods' names: tests/test_methods.py holds them equal to
+# methods.METHODS; this module sits below the methods, which read files through it).
+METHOD_TENSORS = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}
 
 
 def method_record(path: str, method: str, tensors: dict, meta: dict[str, str]) -> dict[str, Any]:
     """A prompt file's method metadata, parsed and checked: ``options``, ``step``, ``total_steps``,
     ``token_ids`` (or None). ``PromptFileError`` for what a hand edit or another tool could leave."""
-    from .methods import METHODS
-
-    if not isinstance(method, str) or method not in METHODS:
-        raise PromptFileError(f"{path}: unknown method {method!r} in its metadata (known: {', '.join(METHODS)})")
-    need = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}[method]
+    if not isinstance(method, str) or method not in METHOD_TENSORS:
+        raise PromptFileError(f"{path}: unknown method {method!r} in its metadata (known: {', '.join(METHOD_TENSORS)})")
+    need = METHOD_TENSORS[method]
     for name in need:
         if name not in tensors:
             raise PromptFileError(f"{path}: a {method} prompt file must hold the {name!r} tensor")

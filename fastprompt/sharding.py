@@ -52,11 +52,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from .engines.base import as_inputs, target_count
 from .errors import ConfigError, ModelError
 
 LAYER_LISTS = ("h", "layers", "blocks")  # the decoder's ModuleList of layers (GPT-2, Llama/Qwen/Gemma, ...)
@@ -242,60 +241,6 @@ class _ReshardAfterBackward(torch.autograd.Function):
         return grad, None
 
 
-def path_signature(engine, inputs, batch: Sequence[Any]):
-    """What decides the sequence of layer forwards (hence of all-gathers) ``engine.loss_terms`` takes on
-    ``batch``; None where it may still change (the generic layout check not done yet)."""
-    from .engines.generic import GenericEngine, _pack_shape
-
-    if not batch:
-        return None
-    if isinstance(engine, GenericEngine):
-        if inputs.layer_kv is not None and engine.encoder.prompt_start is None:
-            return ("naive",)  # the naive reference forward: one pass, whatever the batch
-        if engine._packed is None or not engine._checked:
-            return None
-        lens = engine.suffix_lens(batch)
-        one_pack = bool(engine._packed) and max(lens) > 0 and _pack_shape(lens)[0] == 1
-        return ("generic", bool(engine._packed), max(lens) > 0, one_pack)
-    return (type(engine).__name__,)  # naive: one forward of the whole (padded) batch
-
-
-class ShardedDataParallelEngine:
-    """Data parallel ``loss_terms`` over sharded weights (module docstring: side channels, lockstep)."""
-
-    def __init__(self, inner, weights: ShardedWeights, rank: int, world_size: int, group=None):
-        self.inner, self.weights = inner, weights
-        self.rank, self.world_size, self.group = rank, world_size, group
-        self.replicated_batches = 0  # batches every rank computed whole (see the module docstring)
-
-    def loss_terms(self, inputs, batch):
-        from .distributed import DataParallelEngine, _SumBackward, _SumForward
-
-        inputs = as_inputs(inputs)
-        shards = [DataParallelEngine(None, r, self.world_size).shard(batch) for r in range(self.world_size)]
-        paths = {path_signature(self.inner, inputs, s) for s in shards}
-        replicated = None in paths or len(paths) != 1
-        mine = batch if replicated else shards[self.rank]
-        self.replicated_batches += replicated
-        inputs = inputs.map(lambda t: _ReshardAfterBackward.apply(_SumBackward.apply(t, self.group), self.weights))
-        with self.weights.saving():
-            ce_local, _ = self.inner.loss_terms(inputs, mine)
-        if replicated and self.rank != 0:
-            ce_local = ce_local * 0.0  # rank 0 counts the batch; the others took the same path for nothing
-        if not (torch.is_grad_enabled() and ce_local.requires_grad):
-            self.weights.reshard()
-        return _SumForward.apply(ce_local, self.group), target_count(batch)
-
-    def describe(self) -> str:
-        return f"{self.inner.describe()} x {self.world_size} processes, weights sharded"
-
-    def graphs_enabled(self) -> bool:
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 # ------------------------------------------------------------------------------------------ loading
 def load_sharded(name: str, *, seed: int = 0, device=None, dtype=None):
     """``(model, tokenizer)``, the decoder layers sharded over the process group. A local directory of
@@ -435,17 +380,3 @@ def _tokenizer(name: str, config):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def follow_outputs(tuner, test, config) -> None:
-    """On a rank other than 0 after training: the forwards rank 0 runs for its outputs
-    (``train.run``: ``write_outputs``' final report, ``--baseline``'s, ``write_samples``' decoding), in the same order, so that
-    every layer is gathered by every rank; nothing is written."""
-    from .report import baseline_report, final_report
-
-    final_report(tuner, test, config.eval_size, False)
-    if getattr(config, "baseline", None) and test:
-        baseline_report(tuner, config.baseline, test, config.eval_size, False)
-    examples = test[: config.samples]
-    if examples:
-        tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"} for ex in examples])

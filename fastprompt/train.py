@@ -153,8 +153,6 @@ def train_and_write(config, session, tuner, train, test, out: str, reporter) -> 
     session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
     if not session.is_main:
         if config.shard_weights:  # the final forwards gather layers: every rank takes part, rank 0 writes
-            from .sharding import follow_outputs
-
             follow_outputs(tuner, test, config)
         return tuner.history[-1] if tuner.history else {}
     done: list[str] = []  # the final outputs written so far (a signal among them says which are missing)
@@ -209,6 +207,20 @@ def final_interrupted(signum: int, out: str, done: list[str], config: TrainConfi
             else f"no checkpoint to resume (--epochs {config.epochs}): run it again with --overwrite")
     return Interrupted(signum, f"stopped by {StopSignals.name(signum)} while writing the final outputs: "
                                f"{', '.join(missing)} not written; {then}")
+
+
+def follow_outputs(tuner, test, config) -> None:
+    """On a rank other than 0 after training: the forwards rank 0 runs for its outputs
+    (``train.run``: ``write_outputs``' final report, ``--baseline``'s, ``write_samples``' decoding), in the same order, so that
+    every layer is gathered by every rank; nothing is written."""
+    from .report import baseline_report, final_report
+
+    final_report(tuner, test, config.eval_size, False)
+    if getattr(config, "baseline", None) and test:
+        baseline_report(tuner, config.baseline, test, config.eval_size, False)
+    examples = test[: config.samples]
+    if examples:
+        tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"} for ex in examples])
 
 
 def log_final(final: dict, metrics_path: str) -> None:

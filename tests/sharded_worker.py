@@ -12,7 +12,8 @@ from helpers import rel_err, tiny_causal_lm, tiny_gpt2, tokenizer  # noqa: E402
 
 from fastprompt import PromptTuner  # noqa: E402
 from fastprompt.engines import generic  # noqa: E402
-from fastprompt.sharding import ShardedDataParallelEngine, load_sharded, shard_model, sharded_weights  # noqa: E402
+from fastprompt.distributed import ShardedDataParallelEngine  # noqa: E402
+from fastprompt.sharding import load_sharded, shard_model, sharded_weights  # noqa: E402
 
 AFTER_FIELD = "{input} means {prompt} so {target}"
 CASES = [  # (model, engine, method, template, engine options)

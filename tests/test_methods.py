@@ -193,3 +193,10 @@ def test_post_result_script_smoke(tmp_path):
     assert "| hand-written | 4 | 0 | 0 |" in (out / "results.md").read_text()
     for name in ("loss_curves.png", "sample_efficiency.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_prompt_files_know_every_method():
+    from fastprompt.methods import METHODS
+    from fastprompt.promptfile import METHOD_TENSORS
+
+    assert set(METHOD_TENSORS) == set(METHODS)
