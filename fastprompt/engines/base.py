@@ -79,6 +79,18 @@ class Engine:
     def loss_terms(self, inputs: PromptInputs | torch.Tensor, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
+    def loss_terms_many(self, inputs: Sequence[PromptInputs | torch.Tensor],
+                        batches: Sequence[Sequence[Encoded]]) -> list[tuple[torch.Tensor, int]]:
+        """``loss_terms`` of K prompts, prompt ``k`` on ``batches[k]`` (the same batch object may be given for
+        all K): one ``(ce_sum, n_tokens)`` per prompt, each differentiable with respect to its own input only.
+        This default is a loop over ``loss_terms`` (one pass over the weights per prompt); engines that can
+        run the K prompts in one pass override it and say so in ``many_in_one_pass``."""
+        if len(inputs) != len(batches):
+            raise ValueError(f"{len(inputs)} prompts but {len(batches)} batches")
+        return [self.loss_terms(x, b) for x, b in zip(inputs, batches)]
+
+    many_in_one_pass = False  # True where loss_terms_many shares one pass over the weights
+
     # Whole-step capture (fastprompt/step.py): an engine that can run a step on static shapes says so here
     # and provides ``prepare``, ``static_batch`` and ``static_loss``.
     def graphs_enabled(self) -> bool:
