@@ -109,3 +109,83 @@ def test_loss_terms_many_refuses_mixed_prompts():
         fused.loss_terms_many([torch.zeros(3, 64), torch.zeros(4, 64)], [batch, batch])
     with pytest.raises(ValueError, match="2 prompts but 1 batches"):
         fused.loss_terms_many([torch.zeros(3, 64)] * 2, [batch])
+
+
+# ------------------------------------------------------------------------------------------ training
+import fastprompt as fp  # noqa: E402
+from fastprompt.errors import NonFiniteError  # noqa: E402
+
+TRAIN = [{"input": w, "target": WORDS[-1 - i]} for i, w in enumerate(WORDS)]
+TEST = TRAIN[:4]
+
+
+def points():
+    """Mixed learning rates, inits and seeds; one prompt per point."""
+    return [dict(lr=1e-2, init="random", seed=0), dict(lr=3e-2, init="text:antonyms", seed=1),
+            dict(lr=1e-3, init="random", seed=5)]
+
+
+@pytest.mark.parametrize("kind,engine", [("gpt2", "fused"), ("llama", "fused"), ("gpt2", "naive")])
+def test_fit_many_is_k_separate_fits(kind, engine):
+    """Every point's prompt, Adam state and history equal its own fit run (same seeds), on the packed engine
+    (one pass) and the naive reference (its loop)."""
+    model = model_of(kind)
+    fit = dict(train=TRAIN, epochs=2, batch_size=4, eval_data=TEST, eval_every=0)
+    base = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine=engine, precision="fp32")
+    tuners = [base.variant(init=p["init"], seed=p["seed"]) for p in points()]
+    results = fp.PromptTuner.fit_many(tuners, [{**fit, "lr": p["lr"]} for p in points()])
+    for p, tuner, history in zip(points(), tuners, results):
+        alone = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine=engine, precision="fp32",
+                               init=p["init"], seed=p["seed"])
+        ref = alone.fit(**{**fit, "lr": p["lr"]}, progress=False)
+        assert history is tuner.history and len(history) == len(ref) == 2
+        assert rel_err(tuner.prompt, alone.prompt) <= TOL
+        assert rel_err(tuner.optimizer.state[tuner.prompt]["exp_avg_sq"],
+                       alone.optimizer.state[alone.prompt]["exp_avg_sq"]) <= TOL
+        for a, b in zip(history, ref):
+            assert a["step"] == b["step"] and a["lr"] == b["lr"] == p["lr"]
+            assert abs(a["test_loss"] - b["test_loss"]) <= TOL * abs(b["test_loss"])
+
+
+def test_fit_many_a_nan_prompt_stops_alone():
+    """A prompt whose every step is NaN stops with its NonFiniteError (after the guard's 3 steps, not applied);
+    the others train on, exactly as alone."""
+    model = model_of("llama")
+    base = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused", precision="fp32")
+    bad = torch.full_like(base.prompt, float("nan"))
+    tuners = [base.variant(seed=0), base.variant(prompt=bad), base.variant(seed=2)]
+    fit = dict(train=TRAIN, epochs=2, batch_size=4, lr=1e-2)
+    results = fp.PromptTuner.fit_many(tuners, [fit] * 3)
+    assert isinstance(results[1], NonFiniteError) and tuners[1].nonfinite.skipped == 3
+    assert torch.isnan(tuners[1].prompt).all()
+    for k in (0, 2):
+        alone = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused", precision="fp32", seed=k)
+        alone.fit(**fit, progress=False)
+        assert results[k] is tuners[k].history and len(results[k]) == 2
+        assert rel_err(tuners[k].prompt, alone.prompt) <= TOL
+
+
+def test_fit_many_budgets_and_resume_per_point():
+    """max_steps per point: each stops at its own budget with resume_at set; a second fit_many continues each
+    to the same prompt as one uninterrupted fit."""
+    model = model_of("gpt2")
+    base = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused", precision="fp32")
+    tuners = [base.variant(seed=0), base.variant(seed=1)]
+    fit = dict(train=TRAIN, epochs=2, batch_size=4, lr=1e-2)
+    fp.PromptTuner.fit_many(tuners, [{**fit, "max_steps": 2}, {**fit, "max_steps": 4}])
+    assert [t.resume_at["step"] for t in tuners] == [2, 1]
+    fp.PromptTuner.fit_many(tuners, [{**fit, "epochs": 2 - len(t.history)} for t in tuners])
+    for k, t in enumerate(tuners):
+        alone = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused", precision="fp32", seed=k)
+        alone.fit(**fit, progress=False)
+        assert t.history[-1]["step"] == 6 and rel_err(t.prompt, alone.prompt) <= TOL
+
+
+def test_fit_many_refuses_tuners_of_other_engines():
+    model = model_of("gpt2")
+    a = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused")
+    b = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused")
+    with pytest.raises(ConfigError, match="share one engine"):
+        fp.PromptTuner.fit_many([a, b], [dict(train=TRAIN)] * 2)
+    with pytest.raises(ConfigError, match="no argument lrr"):
+        fp.PromptTuner.fit_many([a], [dict(train=TRAIN, lrr=1)])
