@@ -83,8 +83,9 @@ def points_of(config) -> list[tuple[str, dict[str, Any]]]:
     points = []
     for values in itertools.product(*[vs for _, vs in grid]):
         settings = dict(zip([k for k, _ in grid], values))
-        task = {"task": _task_name(t, tasks)} if len(tasks) > 1 else {}
-        points += [(point_name({**task, **settings}), {**task, "data": t, **settings}) for t in tasks]
+        for t in tasks:
+            task = {"task": _task_name(t, tasks)} if len(tasks) > 1 else {}
+            points.append((point_name({**task, **settings}), {**task, "data": t, **settings}))
     return points
 
 
