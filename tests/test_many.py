@@ -189,3 +189,20 @@ def test_fit_many_refuses_tuners_of_other_engines():
         fp.PromptTuner.fit_many([a, b], [dict(train=TRAIN)] * 2)
     with pytest.raises(ConfigError, match="no argument lrr"):
         fp.PromptTuner.fit_many([a], [dict(train=TRAIN, lrr=1)])
+
+
+@pytest.mark.parametrize("method", ["relaxed", "hard", "prefix"])
+def test_fit_many_other_methods(method):
+    """Every method's points through one pass equal their own fits (relaxed: its lr_scale and schedule;
+    prefix: per-layer K/V prompts)."""
+    model = model_of("gpt2")
+    fit = dict(train=TRAIN, epochs=1, batch_size=4)
+    base = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 2, engine="fused", precision="fp32",
+                          method=method)
+    tuners = [base.variant(seed=3), base.variant(seed=4)]
+    fp.PromptTuner.fit_many(tuners, [{**fit, "lr": 1e-2}, {**fit, "lr": 3e-2}])
+    for tuner, seed, lr in zip(tuners, (3, 4), (1e-2, 3e-2)):
+        alone = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 2, engine="fused", precision="fp32",
+                               method=method, seed=seed)
+        alone.fit(**fit, lr=lr, progress=False)
+        assert rel_err(tuner.prompt, alone.prompt) <= TOL and tuner.method.step == alone.method.step
