@@ -24,7 +24,6 @@ Environment: ``FASTPROMPT_BENCH_ROUNDS`` (default 3), ``FASTPROMPT_MANY_STEPS`` 
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch

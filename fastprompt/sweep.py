@@ -18,7 +18,6 @@ split, init and shuffling.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math

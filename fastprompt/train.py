@@ -75,10 +75,6 @@ def parse_options(items) -> dict[str, Any]:
 
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
-    from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
-    from .reporters import make_reporter
-    from .session import Session
-
     config = validate(config)  # every declared check (fastprompt/options.py); --test-size filled in
     if config.sweep or isinstance(config.data, (list, tuple)):  # several prompts in one pass (fastprompt/sweep.py)
         return run_many(config)

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from fastprompt.errors import ConfigError
 from fastprompt.promptfile import read_prompt_file
