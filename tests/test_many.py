@@ -125,7 +125,7 @@ def points():
             dict(lr=1e-3, init="random", seed=5)]
 
 
-@pytest.mark.parametrize("kind,engine", [("gpt2", "fused"), ("llama", "fused"), ("gpt2", "naive")])
+@pytest.mark.parametrize("kind,engine", [("gpt2", "fused"), ("llama", "fused"), ("gpt2", "naive"), ("llama", "generic")])
 def test_fit_many_is_k_separate_fits(kind, engine):
     """Every point's prompt, Adam state and history equal its own fit run (same seeds), on the packed engine
     (one pass) and the naive reference (its loop)."""
