@@ -120,6 +120,45 @@ class PackedBatch:
         return cls(*_to_device(parts, device), n_context=0, n_trunk_rows=P0, n_examples=1)
 
 
+@dataclass
+class PackedMany:
+    """K prompts' packed blocks side by side in one row block (docs/ARCHITECTURE.md, 'K prompts in one pass'):
+    the tree extended, context -> prompt k's trunk -> prompt k's examples. ``packed`` holds every group's rows
+    one after another (``prompt_slots`` index the K prompts stacked along their length, ``target_rows`` the
+    block's rows); the linear layers run on it once, attention runs per group on ``groups[k]`` (the group's own
+    ``cu_seqlens``, a ``PackedBatch`` of that prompt alone), since a group sees only the context and itself."""
+
+    packed: PackedBatch  # every group's rows; n_trunk_rows / cu_seqlens are not used (groups hold them)
+    groups: list  # [PackedBatch] per prompt
+    row_offsets: list  # (K + 1,) first row of each group in ``packed``
+    target_counts: list  # targets per group, in ``packed.target_rows`` order
+
+    @classmethod
+    def build(cls, encoder: TemplateEncoder, batches: Sequence[Sequence[Encoded]], device) -> "PackedMany":
+        """One block for prompt ``k`` on ``batches[k]``; a batch object given for several prompts is packed once."""
+        built: dict[int, PackedBatch] = {}
+        groups = []
+        for batch in batches:
+            if id(batch) not in built:
+                built[id(batch)] = PackedBatch.build(encoder, batch, device)
+            groups.append(built[id(batch)])
+        L = encoder.prompt_len
+        row_offsets = [0]
+        for g in groups:
+            row_offsets.append(row_offsets[-1] + g.n_rows)
+        def cat(name, shift=None):
+            parts = [getattr(g, name) + (shift(k) if shift else 0) for k, g in enumerate(groups)]
+            return torch.cat(parts)
+        packed = PackedBatch(
+            token_ids=cat("token_ids"), positions=cat("positions"),
+            prompt_rows=cat("prompt_rows", lambda k: row_offsets[k]),
+            prompt_slots=cat("prompt_slots", lambda k: k * L),  # prompt k's vectors: rows k L .. k L + L - 1
+            cu_seqlens=groups[0].cu_seqlens, target_rows=cat("target_rows", lambda k: row_offsets[k]),
+            target_ids=cat("target_ids"), n_context=encoder.n_context, n_trunk_rows=groups[0].n_trunk_rows,
+            n_examples=sum(g.n_examples for g in groups))
+        return cls(packed, groups, row_offsets, [g.n_targets for g in groups])
+
+
 def _to_device(parts, device):
     """The lists of ``parts`` as long tensors on ``device``: one host-to-device copy of all of them."""
     device = torch.device(device)

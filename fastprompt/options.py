@@ -134,8 +134,9 @@ def report_to(value) -> str | None:
 OPTIONS: tuple[Option, ...] = (
     Option("model", "gpt2-large", "hub name, local directory, or 'tiny' (default: %(default)s)",
            checked_by="models.load_model", resume=MATCH),
-    Option("data", "antonyms", "'antonyms' or a .csv/.jsonl file (default: %(default)s)",
-           checked_by="data.load_pairs", resume=CONTENT),
+    Option("data", "antonyms", "'antonyms' or a .csv/.jsonl file (default: antonyms); given several times, one "
+           "prompt per task, trained in one pass, each on its own split (fastprompt/sweep.py)",
+           checked_by="data.load_pairs", resume=CONTENT, action="append"),
     Option("eval_data", None, "a test set of your own, in any --data format: evaluated instead of a split of "
            "--data, which is then not split (all of it trains) unless --test-size is given", metavar="PATH",
            checked_by="data.load_pairs", resume=CONTENT),
@@ -200,6 +201,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("baseline", None, "a hand-written prompt, e.g. antonyms: its words (as many vectors as they have tokens, "
            "untrained) evaluated on the same test examples and shown beside the trained prompt at the end",
            check=words, metavar="WORDS"),
+    Option("sweep", None, "train a grid of prompts in one pass, repeatable (product grid): KEY=V1,V2,... with KEY "
+           "one of lr, init, seed, batch_size, epochs, max_steps; one folder per point in --out, sweep.md / "
+           "sweep.json / sweep.png beside them (fastprompt/sweep.py)", action="append", metavar="KEY=V1,V2",
+           checked_by="sweep.parse_sweep", resume=MATCH),
     Option("report_to", "none", "also log the metrics and samples to: none | tensorboard (in --out/tensorboard/; "
            "needs the tensorboard extra) (default: %(default)s)", check=report_to),
 )
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = o.action
         if o.type is not None and o.type is not str and o.action in (None, "append"):
             kwargs["type"] = o.type
+        if o.action == "append":  # argparse appends to the default: a single-value default is filled in later
+            kwargs["default"] = None
         if o.metavar:
             kwargs["metavar"] = o.metavar
         p.add_argument(o.cli, **kwargs)
@@ -229,7 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None):
     args = build_parser().parse_args(argv)
-    return TrainConfig(**{o.name: getattr(args, o.name) for o in OPTIONS})
+    return TrainConfig(**{o.name: repeated(o, getattr(args, o.name)) for o in OPTIONS})
+
+
+def repeated(o: Option, value):
+    """A repeatable option whose default is one value (``--data``): not given, the default; given once, that
+    value; several times, a tuple of them. Other options' values unchanged."""
+    if o.action != "append" or o.default is None:
+        return value
+    if value is None:
+        return o.default
+    return value[0] if len(value) == 1 else tuple(value)
 
 
 def validate(config):

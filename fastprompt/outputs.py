@@ -222,3 +222,24 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def import_pyplot(name: str):
+    """matplotlib's pyplot on the Agg backend, or None with a note that ``name`` is skipped (matplotlib is the
+    optional ``plot`` extra)."""
+    import logging
+
+    quiet = logging.getLogger("matplotlib")  # an unwritable cache directory: matplotlib uses a temporary one
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, {name} skipped (pip install 'fastprompt[plot]')")
+        return None
+    finally:
+        quiet.setLevel(level)
+    return plt

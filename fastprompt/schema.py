@@ -132,8 +132,8 @@ def option_types(option) -> tuple[str, ...]:
     (fastprompt/options.py): its argparse type (a flag: bool; ``append``: list), plus none where it may be unset."""
     if option.action in ("store_true", "store_false"):
         types: tuple[str, ...] = ("bool",)
-    elif option.action == "append":
-        types = ("list",)
+    elif option.action == "append":  # a single-value default (--data): that value's type too
+        types = ("list",) if option.default is None else ("str", "list")
     else:
         types = ({int: "int", float: "float"}.get(option.type, "str"),)
     return types + ("none",) if option.default is None or option.unset is not None else types
@@ -148,8 +148,9 @@ def config_fields(options=None, required=(), ranges=None) -> dict[str, Field]:
     options = declared.OPTIONS if options is None else options
     ranges = RANGES if ranges is None else ranges
     table = {o.name: Field(option_types(o), required=o.name in required, **ranges.get(o.name, {})) for o in options}
-    if "method_opt" in table:
-        table["method_opt"] = dataclasses.replace(table["method_opt"], items=Field(("str",)))
+    for name in ("method_opt", "sweep"):
+        if name in table:
+            table[name] = dataclasses.replace(table[name], items=Field(("str",)))
     for key in declared.hash_keys():
         table[key] = Field(("str", "none"), required=False)
     return table

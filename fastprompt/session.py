@@ -181,6 +181,23 @@ class Session:
     # --------------------------------------------------------------------------------- training
     def fit(self, tuner, train, test, log) -> None:
         """``tuner.fit`` for the epochs left, with checkpoints, signals and rank-0-only logging."""
+        with self.signals:
+            try:
+                tuner.fit(**self.fit_arguments(tuner, train, test, log))
+            except Abandoned as e:  # a second signal dropped the step in flight: the last checkpoint stands
+                raise self.abandoned(e) from None
+            finally:
+                self.ctx.unwrap(tuner)  # evaluation after training runs on rank 0 alone
+        self.after_fit(tuner)
+
+    def abandoned(self, e: Abandoned) -> Interrupted:
+        return Interrupted(e.signum, f"stopped by {StopSignals.name(e.signum)}; a second signal abandoned the "
+                                     f"step in flight: the last checkpoint in {self.out} ({self.last_saved}) "
+                                     f"stands; continue with --resume --out {self.out}")
+
+    def fit_arguments(self, tuner, train, test, log) -> dict[str, Any]:
+        """``tuner.fit``'s arguments for this run: the epochs and steps left, checkpoints at epoch ends, every
+        ``--checkpoint-every`` steps and on a signal (``self.signals``, entered by the caller)."""
         config = self.config
         epochs = max(0, config.epochs - len(tuner.history))
 
@@ -207,18 +224,13 @@ class Session:
             per_epoch = -(-len(train) // config.batch_size)
             done = len(tuner.history) * per_epoch + (tuner.resume_at["step"] if tuner.resume_at else 0)
             max_steps = max(0, max_steps - done)
-        with self.signals:
-            try:
-                tuner.fit(train, epochs=epochs, batch_size=config.batch_size, lr=config.lr, eval_data=test or None,
-                          progress=config.progress and self.is_main, callback=epoch_end, step_callback=after_step,
-                          eval_every=getattr(config, "eval_every", 0), eval_size=getattr(config, "eval_size", None),
-                          max_steps=max_steps, max_seconds=getattr(config, "max_seconds", None))
-            except Abandoned as e:  # a second signal dropped the step in flight: the last checkpoint stands
-                raise Interrupted(e.signum, f"stopped by {StopSignals.name(e.signum)}; a second signal abandoned the "
-                                            f"step in flight: the last checkpoint in {self.out} ({self.last_saved}) "
-                                            f"stands; continue with --resume --out {self.out}") from None
-            finally:
-                self.ctx.unwrap(tuner)  # evaluation after training runs on rank 0 alone
+        return dict(train=train, epochs=epochs, batch_size=config.batch_size, lr=config.lr, eval_data=test or None,
+                    progress=config.progress and self.is_main, callback=epoch_end, step_callback=after_step,
+                    eval_every=getattr(config, "eval_every", 0), eval_size=getattr(config, "eval_size", None),
+                    max_steps=max_steps, max_seconds=getattr(config, "max_seconds", None))
+
+    def after_fit(self, tuner) -> None:
+        """A budget stop: the last completed step checkpointed, the way to continue said."""
         if tuner.stopped:  # a budget ran out: the last completed step is checkpointed, --resume continues it
             at = tuner.resume_at
             self.save(tuner, epoch=len(tuner.history), step=at["step"], ce_sum=at["ce_sum"], n_tokens=at["n_tokens"])

@@ -59,9 +59,7 @@ class TrainStep:
     def __call__(self, batch: Sequence[Encoded]) -> torch.Tensor:
         if not self.static:
             ce = self._body(lambda inputs: self.engine.loss_terms(inputs, batch))
-            self._sync()
-            if self.guard.streak == 0:
-                self.method.after_step(self.params)
+            self.finish_eager()
             return ce
         if not self._prepared:  # one-time checks and constants, never inside a graph
             with torch.no_grad():
@@ -87,21 +85,32 @@ class TrainStep:
             self._sync()
         return ce
 
+    def finish_eager(self) -> None:
+        """After an eager step: the streak into the guard (a host sync); the schedule advances on an applied step."""
+        self._sync()
+        if self.guard.streak == 0:
+            self.method.after_step(self.params)
+
     def _body(self, loss) -> torch.Tensor:
         """Method inputs, ``loss(inputs) -> (ce_sum, n_tokens)``, gradient, guarded Adam: no host sync."""
         with nvtx_range("step"):
             ce_sum, n_tokens = loss(self.method.inputs(self.params, train=True))
             with nvtx_range("backward"):
                 (grad,) = torch.autograd.grad(ce_sum / n_tokens, self.params)
+            return self.apply(ce_sum, grad)
+
+    def apply(self, ce_sum: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The guarded Adam step with ``grad``: not applied where ``ce_sum`` or ``grad`` is not finite.
+        Returns ``ce_sum`` detached (0 for a skipped step)."""
+        with nvtx_range("update"):
             ok = torch.isfinite(ce_sum) & torch.isfinite(grad).all()
-            with nvtx_range("update"):
-                self.grad.copy_(grad)
-                self.params.grad = self.grad
-                state = self._state()
-                before = [t.clone() for t in state]
-                self.optimizer.step()
-                for t, old in zip(state, before):  # a NaN/inf step is not applied
-                    t.copy_(torch.where(ok.to(t.device), t, old))
+            self.grad.copy_(grad)
+            self.params.grad = self.grad
+            state = self._state()
+            before = [t.clone() for t in state]
+            self.optimizer.step()
+            for t, old in zip(state, before):  # a NaN/inf step is not applied
+                t.copy_(torch.where(ok.to(t.device), t, old))
             self.streak.copy_(torch.where(ok, torch.zeros_like(self.streak), self.streak + 1))
             self.worst.copy_(torch.maximum(self.worst, self.streak))
             self.skipped.add_((~ok).to(self.skipped.dtype))
@@ -164,3 +173,25 @@ class TrainStep:
     def _restore(self, saved: list[torch.Tensor]) -> None:
         for t, old in zip(self._state() + [self.streak, self.skipped, self.worst], saved):
             t.copy_(old)
+
+
+class ManyStep:
+    """One step of K prompts (docs/ARCHITECTURE.md, 'K prompts in one pass'): ``steps`` are the prompts'
+    own ``TrainStep`` (own method, optimizer, learning rate, guard), sharing ``engine``. One
+    ``engine.loss_terms_many`` forward and one backward for all (prompt ``k``'s gradient is that of its own
+    loss: the groups of rows do not see each other), then each prompt's guarded Adam step (``TrainStep.apply``):
+    a NaN/inf prompt is skipped alone. Eager only (no CUDA graphs)."""
+
+    def __init__(self, engine, steps: Sequence[TrainStep]):
+        self.engine, self.steps = engine, list(steps)
+
+    def __call__(self, batches: Sequence[Sequence[Encoded]]) -> list[torch.Tensor]:
+        with nvtx_range("step"):
+            inputs = [s.method.inputs(s.params, train=True) for s in self.steps]
+            terms = self.engine.loss_terms_many(inputs, batches)
+            with nvtx_range("backward"):
+                grads = torch.autograd.grad(sum(ce / n for ce, n in terms), [s.params for s in self.steps])
+            ces = [s.apply(ce, g) for s, (ce, _), g in zip(self.steps, terms, grads)]
+        for s in self.steps:
+            s.finish_eager()
+        return ces

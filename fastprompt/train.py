@@ -14,6 +14,7 @@ stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ from .options import TrainConfig, build_parser, header_config, parse_config, val
 # config, parser and checks are built from the declaration in fastprompt/options.py; TrainConfig and build_parser
 # are imported from here too)
 from .guard import FinalSignals, OutputsInterrupted
-from .outputs import append_line, atomic_write, write_text
+from .outputs import append_line, atomic_write, import_pyplot, write_text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,13 +75,86 @@ def parse_options(items) -> dict[str, Any]:
 
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
+    config = validate(config)  # every declared check (fastprompt/options.py); --test-size filled in
+    if config.sweep or isinstance(config.data, (list, tuple)):  # several prompts in one pass (fastprompt/sweep.py)
+        return run_many(config)
+    device = resolve_device(config.device)
+    out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    session, tuner, train, test, reporter = open_run(config, out, device)
+    try:
+        return train_and_write(config, session, tuner, train, test, out, reporter)
+    finally:
+        reporter.close()
+
+
+def run_many(config) -> dict:
+    """``--sweep`` / several ``--data`` (fastprompt/sweep.py): every point trained together (``PromptTuner.fit_many``), then each point's outputs and the sweep's.
+    Returns the sweep summary (``sweep.json``'s content)."""
+    from . import PromptTuner, load_model
+    from .guard import Abandoned, StopSignals
+    from .sweep import final_line, plot_sweep, points_of, row_of, write_table
+
+    for flag, bad in (("--peft-out", config.peft_out is not None), ("--shard-weights", config.shard_weights),
+                      ("--baseline", bool(config.baseline)), ("--report-to", config.report_to != "none")):
+        if bad:
+            raise ConfigError(f"{flag} does not work with --sweep or several --data (yet): run the point alone")
+    if config.resume and not config.out:
+        raise ConfigError("--resume needs the --out DIR of the sweep to continue")
+    points = points_of(config)
+    out = config.out or os.path.join("runs", "sweep")
+    if os.path.isdir(out) and os.listdir(out) and not (config.resume or config.overwrite):
+        raise ConfigError(f"--out {out} is not empty: pass --resume to continue the sweep, --overwrite to replace "
+                          "it, or choose another --out")
+    device = resolve_device(config.device)
+    loaded = load_model(config.model, seed=config.seed, device=device)
+    print(f"sweep of {len(points)} prompts in one pass: {', '.join(name for name, _ in points)} | output {out}",
+          flush=True)
+    opened, signals, base = [], StopSignals(), None
+    for name, settings in points:
+        point = validate(dataclasses.replace(config, sweep=None, out=os.path.join(out, name),
+                                             **{k: v for k, v in settings.items() if k != "task"}))
+        session, tuner, train, test, reporter = open_run(point, point.out, device, loaded=loaded, base=base)
+        base = base or tuner
+        session.signals = signals  # one handler for all points: a signal checkpoints every point
+        opened.append((name, settings, point, session, tuner, train, test, reporter))
+    fits = [s.fit_arguments(t, tr, te, epoch_logger(p, t, p.out, r, label=n))
+            for n, _, p, s, t, tr, te, r in opened]
+    with signals:
+        try:
+            results = PromptTuner.fit_many([o[4] for o in opened], fits)
+        except Abandoned as e:
+            raise opened[0][3].abandoned(e) from None
+    rows, stopped = [], []
+    for (name, settings, point, session, tuner, train, test, reporter), result in zip(opened, results):
+        if isinstance(result, NonFiniteError):
+            print(f"[{name}] stopped: {result}", flush=True)
+            stopped.append(name)
+            rows.append(row_of(name, settings, tuner, None, str(result)))
+            continue
+        session.after_fit(tuner)
+        try:
+            final = write_final(point, session, tuner, train, test, point.out, reporter)
+        finally:
+            reporter.close()
+        rows.append(row_of(name, settings, tuner, final_line(point.out) or final, None))
+    summary = write_table(out, rows)
+    plot_sweep(os.path.join(out, "sweep.png"), rows, {o[0]: o[4].history for o in opened})
+    print(open(os.path.join(out, "sweep.md")).read(), flush=True)
+    if stopped:
+        raise NonFiniteError(f"{len(stopped)} of {len(points)} points stopped on NaN/inf ({', '.join(stopped)}); "
+                             f"the others' outputs are written, the table in {os.path.join(out, 'sweep.md')}")
+    return summary
+
+
+def open_run(config: TrainConfig, out: str, device, loaded=None, base=None):
+    """Everything before training, for one run in ``out``: the session (``--out`` / ``--resume`` checks), data,
+    model (or ``loaded``: ``(model, tokenizer)``), tuner (or a ``base.variant`` sharing its engine: a sweep's
+    point), every input checked, the checkpoint restored, the run header written. Returns
+    ``(session, tuner, train, test, reporter)``."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
     from .reporters import make_reporter
     from .session import Session
 
-    config = validate(config)  # every declared check (fastprompt/options.py); --test-size filled in
-    device = resolve_device(config.device)
-    out = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     session = Session(config, out, device)  # --out / --resume checks; torchrun's process group
     if config.peft_out is not None:  # the path, before anything is loaded (the template and peft: below)
         from .outputs import check_output_dir
@@ -103,12 +177,17 @@ def run(config: TrainConfig) -> dict:
         low = resolve_precision(config.precision, device, engine) == "bf16"  # weights loaded in bf16: no copy
         model, tokenizer = load_sharded(config.model, seed=config.seed, device=device,
                                         dtype=torch.bfloat16 if low else None)
-    else:
+    elif loaded is None:
         model, tokenizer = load_model(config.model, seed=config.seed, device=device)
-    tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=engine,
-                        precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
-                        cuda_graphs=config.cuda_graphs, method=config.method,
-                        method_options=parse_options(config.method_opt))
+    else:
+        model, tokenizer = loaded
+    if base is not None:
+        tuner = base.variant(init=config.init, seed=config.seed)
+    else:
+        tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=engine,
+                            precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
+                            cuda_graphs=config.cuda_graphs, method=config.method,
+                            method_options=parse_options(config.method_opt))
     session.encode(tuner, examples, train, test, eval_examples)  # every template, data and context error, by file and line
     if config.peft_out is not None:  # refused (template, directory, no peft) before anything is trained or written
         from .peft_io import check_peft_out
@@ -127,30 +206,40 @@ def run(config: TrainConfig) -> dict:
     # --report-to (fastprompt/reporters.py): rank 0 alone writes; a resumed run continues at its steps
     reporter = make_reporter(config.report_to if session.is_main else "none", out,
                              steps_done(tuner, len(train), config.batch_size))
-    try:
-        return train_and_write(config, session, tuner, train, test, out, reporter)
-    finally:
-        reporter.close()
+    return session, tuner, train, test, reporter
 
 
 def train_and_write(config, session, tuner, train, test, out: str, reporter) -> dict:
     """``session.fit``, then the outputs (rank 0); returns the last epoch's record."""
-    from .report import baseline_report, comparison_table, write_outputs
+    session.fit(tuner, train, test, epoch_logger(config, tuner, out, reporter))  # tuner.fit with checkpoints, signals, resume and ranks
+    return write_final(config, session, tuner, train, test, out, reporter)
 
+
+def epoch_logger(config, tuner, out: str, reporter, label: str = ""):
+    """The end of an epoch: its line printed (after ``label``: a sweep's point) and appended to metrics.jsonl,
+    the reporter, prompt.safetensors."""
     metrics_path = os.path.join(out, "metrics.jsonl")
+    name = f"[{label}] " if label else ""
 
     def log(record: dict) -> None:
         test_part = f"  test {record['test_loss']:.4f}" if "test_loss" in record else ""
         if "test_exact_match" in record:
             test_part += (f"  exact {100 * record['test_exact_match']:.1f}%  "
                           f"parrot {100 * record['test_parrot_rate']:.1f}%")
-        print(f"epoch {record['epoch']}/{config.epochs}  train {record['train_loss']:.4f}{test_part}  "
+        print(f"{name}epoch {record['epoch']}/{config.epochs}  train {record['train_loss']:.4f}{test_part}  "
               f"{record['seconds']:.1f}s", flush=True)
         append_line(metrics_path, json.dumps(record) + "\n")
         reporter.epoch(record)
         tuner.save(os.path.join(out, "prompt.safetensors"))
 
-    session.fit(tuner, train, test, log)  # tuner.fit with checkpoints, signals, resume and ranks
+    return log
+
+
+def write_final(config, session, tuner, train, test, out: str, reporter) -> dict:
+    """After training, the outputs (rank 0): prompt, final metrics, baseline, samples, nearest tokens, loss.png."""
+    from .report import baseline_report, comparison_table, write_outputs
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
     if not session.is_main:
         if config.shard_weights:  # the final forwards gather layers: every rank takes part, rank 0 writes
             follow_outputs(tuner, test, config)
@@ -257,21 +346,9 @@ def steps_done(tuner, n_train: int, batch_size: int) -> int:
 
 def plot_losses(path: str, history: list[dict], baseline: dict | None = None) -> None:
     """Train and test loss an epoch; the hand-written baseline's test loss as a line (``--baseline``)."""
-    import logging
-
-    quiet = logging.getLogger("matplotlib")  # an unwritable cache directory: matplotlib uses a temporary one
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, loss.png skipped (pip install 'fastprompt[plot]')")
+    plt = import_pyplot("loss.png")
+    if plt is None:
         return
-    finally:
-        quiet.setLevel(level)
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in history], label="train")

@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from . import __version__
-from .errors import ConfigError, DataError, PromptFileError
+from .errors import ConfigError, DataError, NonFiniteError, PromptFileError
 from .engines import make_engine
 from .engines.base import resolve_precision
 from .guard import NonFiniteGuard
@@ -19,7 +19,7 @@ from .methods import make_method, method_class
 from .models import max_positions
 from .options import api_defaults, check_api
 from .promptfile import check_fits, method_record, read_prompt_file, save_prompt_file
-from .step import TrainStep
+from .step import ManyStep, TrainStep
 from .template import Encoded, Template, TemplateEncoder
 
 # Keywords that are also options of the CLI share its declaration (fastprompt/options.py): default and check.
@@ -57,8 +57,7 @@ class PromptTuner:
         self.device = next(model.parameters()).device
         self.method = make_method(method, model, tokenizer, self.encoder, **(method_options or {}))
         if prompt is None:
-            absorb = any(p.kind == "prompt" for p in self.template.pieces[1:2]) or not self.template.text.startswith("{prompt}")
-            prompt = self.method.init(init, seed, absorb_space=absorb)
+            prompt = self.method.init(init, seed, absorb_space=_absorbs_space(self.template))
         self.method.check(prompt)
         self.prompt = torch.nn.Parameter(prompt.detach().float().to(self.device).clone())
         precision = resolve_precision(precision, self.device, engine)
@@ -134,6 +133,21 @@ class PromptTuner:
         ``step_callback`` gets ``{"epoch", "step", "steps", "ce_sum", "n_tokens"}`` after every step (epoch from
         0, step = batches done in it). With ``resume_at`` set (``fastprompt.checkpoint`` or a budget stop), the
         first epoch skips the batches already done and carries their summed loss."""
+        run = self._fitting(train, epochs, batch_size, lr, eval_data, progress, callback, step_callback,
+                            eval_every=eval_every, eval_size=eval_size, max_steps=max_steps, max_seconds=max_seconds)
+        try:
+            batch = next(run)
+            while True:
+                batch = run.send(self.train_step(batch))
+        except StopIteration:
+            pass
+        return self.history
+
+    def _fitting(self, train, epochs, batch_size, lr, eval_data, progress, callback, step_callback, *,
+                 eval_every, eval_size, max_steps, max_seconds):
+        """``fit`` as a generator: yields each step's batch and is sent back that step's summed CE (the step is
+        the caller's: ``fit`` takes it alone, ``fit_many`` with other prompts in one pass); every other part of
+        training (epochs, budgets, resume, the guard's stop, evaluation, history, callbacks) is here."""
         check_api("PromptTuner.fit", epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every,
                   eval_size=eval_size, max_steps=max_steps, max_seconds=max_seconds)
         encoded = self.encode(train)
@@ -168,8 +182,8 @@ class PromptTuner:
                     self.stopped = "max_steps" if max_steps is not None and taken >= max_steps else "max_seconds"
                     self.resume_at = {"step": step, "ce_sum": total.item(), "n_tokens": n_tokens}
                     bar.close()
-                    return self.history
-                ce_sum = self.train_step(batch)
+                    return
+                ce_sum = yield batch
                 self.last_eval = None  # the prompt moved
                 taken += 1
                 step_total += 1
@@ -203,7 +217,70 @@ class PromptTuner:
             self.history.append(record)
             if callback is not None:
                 callback(record)
-        return self.history
+
+    def variant(self, *, init: str | None = None, seed: int | None = None,
+                prompt: torch.Tensor | None = None) -> "PromptTuner":
+        """A new tuner on this one's model, template, prompt length, method and options, with its own prompt
+        (``init`` and ``seed``, or ``prompt``), optimizer and guard, sharing this tuner's engine (nothing of the
+        model is copied again): the points of ``fit_many``."""
+        seed = self.seed if seed is None else seed
+        if prompt is None:
+            prompt = self.method.init(init or NEW.init, seed, absorb_space=_absorbs_space(self.template))
+        other = object.__new__(type(self))
+        other.__dict__.update({k: v for k, v in self.__dict__.items()})
+        other.seed = seed
+        other.method = make_method(self.method.name, self.model, self.tokenizer, self.encoder,
+                                   **self.method.options())
+        other.method.check(prompt)
+        other.prompt = torch.nn.Parameter(prompt.detach().float().to(self.device).clone())
+        other.optimizer, other.history, other._step = None, [], None
+        other.nonfinite = NonFiniteGuard(limit=self.nonfinite.limit)
+        other.resume_at = other.last_eval = other.stopped = None
+        return other
+
+    @staticmethod
+    def fit_many(tuners: Sequence["PromptTuner"], fits: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Train K tuners together, tuner ``k`` as ``tuners[k].fit(**fits[k])`` would alone (its own data,
+        learning rate, epochs, budgets, evaluation, callbacks; its own optimizer, guard and history), the
+        steps taken together: each round, one ``engine.loss_terms_many`` pass over the weights for every tuner
+        still training (fastprompt/step.py: ``ManyStep``). The tuners share one engine (``variant``) or at
+        least one prompt length and method. A tuner whose guard stops it (NaN/inf steps in a row) stops alone:
+        its entry in the returned list is that ``NonFiniteError``, the others' their history. With the same
+        seeds every prompt ends exactly as its own ``fit`` would (docs/ARCHITECTURE.md, 'K prompts in one pass')."""
+        if len(tuners) != len(fits):
+            raise ConfigError(f"{len(tuners)} tuners but {len(fits)} fit argument sets")
+        engine = tuners[0].engine
+        if any(t.engine is not engine for t in tuners):
+            raise ConfigError("fit_many trains tuners that share one engine: make them with tuner.variant(...)")
+        results: list[Any] = [None] * len(tuners)
+        runs: dict[int, Any] = {}
+        batches: dict[int, Any] = {}
+        for k, (tuner, kwargs) in enumerate(zip(tuners, fits)):
+            unknown = set(kwargs) - set(FIT_ARGS)
+            if unknown:
+                raise ConfigError(f"fit_many: fit takes no argument {', '.join(sorted(unknown))}")
+            args = {**FIT_ARGS, **kwargs}
+            train = args.pop("train")
+            if train is None:
+                raise ConfigError(f"fit_many: point {k} has no train data")
+            runs[k] = tuner._fitting(train, **{a: args[a] for a in ("epochs", "batch_size", "lr", "eval_data",
+                                                                     "progress", "callback", "step_callback")},
+                                     **{a: args[a] for a in ("eval_every", "eval_size", "max_steps", "max_seconds")})
+        for k in list(runs):
+            _advance(runs, batches, results, tuners, k, None, first=True)
+        while runs:
+            active = sorted(runs)
+            steps = []
+            for k in active:
+                t = tuners[k]
+                if t._step is None or t._step.optimizer is not t.optimizer or t._step.batch_size != t._batch_size:
+                    t._step = TrainStep(t.method, t.engine, t.prompt, t.optimizer, t.nonfinite, t._batch_size,
+                                        static=False)
+                steps.append(t._step)
+            ces = ManyStep(engine, steps)([batches[k] for k in active])
+            for k, ce in zip(active, ces):
+                _advance(runs, batches, results, tuners, k, ce)
+        return results
 
     # ----------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -334,6 +411,30 @@ class PromptTuner:
         from .peft_io import inputs_embeds
 
         return inputs_embeds(self, inputs)
+
+
+FIT_ARGS = {"train": None, "epochs": FIT.epochs, "batch_size": FIT.batch_size, "lr": FIT.lr, "eval_data": None,
+            "progress": False, "callback": None, "step_callback": None, "eval_every": FIT.eval_every,
+            "eval_size": FIT.eval_size, "max_steps": FIT.max_steps, "max_seconds": FIT.max_seconds}
+
+
+def _advance(runs, batches, results, tuners, k, ce, first=False):
+    """Run ``k``'s generator on to its next batch (sent ``ce``, the summed CE of its last step); a finished run
+    leaves ``runs`` with its history, a stopped one (NaN/inf) with its error."""
+    try:
+        batches[k] = next(runs[k]) if first else runs[k].send(ce)
+    except StopIteration:
+        results[k] = tuners[k].history
+        del runs[k], batches[k]
+    except NonFiniteError as e:
+        results[k] = e
+        del runs[k]
+        batches.pop(k, None)
+
+
+def _absorbs_space(template: Template) -> bool:
+    """Whether a text init's leading space is absorbed by the prompt (the prompt does not open the template)."""
+    return any(p.kind == "prompt" for p in template.pieces[1:2]) or not template.text.startswith("{prompt}")
 
 
 def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds: float | None) -> bool:

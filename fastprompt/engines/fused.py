@@ -45,7 +45,7 @@ from ..errors import ConfigError, NonFiniteError
 from ..models import eval_mode
 from ..families import read_weights
 from ..families.base import GELU_TANH, ModelWeights, Norm  # noqa: F401  (GELU_TANH: the old name's home)
-from ..layout import PackedBatch
+from ..layout import PackedBatch, PackedMany
 from ..template import Encoded, TemplateEncoder
 from .base import Engine, PromptInputs, as_inputs
 from ..nvtx import nvtx_range
@@ -112,6 +112,35 @@ class FusedEngine(Engine):
         packed = self.pack(batch)
         self.prepare(inputs, batch[0])
         return self.packed_loss(inputs, packed), packed.n_targets
+
+    many_in_one_pass = True
+
+    def loss_terms_many(self, inputs, batches) -> list[tuple[torch.Tensor, int]]:
+        """K prompts in one pass over the weights (docs/ARCHITECTURE.md, 'K prompts in one pass'): their groups
+        of rows side by side (``layout.PackedMany``), each prompt's summed CE from its own target rows. Every
+        prompt has this engine's prompt length and the same kind of input (all ``embeds`` or all ``layer_kv``)."""
+        if len(inputs) != len(batches):
+            raise ValueError(f"{len(inputs)} prompts but {len(batches)} batches")
+        inputs = [as_inputs(x) for x in inputs]
+        kinds = {x.embeds is None for x in inputs}
+        if len(kinds) != 1:
+            raise ConfigError("loss_terms_many takes prompts of one kind: all embeds or all layer_kv")
+        L = self.encoder.prompt_len
+        lengths = {x.tensor.shape[0 if x.embeds is not None else 2] for x in inputs}
+        if lengths != {L}:
+            raise ConfigError(f"every prompt of one pass has the engine's prompt length {L}, got {sorted(lengths)}")
+        many = PackedMany.build(self.encoder, batches, self.device)
+        self.prepare(inputs[0], batches[0][0])
+        with self.autocast(), nvtx_range("forward"):
+            if inputs[0].embeds is not None:
+                x = self.embed(torch.cat([p.embeds for p in inputs]), many.packed)  # prompts stacked (K L, d)
+                layer_kv = None
+            else:
+                x = self.embed(None, many.packed)
+                layer_kv = torch.cat([p.layer_kv for p in inputs], dim=2)  # (n_layer, 2, K L, Hkv, D)
+            h = self.blocks(x, self.context_kv(), many.packed, layer_kv=layer_kv, many=many)
+            loss = self.lm_head_ce(h, many.packed.target_ids)  # (n_targets of all groups,) fp32
+        return [(part.sum(), n) for part, n in zip(loss.split(many.target_counts), many.target_counts)]
 
     def packed_loss(self, inputs: PromptInputs, packed: PackedBatch,
                     target_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,15 +234,20 @@ class FusedEngine(Engine):
                 tables[_rope_key(r)] = rotary_tables(packed.positions, r.inv_freq, r.scaling)
         return tables
 
-    def blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None):
+    def blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None,
+               many: PackedMany | None = None):
         """The transformer over the packed rows. Returns the final norm at the target rows (n_targets, d), or
         with ``collect_kv`` each layer's (K, V) of the rows (for the context cache). ``layer_kv``
-        (n_layer, 2, L, Hkv, D): K/V written over the prompt rows' at every layer (see the module docstring)."""
+        (n_layer, 2, L, Hkv, D): K/V written over the prompt rows' at every layer (see the module docstring).
+        ``many``: ``packed`` is ``many.packed``, K prompts' groups side by side; every per-row op runs on all
+        rows at once (one read of the weights), attention per group (a group sees the context and itself)."""
         ops, W = self.ops, self.weights
         rows = x.shape[0]
         n_layer = W.n_layer
         tables = self._rotary_tables(packed)
-        key_positions = None
+        groups = [(0, rows, packed)] if many is None else [
+            (many.row_offsets[g], many.row_offsets[g + 1], group) for g, group in enumerate(many.groups)]
+        key_positions: dict[int, torch.Tensor] = {}
         collected = []
         y, h = self._norm(x, None, W.blocks[0].attn_norm)  # h: residual stream (rows, d)
         for i, block in enumerate(W.blocks):
@@ -241,18 +275,10 @@ class FusedEngine(Engine):
             if layer_kv is not None and packed.prompt_rows.numel():
                 k = k.index_copy(0, packed.prompt_rows, layer_kv[i, 0][packed.prompt_slots].to(k.dtype))
                 v = v.index_copy(0, packed.prompt_rows, layer_kv[i, 1][packed.prompt_slots].to(v.dtype))
-            if context_kv is not None and packed.n_context:
-                pk, pv = context_kv[i]
-                k = torch.cat([pk.to(k.dtype), k])  # (n_context + rows, G, D)
-                v = torch.cat([pv.to(v.dtype), v])
-            if a.window is None:
-                o = ops.tree_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale)
-            else:
-                if key_positions is None:
-                    key_positions = packed.key_positions()
-                o = ops.window_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale, a.window,
-                                         key_positions)
-            o = o.reshape(rows, H * D)
+            context = context_kv[i] if context_kv is not None and packed.n_context else None
+            outs = [self._attend(a, q[s:e], k[s:e], v[s:e], context, group, key_positions, g)
+                    for g, (s, e, group) in enumerate(groups)]
+            o = (outs[0] if len(outs) == 1 else torch.cat(outs)).reshape(rows, H * D)
             if last:  # from here on every op is per row: keep only the rows that predict a target
                 o = o.index_select(0, packed.target_rows)  # (n_targets, H D)
                 h = h.index_select(0, packed.target_rows)
@@ -270,6 +296,21 @@ class FusedEngine(Engine):
                 u = self._norm(u, None, block.mlp_out_norm)[0]
             y, h = self._norm(u, h, W.final_norm if last else W.blocks[i + 1].attn_norm)
         return y
+
+
+    def _attend(self, a, q, k, v, context, packed: PackedBatch, key_positions: dict, group: int):
+        """Tree attention of one block of rows (one prompt's group): the context's K/V prepended (GQA: the op
+        reads each K/V head for its query heads), a sliding window where the layer has one. (rows, H, D)."""
+        if context is not None:
+            pk, pv = context
+            k = torch.cat([pk.to(k.dtype), k])  # (n_context + rows, G, D)
+            v = torch.cat([pv.to(v.dtype), v])
+        if a.window is None:
+            return self.ops.tree_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale)
+        if group not in key_positions:
+            key_positions[group] = packed.key_positions()
+        return self.ops.window_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale, a.window,
+                                         key_positions[group])
 
 
 def _rope_key(rotary) -> tuple:

@@ -116,23 +116,36 @@ def gated_act(gate_up, activation="silu"):
     return a * up
 
 
-_MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, group, additive mask)]: the last CPU mask
+# The last CPU masks, newest last: (tensors the mask was built from, their _versions, sizes, additive mask).
+# Several, since a step of K prompts (loss_terms_many) asks for one mask per prompt at every layer.
+_MASK_CACHE: list = []
+_WINDOW_CACHE: list = []
+MASK_CACHE_SIZE = 16
+
+
+def _cached_mask(cache: list, tensors: tuple, key: tuple, build):
+    """The mask built from ``tensors`` (same objects, unmodified: ``_version``) at sizes ``key``, from
+    ``cache`` or built now by ``build()`` and kept (the oldest dropped past ``MASK_CACHE_SIZE``)."""
+    versions = tuple(t._version for t in tensors)
+    for held, held_versions, held_key, mask in cache:
+        if held_key == key and held_versions == versions and all(a is b for a, b in zip(held, tensors)):
+            return mask
+    mask = build()
+    cache.append((tensors, versions, key, mask))
+    del cache[:-MASK_CACHE_SIZE]
+    return mask
 
 
 def tree_mask_bias(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor, group: int = 1) -> torch.Tensor:
     """The tree mask as an additive fp32 bias (0 = may attend, -inf = masked), (group Nq, Nk): repeated once
     per query head that shares a K/V head (``group``; see ``_grouped_attention``).
 
-    Every layer of a step asks for the same mask with the same ``cu_seqlens`` tensor: the last one is kept
-    and returned while that tensor (same object, unmodified: ``_version``) and the sizes are the same.
+    Every layer of a step asks for the same mask with the same ``cu_seqlens`` tensor: the last few are kept
+    (``_cached_mask``) and returned while that tensor (same object, unmodified: ``_version``) and the sizes
+    are the same.
     CPU only (a cached tensor must not outlive a CUDA graph capture)."""
-    cached = _MASK_CACHE[0]
-    key = (n_queries, n_keys, n_trunk, group)
-    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version and cached[2:6] == key:
-        return cached[6]
-    bias = _additive(tree_mask(n_queries, n_keys, n_trunk, cu_seqlens), group)
-    _MASK_CACHE[0] = (cu_seqlens, cu_seqlens._version, *key, bias)
-    return bias
+    return _cached_mask(_MASK_CACHE, (cu_seqlens,), (n_queries, n_keys, n_trunk, group),
+                        lambda: _additive(tree_mask(n_queries, n_keys, n_trunk, cu_seqlens), group))
 
 
 def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
@@ -183,29 +196,23 @@ def _grouped_attention(q, k, v, bias, scale):
     return out.to(q.dtype)
 
 
-_WINDOW_CACHE: list = [None]  # [(cu_seqlens, its _version, key_positions, its _version, sizes, additive mask)]
-
-
 def window_attention(q, k, v, n_trunk, cu_seqlens, scale, window, key_positions):
     """``tree_attention`` restricted to a sliding window: a query at position p also needs its key's position
     > p - window (HF's sliding layers: ``q_pos - k_pos < window``). ``key_positions`` (Nk,) long, the
     position of every key row (layout.PackedBatch.key_positions). Same shapes and dtypes as tree_attention."""
     n_queries, n_keys = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
-    cached = _WINDOW_CACHE[0]
     key = (n_queries, n_keys, int(n_trunk), int(window), group)
-    if (cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version
-            and cached[2] is key_positions and cached[3] == key_positions._version and cached[4] == key):
-        mask = cached[5]
-    else:
+
+    def build():
         mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
         q_pos = key_positions[n_keys - n_queries:]
         mask = mask & ((q_pos[:, None] - key_positions[None, :]) < window)
-        if not q.is_cuda:  # as an additive bias, once per query head of a group; CPU only (no CUDA graph)
-            mask = _additive(mask, group)
-            _WINDOW_CACHE[0] = (cu_seqlens, cu_seqlens._version, key_positions, key_positions._version, key, mask)
-    if q.is_cuda:
-        return _sdpa(q, k, v, mask, scale)
+        return mask if q.is_cuda else _additive(mask, group)  # CPU: the additive bias, once per query head of a group
+
+    if q.is_cuda:  # never cached: a cached tensor must not outlive a CUDA graph capture
+        return _sdpa(q, k, v, build(), scale)
+    mask = _cached_mask(_WINDOW_CACHE, (cu_seqlens, key_positions), key, build)
     return _grouped_attention(q, k, v, mask, scale)
 
 

@@ -1,0 +1,110 @@
+"""``--sweep`` and several ``--data`` (issue 24): one folder per point with the usual outputs, the sweep table,
+``--resume`` of every point, each task on its own split; the prompts equal separate runs of the points."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fastprompt.errors import ConfigError
+from fastprompt.promptfile import read_prompt_file
+from fastprompt.sweep import parse_sweep, points_of
+from fastprompt.options import parse_config
+from fastprompt.train import main
+
+from helpers import rel_err
+
+POINT_FILES = {"metrics.jsonl", "prompt.safetensors", "checkpoint.safetensors", "checkpoint.json", "samples.txt",
+               "nearest.txt"}
+
+
+def task(tmp_path, name, pairs):
+    path = tmp_path / f"{name}.csv"
+    path.write_text("word1,word2\n" + "".join(f"{a},{b}\n" for a, b in pairs))
+    return str(path)
+
+
+@pytest.fixture
+def data(tmp_path):
+    words = ["hot", "up", "big", "dry", "new", "high", "fast", "old", "light", "open", "early", "full"]
+    return task(tmp_path, "opposites", [(w, w[::-1]) for w in words]), \
+        task(tmp_path, "copies", [(w, w) for w in words])
+
+
+def cli(out, *args):
+    return main(["--model", "tiny", "--prompt-len", "2", "--batch-size", "4", "--test-size", "0.25",
+                 "--eval-size", "3", "--samples", "1", "--no-progress", "--out", str(out), *args])
+
+
+def prompt(path):
+    return read_prompt_file(str(path))[0]["prompt"]
+
+
+def test_sweep_outputs_table_and_resume(tmp_path, data):
+    out = tmp_path / "s"
+    grid = ["--data", data[0], "--sweep", "lr=1e-2,3e-2", "--sweep", "init=random,text:antonyms"]
+    assert cli(out, "--epochs", "1", *grid) == 0
+    names = ["lr-0.01_init-random", "lr-0.01_init-text-antonyms", "lr-0.03_init-random", "lr-0.03_init-text-antonyms"]
+    assert sorted(os.listdir(out)) == sorted(names + ["sweep.json", "sweep.md", "sweep.png"])
+    for name in names:
+        assert POINT_FILES <= set(os.listdir(out / name))
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [r["point"] for r in summary["points"]] == names
+    assert all(r["steps"] == 3 and r["test_loss"] > 0 and r["stopped"] is None for r in summary["points"])
+    best = min(summary["points"], key=lambda r: r["test_loss"])
+    assert summary["best"] == best["point"]
+    md = (out / "sweep.md").read_text()
+    assert f"| {best['point']} **best** |" in md and "| 0.0300 | text:antonyms |" in md
+    # --resume: every point continues from its checkpoint to epoch 2
+    assert cli(out, "--epochs", "2", "--resume", *grid) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert all(r["steps"] == 6 for r in summary["points"])
+    # a point equals its run alone (same seed, lr, init; 2 epochs at once)
+    alone = tmp_path / "alone"
+    assert cli(alone, "--epochs", "2", "--data", data[0], "--lr", "3e-2", "--init", "text:antonyms") == 0
+    assert rel_err(prompt(out / names[3] / "prompt.safetensors"), prompt(alone / "prompt.safetensors")) <= 1e-5
+
+
+def test_several_tasks_each_on_its_own_split(tmp_path, data):
+    out = tmp_path / "t"
+    assert cli(out, "--epochs", "1", "--data", data[0], "--data", data[1], "--sweep", "seed=1,2") == 0
+    names = ["task-opposites_seed-1", "task-copies_seed-1", "task-opposites_seed-2", "task-copies_seed-2"]
+    assert sorted(n for n in os.listdir(out) if not n.startswith("sweep")) == sorted(names)
+    for name, path in zip(names, [data[0], data[1]] * 2):
+        header = json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert header["config"]["data"] == path and header["config"]["sweep"] is None
+        samples = (out / name / "samples.txt").read_text()
+        word = samples.split("Actual: ")[1].split("\n")[0].split()[-3:]
+        if "copies" in name:  # its own test split: an input equal to its target
+            assert word[0] == word[2]
+        else:
+            assert word[0] == word[2][::-1] and word[0] != word[2]
+    md = (out / "sweep.md").read_text()
+    assert "| point | task | seed |" in md
+
+
+@pytest.mark.parametrize("items,message", [
+    (["prompt_len=2,3"], "not a per-prompt option; the points share one engine"),
+    (["nope=1"], "no such option"),
+    (["lr=1e-3,abc"], "'abc' is not a value of --lr"),
+    (["lr=-1"], "--sweep lr must be a finite number > 0"),
+    (["lr"], "takes KEY=V1,V2"),
+    (["lr=1e-3", "lr=1e-2"], "given twice"),
+])
+def test_sweep_refuses_what_it_cannot_do(items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep(items)
+
+
+def test_sweep_grid_is_the_product():
+    config = parse_config(["--sweep", "lr=1e-3,1e-2", "--sweep", "seed=1,2,3"])
+    points = points_of(config)
+    assert len(points) == 6 and points[0][1] == {"data": "antonyms", "lr": 1e-3, "seed": 1}
+    assert parse_config([]).data == "antonyms" and parse_config(["--data", "a.csv"]).data == "a.csv"
+    assert parse_config(["--data", "a.csv", "--data", "b.csv"]).data == ("a.csv", "b.csv")
+
+
+def test_sweep_refuses_options_it_does_not_carry(tmp_path, capsys):
+    assert cli(tmp_path / "x", "--sweep", "lr=1e-3,1e-2", "--peft-out", str(tmp_path / "p")) == 2
+    assert "--peft-out does not work with --sweep" in capsys.readouterr().err
