@@ -179,7 +179,7 @@ OPTIONS: tuple[Option, ...] = (
            "(default: %(default)s)", type=int, check=at_least(1), metavar="N", resume=MATCH),
     Option("gcg_ascii_only", False, "gcg: only ASCII-letter tokens (words and word pieces, with or without a "
            "leading space); otherwise any printable, non-special token", type=None, action="store_true",
-           resume=MATCH),
+           checked_by="argparse", resume=MATCH),
     Option("progress", True, "no progress bars", type=None, flag="--no-progress", action="store_false",
            checked_by="argparse"),
     Option("checkpoint_every", 0, "also checkpoint every N steps (default: epoch ends and SIGINT/SIGTERM only)",
