@@ -169,11 +169,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("out", None, "output directory (default: runs/<date-time>)", check=directory_name,
            checked_by="session.check_out"),
     Option("samples", 20, "test examples written to samples.txt", type=int, check=at_least(0)),
-    Option("method", "soft", "soft | relaxed | hard | prefix (default: soft)", checked_by="methods.make_method",
+    Option("method", "soft", "soft | relaxed | hard | prefix | gcg (default: soft)", checked_by="methods.make_method",
            resume=MATCH, api=("PromptTuner",)),
     Option("method_opt", None, "a method option, repeatable (relaxed: tau_start, tau_end, init_std, lr_scale, "
            "gumbel; hard: metric, lr_scale)", action="append", metavar="KEY=VALUE",
            checked_by="train.parse_options, the method", resume=MATCH),
+    Option("gcg_top_k", 32, "gcg: token swaps considered per prompt position, the top k of the one-hot gradient "
+           "(default: %(default)s)", type=int, check=at_least(1), metavar="K", resume=MATCH),
+    Option("gcg_candidates", 16, "gcg: candidate token prompts evaluated exactly per step, on the step's batch "
+           "(default: %(default)s)", type=int, check=at_least(1), metavar="N", resume=MATCH),
+    Option("gcg_ascii_only", False, "gcg: only ASCII-letter tokens (words and word pieces, with or without a "
+           "leading space); otherwise any printable, non-special token", type=None, action="store_true",
+           checked_by="argparse", resume=MATCH),
     Option("progress", True, "no progress bars", type=None, flag="--no-progress", action="store_false",
            checked_by="argparse"),
     Option("checkpoint_every", 0, "also checkpoint every N steps (default: epoch ends and SIGINT/SIGTERM only)",

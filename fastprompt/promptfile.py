@@ -20,7 +20,7 @@ from .errors import PromptFileError
 from .outputs import atomic_write, umask  # noqa: F401  (atomic_write: every output goes through it)
 
 FORMAT_VERSION = "1"
-NDIM = {"prompt": 2, "logits": 2, "continuous": 2, "prefix": 5}  # the tensors methods save (Method.tensors)
+NDIM = {"prompt": 2, "logits": 2, "continuous": 2, "prefix": 5, "ids": 1}  # the tensors methods save (Method.tensors)
 
 
 def atomic_write_dir(path: str, write) -> None:
@@ -101,7 +101,8 @@ STEP_LIMIT = 2**53  # schedule steps beyond it are nonsense (and overflow where 
 TAU_RANGE = (1e-30, 1e30)
 # The tensors each method's file must hold (the methods' names: tests/test_methods.py holds them equal to
 # methods.METHODS; this module sits below the methods, which read files through it).
-METHOD_TENSORS = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",)}
+METHOD_TENSORS = {"soft": ("prompt",), "relaxed": ("prompt", "logits"), "hard": ("prompt",), "prefix": ("prefix",),
+                  "gcg": ("prompt", "ids")}
 
 
 def method_record(path: str, method: str, tensors: dict, meta: dict[str, str]) -> dict[str, Any]:

@@ -73,6 +73,14 @@ def parse_options(items) -> dict[str, Any]:
     return out
 
 
+def method_options(config: TrainConfig) -> dict[str, Any]:
+    """The method's options: gcg's own flags (``--gcg-*``), then ``--method-opt`` (which wins)."""
+    options: dict[str, Any] = {}
+    if config.method == "gcg":
+        options.update(top_k=config.gcg_top_k, candidates=config.gcg_candidates, ascii_only=config.gcg_ascii_only)
+    return {**options, **parse_options(config.method_opt)}
+
+
 def run(config: TrainConfig) -> dict:
     """The whole job: load, check, train, write the outputs. Returns the last epoch's record."""
     config = validate(config)  # every declared check (fastprompt/options.py); --test-size filled in
@@ -187,7 +195,7 @@ def open_run(config: TrainConfig, out: str, device, loaded=None, base=None):
         tuner = PromptTuner(model, tokenizer, config.template, config.prompt_len, engine=engine,
                             precision=config.precision, init=config.init, seed=config.seed, kernels=config.kernels,
                             cuda_graphs=config.cuda_graphs, method=config.method,
-                            method_options=parse_options(config.method_opt))
+                            method_options=method_options(config))
     session.encode(tuner, examples, train, test, eval_examples)  # every template, data and context error, by file and line
     if config.peft_out is not None:  # refused (template, directory, no peft) before anything is trained or written
         from .peft_io import check_peft_out

@@ -56,6 +56,7 @@ class PromptTuner:
         self.seed = seed
         self.device = next(model.parameters()).device
         self.method = make_method(method, model, tokenizer, self.encoder, **(method_options or {}))
+        self.method.seed = seed  # a discrete search's sampling seed (gcg)
         if prompt is None:
             prompt = self.method.init(init, seed, absorb_space=_absorbs_space(self.template))
         self.method.check(prompt)
@@ -98,7 +99,10 @@ class PromptTuner:
 
     def train_step(self, batch: Sequence[Encoded]) -> torch.Tensor:
         """One Adam step on ``batch`` (fastprompt/step.py); returns the batch's summed CE (detached, on the
-        device; 0 for a NaN/inf step, which is not applied)."""
+        device; 0 for a NaN/inf step, which is not applied). A discrete method (gcg) takes its own step
+        instead (``method.discrete_step``: a search over token swaps, no optimizer)."""
+        if getattr(self.method, "discrete", False):
+            return self.method.discrete_step(self.engine, self.prompt, batch)
         step = self._step
         if step is None or step.optimizer is not self.optimizer or step.engine is not self.engine \
                 or step.batch_size != self._batch_size:  # built anew when what it holds changes
@@ -345,6 +349,17 @@ class PromptTuner:
                 raise DataError(f"input {i} must be a string or a mapping of fields, got {type(x).__name__}")
             encoded.append(self.encoder.encode({**dict(x), "target": "x"}, i))  # the target is cut off below
         return encoded
+
+    def prompt_text(self) -> str:
+        """The prompt as text, for methods whose prompt is a token sequence (gcg, hard; relaxed: its argmax
+        tokens): ``PromptTuner(..., init=f"text:{text}")`` starts from the same tokens (for gcg exactly: its
+        candidates are kept only where the text tokenises back to them). ``ConfigError`` for soft and prefix
+        prompts, which are vectors (``fastprompt.interpret`` shows their nearest tokens)."""
+        ids = self.method.token_ids(self.prompt)
+        if ids is None:
+            raise ConfigError(f"a {self.method.name} prompt is vectors, not tokens: it has no text "
+                              "(python -m fastprompt.interpret shows its nearest tokens)")
+        return self.tokenizer.decode(ids)
 
     # ----------------------------------------------------------------------------------------- I/O
     def metadata(self) -> dict[str, Any]:

@@ -24,7 +24,8 @@ ARGS = ["--model", "tiny", "--epochs", "1", "--train-size", "8", "--batch-size",
 # A value each declared check refuses (typed: the CLI gets str(value), the API the value itself).
 BAD = {"prompt_len": 0, "epochs": -1, "batch_size": 0, "lr": math.nan, "train_size": 0, "test_size": 1.0,
        "seed": 2**64, "out": "", "samples": -1, "checkpoint_every": -1, "eval_every": -1, "eval_size": 0,
-       "max_steps": -1, "max_seconds": -1.0, "report_to": "wandb", "baseline": "  "}
+       "max_steps": -1, "max_seconds": -1.0, "report_to": "wandb", "baseline": "  ", "gcg_top_k": 0,
+       "gcg_candidates": 0}
 
 
 def one_error_line(err):

@@ -1,17 +1,18 @@
 """Prompt parametrisations (``--method``): what is trained, and how it becomes the prompt an engine sees.
 
-``base.py`` the interface ``Method``; ``soft.py``, ``relaxed.py``, ``hard.py``, ``prefix.py`` the methods;
+``base.py`` the interface ``Method``; ``soft.py``, ``relaxed.py``, ``hard.py``, ``prefix.py``, ``gcg.py`` the methods;
 ``init.py`` initial prompts. Here: the methods by name."""
 from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Method
+from .gcg import GcgMethod
 from .hard import HardMethod
 from .prefix import PrefixMethod
 from .relaxed import RelaxedMethod
 from .soft import SoftMethod
 
-METHODS = {"soft": SoftMethod, "relaxed": RelaxedMethod, "hard": HardMethod, "prefix": PrefixMethod}
+METHODS = {"soft": SoftMethod, "relaxed": RelaxedMethod, "hard": HardMethod, "prefix": PrefixMethod, "gcg": GcgMethod}
 
 
 def method_class(name: str) -> type[Method]:
