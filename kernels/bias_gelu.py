@@ -10,6 +10,7 @@ Elementwise over (rows, n) with the bias broadcast along rows. The backward reco
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._common import check_float, require_triton, tl, triton
 
@@ -113,3 +114,9 @@ class BiasGeluFn(torch.autograd.Function):
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias). x: (..., n) fp32/bf16; bias: (n,) frozen. Output in x's dtype."""
     return BiasGeluFn.apply(x, bias)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def bias_gelu_ref(x, bias):
+    """gelu_tanh(x + bias) (GPT-2's gelu_new)."""
+    return F.gelu(x + bias.detach(), approximate="tanh")

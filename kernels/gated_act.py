@@ -6,11 +6,12 @@ Backward:  d gate = dy * up * act'(gate),   d up = dy * act(gate), with
     silu'(g) = s (1 + g (1 - s)),  s = sigmoid(g)
     gelu_tanh'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) k (1 + 3 c g^2),  t = tanh(k (g + c g^3))
 The backward recomputes act(gate) from the saved input (no (rows, I) activation saved). Elementwise; the
-torch reference is ``fastprompt.engines.ops.gated_act``.
+torch reference is ``gated_act_ref`` at the end of this file.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._common import check_float, require_triton, tl, triton
 
@@ -100,3 +101,11 @@ def gated_act(gate_up, activation="silu"):
     if activation not in ACTIVATIONS:
         raise ValueError(f"gated_act: unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
     return GatedActFn.apply(gate_up, activation)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def gated_act_ref(gate_up, activation="silu"):
+    """act(gate) * up for ``gate_up = [gate | up]`` (rows, 2I) -> (rows, I): SwiGLU (silu), GeGLU (gelu_tanh)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    a = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    return a * up

@@ -11,6 +11,7 @@ One autograd function, two sets of launchers with one contract: the Triton kerne
 ``kernels/cuda_ext.py``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
 """
 import torch
+import torch.nn.functional as F
 
 from . import cuda_ext
 from ._common import check_float, next_power_of_2, require_triton, tl, triton
@@ -226,3 +227,11 @@ def add_layer_norm_cuda(x, residual, weight, bias, eps=1e-5):
     """``add_layer_norm`` through the CUDA C++ extension ``fastprompt.kernels._C`` (CUDA tensors, fp32 or bf16, one
     dtype for all); a RuntimeError with the build command where it is not built."""
     return _apply(_CUDA, x, residual, weight, bias, eps)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5):
+    """(y, h): h = x + residual (h = x when residual is None), y = LayerNorm(h) * weight + bias."""
+    h = x if residual is None else x + residual
+    y = F.layer_norm(h, (h.shape[-1],), weight.detach().to(h.dtype), bias.detach().to(h.dtype), eps)
+    return y, h

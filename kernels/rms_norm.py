@@ -5,7 +5,7 @@
 
 One program per row; the whole row (d <= 8192) sits in one block. Rows are the last dimension of any
 shape: per-head q/k norms (Qwen3, Gemma 3) are rows of ``head_dim``. weight is frozen: no dW (a cross-row
-reduction), so the backward is a per-row map. The torch reference is ``fastprompt.engines.ops.add_rms_norm``.
+reduction), so the backward is a per-row map. The torch reference is ``add_rms_norm_ref`` at the end of this file.
 """
 import torch
 
@@ -163,3 +163,17 @@ def add_rms_norm(x, residual, weight, eps=1e-6, offset=0.0):
     if residual is None:  # h is x itself, not an output of the autograd node
         return AddRMSNormFn.apply(x, None, weight, eps, offset), x
     return AddRMSNormFn.apply(x, residual, weight, eps, offset)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def add_rms_norm_ref(x, residual, weight, eps=1e-6, offset=0.0):
+    """(y, h): h = x + residual (h = x when residual is None), y = h / rms(h) * (offset + weight) over the last
+    dimension, in fp32 (fp64 for fp64 h), cast once to h's dtype. ``offset`` 1: Gemma's ``1 + w``. The weight
+    is frozen: autograd forms dX only (no dW)."""
+    h = x if residual is None else x + residual
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    hf = h.to(dtype)
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    scale = weight.detach().to(dtype)
+    y = y * (scale + offset if offset else scale)
+    return y.to(h.dtype), h

@@ -5,7 +5,7 @@
 ``cos``/``sin`` are (rows, D) with both halves equal, as Hugging Face builds them (``ops.rotary_tables``).
 One program per (row, head); x may be a strided view (q, k sliced out of the fused q/k/v projection):
 rows and heads by stride, the head dimension contiguous. The torch reference is
-``fastprompt.engines.ops.rotary``.
+``rotary_ref`` at the end of this file.
 """
 import torch
 
@@ -78,3 +78,20 @@ class RotaryFn(torch.autograd.Function):
 def rotary(x, cos, sin):
     """RoPE on ``x`` (rows, heads, D) fp32/bf16 with ``cos``/``sin`` (rows, D) -> (rows, heads, D) in x's dtype."""
     return RotaryFn.apply(x, cos, sin)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def rotary_ref(x, cos, sin):
+    """RoPE on ``x`` (rows, heads, D) with ``cos``/``sin`` (rows, D) (the halves repeated, as HF builds them):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rotary_tables(positions, inv_freq, scaling=1.0):
+    """(cos, sin), each (rows, D) fp32, at ``positions`` (rows,): angles ``position * inv_freq`` as HF's
+    rotary modules compute them (fp32), both halves the same, times ``scaling``."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
