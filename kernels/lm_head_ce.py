@@ -28,6 +28,8 @@ with W fp32 (autocast): W is then cast to h's dtype once per call, as autocast c
 Targets < 0 (e.g. -100) are ignored: loss 0 and zero gradient, as F.cross_entropy(reduction='none').
 Targets >= V are not checked (that would need a host sync).
 """
+from typing import Tuple
+
 import torch
 
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
@@ -137,7 +139,11 @@ def lm_head_blocks(rows, V, lowp):
     # (64, 128) logits tile in registers past the 255 cap (spills with dH); BLOCK_D 32 fits (218, none).
     # BLOCK_V stays 128 everywhere: the dH scratch is read and written once per BLOCK_V columns.
     block_d = 32 if (block_m == 64 and not lowp) else 64
-    return block_m, 128, block_d, 8
+    # <= 16 rows (a few examples, e.g. 8 target rows), 16-bit with dH: at 8 warps ptxas spills 8 B a thread;
+    # 4 warps hold the mma_v2 tiles in 168 registers, no spills. fp32 (FMA dots) needs the 8 warps there:
+    # at 4 it spills 36 B (compile report).
+    warps = 4 if (block_m == 16 and lowp) else 8
+    return block_m, 128, block_d, warps
 
 
 def lm_head_ce_fwd(h, weight, targets, compute_dh):
@@ -187,22 +193,39 @@ def lm_head_ce_fwd(h, weight, targets, compute_dh):
     return loss, dh
 
 
-class LMHeadCEFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets):
-        compute_dh = ctx.needs_input_grad[0]
-        loss, dh = lm_head_ce_fwd(h, weight, targets, compute_dh)
-        ctx.h_dtype = h.dtype
-        if compute_dh:
-            ctx.save_for_backward(dh)
-        return loss
+# Registered as a torch.library custom op (``fastprompt::lm_head_ce``) with a fake implementation, for
+# torch.compile and CUDA graphs. Whether to form dH is an argument (a custom op cannot see autograd's
+# needs_input_grad): the public function passes grad-mode-and-h-requires-grad; without it dH is empty.
+# Backward: dh_r = g_r * (sum_v softmax_v W_v - W_target), with g the upstream per-row gradient; the bracket
+# was computed in forward, so this is one scale (plain torch ops). No dW (weight frozen), no dtargets.
+@torch.library.custom_op("fastprompt::lm_head_ce", mutates_args=())
+def _lm_head_ce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   compute_dh: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    loss, dh = lm_head_ce_fwd(h, weight, targets, compute_dh)
+    return loss, (dh if dh is not None else loss.new_empty(0))
 
-    # Backward: dh_r = g_r * (sum_v softmax_v W_v - W_target), with g the upstream per-row gradient;
-    # the bracket was computed in forward, so this is one scale. No dW (weight frozen), no dtargets.
-    @staticmethod
-    def backward(ctx, dloss):
-        (dh,) = ctx.saved_tensors
-        return (dh * dloss[:, None]).to(ctx.h_dtype), None, None
+
+@_lm_head_ce_op.register_fake
+def _(h, weight, targets, compute_dh):
+    rows, d = h.shape
+    loss = h.new_empty(rows, dtype=torch.float32)
+    return loss, (h.new_empty(rows, d, dtype=torch.float32) if compute_dh else h.new_empty(0, dtype=torch.float32))
+
+
+def _lm_head_ce_setup(ctx, inputs, output):
+    h, _, _, compute_dh = inputs
+    ctx.h_dtype, ctx.compute_dh = h.dtype, compute_dh
+    ctx.save_for_backward(output[1])
+
+
+def _lm_head_ce_backward(ctx, dloss, _ddh):
+    if not ctx.compute_dh:
+        return None, None, None, None
+    (dh,) = ctx.saved_tensors
+    return (dh * dloss[:, None]).to(ctx.h_dtype), None, None, None
+
+
+_lm_head_ce_op.register_autograd(_lm_head_ce_backward, setup_context=_lm_head_ce_setup)
 
 
 def lm_head_ce(h, weight, targets):
@@ -211,7 +234,8 @@ def lm_head_ce(h, weight, targets):
     h: (..., d) fp32/bf16; weight: (V, d) frozen; targets: (...) int. Never materialises the logits.
     """
     d = h.shape[-1]
-    loss = LMHeadCEFn.apply(h.reshape(-1, d), weight, targets.reshape(-1))
+    compute_dh = torch.is_grad_enabled() and h.requires_grad
+    loss, _ = _lm_head_ce_op(h.reshape(-1, d), weight.detach(), targets.reshape(-1), compute_dh)
     return loss.view(targets.shape)
 
 

@@ -63,21 +63,46 @@ def _launch(x, cos, sin, backward):
     return y
 
 
-class RotaryFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)  # the tables only: the map is linear in x
-        return _launch(x, cos, sin, backward=False)
+# Registered as torch.library custom ops (``fastprompt::rotary``, ``fastprompt::rotary_bwd``) with fake
+# (shape-only) implementations, so torch.compile traces through them and CUDA graphs capture the launches.
+# Backward: y = x * cos + rotate_half(x) * sin is linear in x, so dx is the transposed rotation of dy
+# (the kernel's BACKWARD mode); the tables are constants (no gradient).
+@torch.library.custom_op("fastprompt::rotary", mutates_args=())
+def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _launch(x, cos, sin, backward=False)
 
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _launch(dy, cos, sin, backward=True), None, None  # tables are constants
+
+@torch.library.custom_op("fastprompt::rotary_bwd", mutates_args=())
+def _rotary_bwd_op(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _launch(dy, cos, sin, backward=True)
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@_rotary_bwd_op.register_fake
+def _(dy, cos, sin):
+    return dy.new_empty(dy.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)  # the tables only: the map is linear in x
+
+
+def _rotary_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _rotary_bwd_op(dy, cos, sin), None, None  # tables are constants
+
+
+_rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
 def rotary(x, cos, sin):
     """RoPE on ``x`` (rows, heads, D) fp32/bf16 with ``cos``/``sin`` (rows, D) -> (rows, heads, D) in x's dtype."""
-    return RotaryFn.apply(x, cos, sin)
+    return _rotary_op(x, cos, sin)
 
 
 # ------------------------------------------------------------------- torch reference (the CPU path)
