@@ -9,7 +9,7 @@ kernels = pytest.importorskip("fastprompt.kernels")
 if not kernels.TRITON_AVAILABLE:
     pytest.skip("needs Triton (interpreter or GPU)", allow_module_level=True)
 
-REGISTERED = ("add_rms_norm", "add_rms_norm_bwd", "rotary", "rotary_bwd", "gated_act", "gated_act_bwd",
+REGISTERED = ("add_layer_norm", "add_layer_norm_bwd", "bias_gelu", "bias_gelu_bwd", "add_rms_norm", "add_rms_norm_bwd", "rotary", "rotary_bwd", "gated_act", "gated_act_bwd",
               "lm_head_ce", "tree_attention", "tree_attention_bwd")
 
 
@@ -28,6 +28,9 @@ def _samples():
     return {
         "add_rms_norm": (torch.ops.fastprompt.add_rms_norm, (r(rows, 24).requires_grad_(), r(rows, 24).requires_grad_(),
                                                              r(24), 1e-6, 1.0)),
+        "add_layer_norm": (torch.ops.fastprompt.add_layer_norm, (r(rows, 24).requires_grad_(), r(rows, 24).requires_grad_(),
+                                                                 r(24), r(24), 1e-5, "triton")),
+        "bias_gelu": (torch.ops.fastprompt.bias_gelu, (r(rows, 40).requires_grad_(), r(40))),
         "rotary": (torch.ops.fastprompt.rotary, (r(rows, H, D).requires_grad_(), cos, sin)),
         "gated_act": (torch.ops.fastprompt.gated_act, (r(rows, 2 * 20).requires_grad_(), "silu")),
         "lm_head_ce": (torch.ops.fastprompt.lm_head_ce, (r(rows, 24).requires_grad_(), r(97, 24),
@@ -37,7 +40,7 @@ def _samples():
     }
 
 
-@pytest.mark.parametrize("name", ["add_rms_norm", "rotary", "gated_act", "lm_head_ce", "tree_attention"])
+@pytest.mark.parametrize("name", ["add_layer_norm", "bias_gelu", "add_rms_norm", "rotary", "gated_act", "lm_head_ce", "tree_attention"])
 def test_fake_implementation_matches_the_real_op(name):
     """Shapes and dtypes of the fake (what torch.compile traces with) equal the real op's outputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
