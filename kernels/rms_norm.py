@@ -192,11 +192,31 @@ def add_rms_norm(x, residual, weight, eps=1e-6, offset=0.0):
 def add_rms_norm_ref(x, residual, weight, eps=1e-6, offset=0.0):
     """(y, h): h = x + residual (h = x when residual is None), y = h / rms(h) * (offset + weight) over the last
     dimension, in fp32 (fp64 for fp64 h), cast once to h's dtype. ``offset`` 1: Gemma's ``1 + w``. The weight
-    is frozen: autograd forms dX only (no dW)."""
+    is frozen: the backward forms dX only (no dW), in closed form (``_RMSNormRef``)."""
     h = x if residual is None else x + residual
-    dtype = torch.promote_types(h.dtype, torch.float32)
-    hf = h.to(dtype)
-    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    scale = weight.detach().to(dtype)
-    y = y * (scale + offset if offset else scale)
-    return y.to(h.dtype), h
+    return _RMSNormRef.apply(h, weight.detach(), float(eps), float(offset)), h
+
+
+class _RMSNormRef(torch.autograd.Function):
+    """y = h * r * s with r = (mean(h^2) + eps)^-1/2, s = offset + w (frozen). Backward, g = dy * s:
+    dh = r * (g - h * r^2 * mean(g * h)). One saved (rows, n) tensor and ~5 ops each way instead of autograd's
+    ~12 through pow/mean/rsqrt/mul (the CPU step of a 30-layer model runs ~60 of these a pass)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, eps, offset):
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        hf = h.to(dtype)
+        r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+        scale = weight.to(dtype)
+        if offset:
+            scale = scale + offset
+        ctx.save_for_backward(hf, r, scale)
+        ctx.h_dtype = h.dtype
+        return (hf * r * scale).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        hf, r, scale = ctx.saved_tensors
+        g = dy.to(hf.dtype) * scale
+        dh = (g - hf * ((g * hf).mean(-1, keepdim=True) * r * r)) * r
+        return dh.to(ctx.h_dtype), None, None, None

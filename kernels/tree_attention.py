@@ -23,7 +23,6 @@ import math
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
 
@@ -418,33 +417,3 @@ def tree_attention(q, k, v, n_trunk, seg_start, seg_end, scale=None):
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return _tree_attn_op(q, k, v, int(n_trunk), seg_start, seg_end, float(scale))[0]
-
-
-# ------------------------------------------------------------------- torch reference (the CPU path)
-def masked_attention_ref(q, k, v, mask, scale):
-    """softmax(q k^T * scale, masked) v. q: (Nq, H, D); k, v: (Nk, H, D); ``mask`` (Nq, Nk): bool (True: may
-    attend) or an additive fp32 bias (0 / -inf) -> (Nq, H, D) in q's dtype.
-
-    On CPU: explicit fp32 math (fp64 for fp64 inputs): one batched GEMM over the heads with the additive
-    mask as its initial value (``baddbmm``), softmax, one batched GEMM. On CUDA: ``scaled_dot_product_attention``
-    with the mask (memory-efficient backend), in the inputs' dtype. The tree mask itself is the caller's
-    (fastprompt/engines/tree.py states it for every backend)."""
-    if q.is_cuda:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],  # (1, H, N, D)
-            attn_mask=mask, scale=scale,
-        )
-        return out[0].transpose(0, 1)  # (Nq, H, D)
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
-    else:
-        bias = mask.to(dtype)
-    with torch.autocast(q.device.type, enabled=False):
-        qh = q.to(dtype).transpose(0, 1)  # (H, Nq, D)
-        kh = k.to(dtype).permute(1, 2, 0)  # (H, D, Nk)
-        scores = torch.baddbmm(bias, qh, kh, alpha=scale)  # (H, Nq, Nk); every query sees itself
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.bmm(probs, v.to(dtype).transpose(0, 1))  # (H, Nq, D)
-    return out.transpose(0, 1).to(q.dtype)  # (Nq, H, D)

@@ -83,7 +83,10 @@ def varlen_tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None, varlen_fn=No
 
 def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                          softmax_scale=None, causal=True):
-    """Plain-torch stand-in for ``flash_attn_varlen_func`` (causal aligned bottom-right), for tests."""
+    """Plain-torch stand-in for ``flash_attn_varlen_func`` (causal aligned bottom-right; GQA as flash-attn
+    takes it: fewer K/V heads than query heads), for tests."""
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = torch.empty_like(q)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

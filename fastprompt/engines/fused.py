@@ -16,8 +16,9 @@ The model runs through its family's description (``families.read_weights``: a ``
 attention settings, MLPs); this module never names a family. A block:
 
     y = norm_attn(h);  q, k, v = y @ W_qkv (+ b);  q, k = q_norm(q), k_norm(k) per head;  RoPE(q, k) at the
-    rows' positions;  o = attention over the tree (GQA: K/V heads shared; a sliding window on layers that
-    have one);  a = o @ W_o (+ b), normalised where the family says (Gemma);  h = h + a;
+    rows' positions (one call over q and k side by side where there is no q/k norm);  o = attention over the
+    tree (GQA: the op reads each K/V head for its H / Hkv query heads, never repeated; a sliding window on
+    layers that have one);  a = o @ W_o (+ b), normalised where the family says (Gemma);  h = h + a;
     y = norm_mlp(h);  m = MLP(y) (GELU, or gated: SwiGLU / GeGLU), normalised where the family says;  h = h + m
 
 Attention follows the tree (``ops.tree_attention``): trunk rows are causal among context+trunk keys; a
@@ -228,7 +229,11 @@ class FusedEngine(Engine):
                 k = self._norm(k, None, a.k_norm)[0]
             if a.rotary is not None:
                 cos, sin = tables[_rope_key(a.rotary)]
-                q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+                if a.q_norm is None:  # q and k side by side in qkv: one rotary over both (half the ops)
+                    qk = ops.rotary(qkv[:, : (H + G) * D].view(rows, H + G, D), cos, sin)
+                    q, k = qk[:, :H], qk[:, H:]
+                else:
+                    q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
             if collect_kv:
                 collected.append((k, v))
                 if last:
@@ -240,9 +245,6 @@ class FusedEngine(Engine):
                 pk, pv = context_kv[i]
                 k = torch.cat([pk.to(k.dtype), k])  # (n_context + rows, G, D)
                 v = torch.cat([pv.to(v.dtype), v])
-            if G != H:  # GQA: query head j reads K/V head j // (H / G), as HF's repeat_kv
-                k = k.repeat_interleave(H // G, dim=1)
-                v = v.repeat_interleave(H // G, dim=1)
             if a.window is None:
                 o = ops.tree_attention(q, k, v, packed.n_trunk_keys, packed.cu_seqlens, a.scale)
             else:

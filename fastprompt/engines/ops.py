@@ -16,8 +16,8 @@ the caller's parameters' ``requires_grad`` says.
 Each op's torch implementation (``<op>_ref``: the CPU path, and the reference the kernels are tested and
 benchmarked against; on fp64 inputs it computes in fp64, the tests' ground truth) lives in the op's own file
 ``kernels/<op>.py`` beside its Triton kernel; this module re-exports them under the ops' names (a façade:
-callers never name the files) and holds the registry. The attention's mask is engines/tree.py's rule, built
-(and cached on the CPU) here; the masked attention itself is ``kernels/tree_attention.masked_attention_ref``.
+callers never name the files) and holds the registry. The torch attention (tree and sliding window, GQA without
+repeating K/V heads) stays here, beside the mask it builds (engines/tree.py's rule, cached on the CPU).
 
 Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r``
 is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are the constant context, keys without queries.
@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 # Each op's torch reference lives in its own file, beside its Triton kernel (kernels/<op>.py; importing those
@@ -40,7 +41,6 @@ from ..kernels.linear import linear_ref as linear
 from ..kernels.lm_head_ce import VOCAB_CHUNK, lm_head_ce_ref as lm_head_ce, lm_head_ce_softcap_ref as lm_head_ce_softcap  # noqa: F401
 from ..kernels.rms_norm import add_rms_norm_ref as add_rms_norm
 from ..kernels.rotary import rotary_ref as rotary, rotary_tables  # noqa: F401
-from ..kernels.tree_attention import masked_attention_ref
 from .tree import segment_bounds, tree_mask
 
 KERNELS = ("auto", "torch", "triton", "cuda")
@@ -52,38 +52,71 @@ ALL_OP_NAMES = OP_NAMES + FAMILY_OP_NAMES
 
 
 # ------------------------------------------------------------------------------------------ torch ops
-_MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, additive mask)]: the last CPU mask
+_MASK_CACHE: list = [None]  # [(cu_seqlens, its _version, Nq, Nk, n_trunk, group, additive mask)]: the last CPU mask
 
 
-def tree_mask_bias(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """The tree mask as an additive fp32 bias (0 = may attend, -inf = masked), (Nq, Nk).
+def tree_mask_bias(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """The tree mask as an additive fp32 bias (0 = may attend, -inf = masked), (group Nq, Nk): repeated once
+    per query head that shares a K/V head (``group``; see ``_grouped_attention``).
 
     Every layer of a step asks for the same mask with the same ``cu_seqlens`` tensor: the last one is kept
     and returned while that tensor (same object, unmodified: ``_version``) and the sizes are the same.
     CPU only (a cached tensor must not outlive a CUDA graph capture)."""
     cached = _MASK_CACHE[0]
-    key = (n_queries, n_keys, n_trunk)
-    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version and cached[2:5] == key:
-        return cached[5]
-    mask = tree_mask(n_queries, n_keys, n_trunk, cu_seqlens)
-    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    key = (n_queries, n_keys, n_trunk, group)
+    if cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version and cached[2:6] == key:
+        return cached[6]
+    bias = _additive(tree_mask(n_queries, n_keys, n_trunk, cu_seqlens), group)
     _MASK_CACHE[0] = (cu_seqlens, cu_seqlens._version, *key, bias)
     return bias
 
 
 def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
-    """softmax(q k^T * scale + tree mask) v. q: (Nq, H, D); k, v: (Nk, H, D) -> (Nq, H, D) in q's dtype.
+    """softmax(q k^T * scale + tree mask) v. q: (Nq, H, D); k, v: (Nk, Hkv, D) with Hkv dividing H (GQA: query
+    head j reads K/V head j // (H / Hkv), as HF's repeat_kv) -> (Nq, H, D) in q's dtype.
 
-    The mask is engines/tree.py's rule (on the CPU the cached additive bias); the attention itself is
-    ``masked_attention_ref`` (kernels/tree_attention.py): explicit fp32 math on the CPU, SDPA on CUDA."""
+    On CPU: explicit fp32 math (fp64 for fp64 inputs), the K/V heads never repeated: the query heads that
+    share a K/V head stacked as rows of one batched GEMM per K/V head with the cached additive mask as its
+    initial value (``baddbmm``), softmax, one batched GEMM. On CUDA: ``scaled_dot_product_attention`` with
+    the boolean mask (memory-efficient backend), in the inputs' dtype.
+    """
     n_queries, n_keys = q.shape[0], k.shape[0]
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.is_cuda:
-        mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk) bool
-    else:
-        mask = tree_mask_bias(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk) fp32 0 / -inf
-    return masked_attention_ref(q, k, v, mask, scale)
+        return _sdpa(q, k, v, tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens), scale)
+    group = q.shape[1] // k.shape[1]
+    return _grouped_attention(q, k, v, tree_mask_bias(n_queries, n_keys, int(n_trunk), cu_seqlens, group), scale)
+
+
+def repeat_kv(q, k, v):
+    """K/V with as many heads as q (``repeat_interleave``), for kernels that take equal head counts."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
+def _sdpa(q, k, v, mask, scale):
+    k, v = repeat_kv(q, k.to(q.dtype), v.to(q.dtype))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=mask, scale=scale)  # (1, H, Nq, D)
+    return out[0].transpose(0, 1)  # (Nq, H, D)
+
+
+def _grouped_attention(q, k, v, bias, scale):
+    """CPU attention with an additive ``bias`` ((group Nq, Nk): the mask repeated once per query head of a
+    group), K/V heads shared by ``group = H / Hkv`` query heads, fp32 math (fp64 for fp64 inputs)."""
+    n_queries, H, D = q.shape
+    G = k.shape[1]
+    group = H // G
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        qg = q.to(dtype).reshape(n_queries, G, group, D).permute(1, 2, 0, 3).reshape(G, group * n_queries, D)
+        scores = torch.baddbmm(bias.to(dtype), qg, k.to(dtype).permute(1, 2, 0), alpha=scale)  # (G, group Nq, Nk)
+        out = torch.bmm(torch.softmax(scores, dim=-1), v.to(dtype).transpose(0, 1))  # (G, group Nq, D)
+    out = out.view(G, group, n_queries, D).permute(2, 0, 1, 3).reshape(n_queries, H, D)
+    return out.to(q.dtype)
 
 
 _WINDOW_CACHE: list = [None]  # [(cu_seqlens, its _version, key_positions, its _version, sizes, additive mask)]
@@ -94,8 +127,9 @@ def window_attention(q, k, v, n_trunk, cu_seqlens, scale, window, key_positions)
     > p - window (HF's sliding layers: ``q_pos - k_pos < window``). ``key_positions`` (Nk,) long, the
     position of every key row (layout.PackedBatch.key_positions). Same shapes and dtypes as tree_attention."""
     n_queries, n_keys = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
     cached = _WINDOW_CACHE[0]
-    key = (n_queries, n_keys, int(n_trunk), int(window))
+    key = (n_queries, n_keys, int(n_trunk), int(window), group)
     if (cached is not None and cached[0] is cu_seqlens and cached[1] == cu_seqlens._version
             and cached[2] is key_positions and cached[3] == key_positions._version and cached[4] == key):
         mask = cached[5]
@@ -103,9 +137,18 @@ def window_attention(q, k, v, n_trunk, cu_seqlens, scale, window, key_positions)
         mask = tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens)  # (Nq, Nk)
         q_pos = key_positions[n_keys - n_queries:]
         mask = mask & ((q_pos[:, None] - key_positions[None, :]) < window)
-        if not q.is_cuda:  # a cached tensor must not outlive a CUDA graph capture
+        if not q.is_cuda:  # as an additive bias, once per query head of a group; CPU only (no CUDA graph)
+            mask = _additive(mask, group)
             _WINDOW_CACHE[0] = (cu_seqlens, cu_seqlens._version, key_positions, key_positions._version, key, mask)
-    return masked_attention_ref(q, k, v, mask, scale)
+    if q.is_cuda:
+        return _sdpa(q, k, v, mask, scale)
+    return _grouped_attention(q, k, v, mask, scale)
+
+
+def _additive(mask: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """A bool mask (Nq, Nk) as an fp32 additive bias (0 / -inf), repeated ``group`` times along the rows."""
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias if group == 1 else bias.repeat(group, 1)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -164,6 +207,7 @@ def bounded_tree_attention(kernel):
     from tree.py's one rule."""
     def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
         seg_start, seg_end = segment_bounds(k.shape[0], int(n_trunk), cu_seqlens.to(q.device))
+        k, v = repeat_kv(q, k, v)  # the kernel takes as many K/V heads as query heads
         return kernel(q, k, v, n_trunk, seg_start, seg_end, scale)
 
     return tree_attention
