@@ -1,4 +1,5 @@
-"""Per-op micro-benchmarks at GPT-2 Large shapes: Triton kernel vs the torch op (fastprompt.engines.ops).
+"""Per-op micro-benchmarks at GPT-2 Large (and, for the other families' ops, SmolLM2-135M) shapes: Triton
+kernel vs the torch reference (fastprompt.engines.ops, from each op's kernels/<op>.py).
 
     pytest benchmarks/bench_ops.py --benchmark-only -m gpu
 
@@ -144,3 +145,44 @@ def test_tree_attention(benchmark, cuda, impl):
     # useful FLOPs only (visible pairs): fwd 2 GEMMs, bwd 5 GEMM-equivalents (incl. recompute of S)
     flops = 2 * HEAD_DIM * HEADS * visible * (2 + 5)
     _run(benchmark, _fwd_bwd(lambda: fn(q, k, v, n_trunk, cu), (q, k, v)), flops=flops)
+
+
+# The other families' ops at SmolLM2-135M shapes (d 576, 9 query heads of 64, 3 K/V heads, MLP 1536).
+S_D, S_HEADS, S_KV, S_HEAD_DIM, S_MLP = 576, 9, 3, 64, 1536
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_add_rms_norm(benchmark, cuda, impl):
+    from fastprompt import kernels
+    from fastprompt.engines import ops
+
+    fn = kernels.add_rms_norm if impl == "triton" else ops.add_rms_norm
+    x = torch.randn(ROWS, S_D, device=cuda, dtype=DTYPE, requires_grad=True)
+    r = torch.randn(ROWS, S_D, device=cuda, dtype=DTYPE, requires_grad=True)
+    w = torch.ones(S_D, device=cuda, dtype=DTYPE)
+    e = ROWS * S_D * 2
+    _run(benchmark, _fwd_bwd(lambda: fn(x, r, w, 1e-5), (x, r), n_outs=2), bytes_moved=e * 4 + e * 4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_rotary(benchmark, cuda, impl):
+    from fastprompt import kernels
+    from fastprompt.engines import ops
+
+    fn = kernels.rotary if impl == "triton" else ops.rotary
+    q = torch.randn(ROWS, S_HEADS, S_HEAD_DIM, device=cuda, dtype=DTYPE, requires_grad=True)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, S_HEAD_DIM, 2, device=cuda) / S_HEAD_DIM)
+    cos, sin = ops.rotary_tables(torch.arange(ROWS, device=cuda), inv_freq)
+    e = q.numel() * 2
+    _run(benchmark, _fwd_bwd(lambda: fn(q, cos, sin), (q,)), bytes_moved=4 * e)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gated_act(benchmark, cuda, impl):
+    from fastprompt import kernels
+    from fastprompt.engines import ops
+
+    fn = kernels.gated_act if impl == "triton" else ops.gated_act
+    gu = torch.randn(ROWS, 2 * S_MLP, device=cuda, dtype=DTYPE, requires_grad=True)
+    e = ROWS * S_MLP * 2
+    _run(benchmark, _fwd_bwd(lambda: fn(gu, "silu"), (gu,)), bytes_moved=3 * e + 5 * e)

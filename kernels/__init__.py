@@ -2,8 +2,8 @@
 
 One op a file: Triton kernel -> launcher -> autograd.Function -> public function; ``add_layer_norm_cuda`` is
 the same function with the CUDA C++ extension's launchers. Only input gradients: weights are frozen
-everywhere. Each op's torch implementation, the CPU path and these kernels' reference in tests and
-benchmarks, is the one in ``fastprompt.engines.ops``.
+everywhere. Each op's torch implementation (``<op>_ref``: the CPU path, and these kernels' reference in tests and
+benchmarks) is in the op's own file, after its kernel; ``fastprompt.engines.ops`` re-exports it.
 Importing this package never needs Triton (``TRITON_AVAILABLE`` says whether it is there); calling a
 Triton function without it raises with the install hint.
 """

@@ -10,6 +10,7 @@ Elementwise over (rows, n) with the bias broadcast along rows. The backward reco
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._common import check_float, require_triton, tl, triton
 
@@ -95,21 +96,46 @@ def bias_gelu_bwd(dy, x, bias):
     return dx
 
 
-class BiasGeluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, bias):
-        x = x.contiguous()
-        y = bias_gelu_fwd(x, bias)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(x, bias)  # x, not y: backward recomputes u = x + bias
-        return y
+# Registered as torch.library custom ops (``fastprompt::bias_gelu``, ``fastprompt::bias_gelu_bwd``) with fake
+# implementations, for torch.compile and CUDA graphs. Backward saves x, not y: it recomputes u = x + bias.
+@torch.library.custom_op("fastprompt::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias_gelu_fwd(x, bias)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, bias = ctx.saved_tensors
-        return bias_gelu_bwd(dy, x, bias), None  # bias frozen
+
+@torch.library.custom_op("fastprompt::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias_gelu_bwd(dy, x.contiguous(), bias)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias):
+    return x.new_empty(x.shape)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy, x, bias):
+    return x.new_empty(x.shape)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    return _bias_gelu_bwd_op(dy, x, bias), None  # bias frozen
+
+
+_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
 
 
 def bias_gelu(x, bias):
     """gelu_tanh(x + bias). x: (..., n) fp32/bf16; bias: (n,) frozen. Output in x's dtype."""
-    return BiasGeluFn.apply(x, bias)
+    return _bias_gelu_op(x, bias.detach())
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def bias_gelu_ref(x, bias):
+    """gelu_tanh(x + bias) (GPT-2's gelu_new)."""
+    return F.gelu(x + bias.detach(), approximate="tanh")

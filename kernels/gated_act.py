@@ -6,11 +6,12 @@ Backward:  d gate = dy * up * act'(gate),   d up = dy * act(gate), with
     silu'(g) = s (1 + g (1 - s)),  s = sigmoid(g)
     gelu_tanh'(g) = 0.5 (1 + t) + 0.5 g (1 - t^2) k (1 + 3 c g^2),  t = tanh(k (g + c g^3))
 The backward recomputes act(gate) from the saved input (no (rows, I) activation saved). Elementwise; the
-torch reference is ``fastprompt.engines.ops.gated_act``.
+torch reference is ``gated_act_ref`` at the end of this file.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._common import check_float, require_triton, tl, triton
 
@@ -80,23 +81,52 @@ def _launch(gate_up, dy, activation):
     return out
 
 
-class GatedActFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up, activation):
-        gate_up = gate_up.contiguous()
-        ctx.activation = activation
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(gate_up)  # the input, not act(gate): recomputed in backward
-        return _launch(gate_up, None, activation)
+# Registered as torch.library custom ops (``fastprompt::gated_act``, ``fastprompt::gated_act_bwd``) with fake
+# implementations, for torch.compile and CUDA graphs. Backward saves the input, not act(gate): recomputed.
+@torch.library.custom_op("fastprompt::gated_act", mutates_args=())
+def _gated_act_op(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    return _launch(gate_up.contiguous(), None, activation)
 
-    @staticmethod
-    def backward(ctx, dy):
-        (gate_up,) = ctx.saved_tensors
-        return _launch(gate_up, dy, ctx.activation), None
+
+@torch.library.custom_op("fastprompt::gated_act_bwd", mutates_args=())
+def _gated_act_bwd_op(gate_up: torch.Tensor, dy: torch.Tensor, activation: str) -> torch.Tensor:
+    return _launch(gate_up.contiguous(), dy, activation)
+
+
+@_gated_act_op.register_fake
+def _(gate_up, activation):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@_gated_act_bwd_op.register_fake
+def _(gate_up, dy, activation):
+    return gate_up.new_empty(gate_up.shape)
+
+
+def _gated_act_setup(ctx, inputs, output):
+    gate_up, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(gate_up)
+
+
+def _gated_act_backward(ctx, dy):
+    (gate_up,) = ctx.saved_tensors
+    return _gated_act_bwd_op(gate_up, dy, ctx.activation), None
+
+
+_gated_act_op.register_autograd(_gated_act_backward, setup_context=_gated_act_setup)
 
 
 def gated_act(gate_up, activation="silu"):
     """act(gate) * up for ``gate_up = [gate | up]`` (..., 2I) fp32/bf16 -> (..., I); ``activation`` silu or gelu_tanh."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"gated_act: unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
-    return GatedActFn.apply(gate_up, activation)
+    return _gated_act_op(gate_up, activation)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def gated_act_ref(gate_up, activation="silu"):
+    """act(gate) * up for ``gate_up = [gate | up]`` (rows, 2I) -> (rows, I): SwiGLU (silu), GeGLU (gelu_tanh)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    a = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    return a * up

@@ -10,7 +10,10 @@ One autograd function, two sets of launchers with one contract: the Triton kerne
 (``add_layer_norm``) and the CUDA C++ extension ``fastprompt.kernels._C`` (csrc/layer_norm.cu, loaded by
 ``kernels/cuda_ext.py``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
 """
+from typing import Optional, Tuple
+
 import torch
+import torch.nn.functional as F
 
 from . import cuda_ext
 from ._common import check_float, next_power_of_2, require_triton, tl, triton
@@ -177,40 +180,69 @@ def cuda_ln_bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr):
     return (dx if need_dx else None), (dx if need_dr else None)
 
 
-class AddLayerNormFn(torch.autograd.Function):
-    """(x, residual, weight, bias, eps, launchers) -> y, or (y, h) with a residual; ``launchers`` is
-    ``(fwd, bwd)``: ``(add_ln_fwd, add_ln_bwd)`` or ``(cuda_ln_fwd, cuda_ln_bwd)``."""
-
-    @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, launchers):
-        fwd, ctx.bwd = launchers
-        y, h, mean, rstd = fwd(x, residual, weight, bias, eps)
-        ctx.has_residual = residual is not None
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zero reads
-        ctx.save_for_backward(h, weight, mean, rstd)  # backward re-derives xhat from h: no (rows, d) xhat saved
-        if residual is None:
-            return y  # h is x: add_layer_norm returns x itself, whose gradient autograd adds up directly
-        return y, h
-
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        need_dx = ctx.needs_input_grad[0]
-        need_dr = ctx.has_residual and ctx.needs_input_grad[1]
-        if dy is None:  # y unused: only the identity path through h remains
-            return (dh if need_dx else None), (dh if need_dr else None), None, None, None, None
-        h, weight, mean, rstd = ctx.saved_tensors
-        dx, dr = ctx.bwd(dy, dh, h, weight, mean, rstd, need_dx, need_dr)
-        return dx, dr, None, None, None, None  # weight, bias frozen; eps, launchers not tensors
+_LAUNCHERS = {"triton": (add_ln_fwd, add_ln_bwd), "cuda": (cuda_ln_fwd, cuda_ln_bwd)}
 
 
-_TRITON = (add_ln_fwd, add_ln_bwd)
-_CUDA = (cuda_ln_fwd, cuda_ln_bwd)
+# Registered as torch.library custom ops (``fastprompt::add_layer_norm``, ``fastprompt::add_layer_norm_bwd``)
+# with fake implementations, for torch.compile and CUDA graphs; ``backend`` picks the Triton or the CUDA C++
+# launchers. A custom op's output may not alias an input, so without a residual the op's h output is
+# empty and the public function returns x itself as h.
+@torch.library.custom_op("fastprompt::add_layer_norm", mutates_args=())
+def _add_ln_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+               eps: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, mean, rstd = _LAUNCHERS[backend][0](x, residual, weight, bias, eps)
+    return y, (h if residual is not None else x.new_empty(0)), mean, rstd
 
 
-def _apply(launchers, x, residual, weight, bias, eps):
-    if residual is None:  # h is x itself, not an output of the autograd node
-        return AddLayerNormFn.apply(x, None, weight, bias, eps, launchers), x
-    return AddLayerNormFn.apply(x, residual, weight, bias, eps, launchers)
+@torch.library.custom_op("fastprompt::add_layer_norm_bwd", mutates_args=())
+def _add_ln_bwd_op(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tensor, weight: torch.Tensor,
+                   mean: torch.Tensor, rstd: torch.Tensor, need_dx: bool, need_dr: bool,
+                   backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dresidual): equal (h = x + residual), in separate buffers; one not needed comes back empty."""
+    dx, dr = _LAUNCHERS[backend][1](dy, dh, h, weight, mean, rstd, need_dx, need_dr)
+    if dx is not None and dr is not None and dr.data_ptr() == dx.data_ptr():
+        dr = dr.clone()  # a custom op's outputs may not alias (a launcher may return one buffer twice)
+    empty = h.new_empty(0)
+    return (dx if dx is not None else empty), (dr if dr is not None else empty.clone())
+
+
+@_add_ln_bwd_op.register_fake
+def _(dy, dh, h, weight, mean, rstd, need_dx, need_dr, backend):
+    return (h.new_empty(h.shape) if need_dx else h.new_empty(0)), (h.new_empty(h.shape) if need_dr else h.new_empty(0))
+
+
+@_add_ln_op.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    rows = x.numel() // max(1, x.shape[-1])
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    stat = x.new_empty(rows, dtype=torch.float32)
+    return x.new_empty(x.shape), h, stat, stat.clone()
+
+
+def _add_ln_setup(ctx, inputs, output):
+    x, residual, weight, _, _, backend = inputs
+    _, h, mean, rstd = output
+    ctx.has_residual, ctx.backend = residual is not None, backend
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)  # xhat re-derived from h
+
+
+def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
+    need_dx = ctx.needs_input_grad[0]
+    need_dr = ctx.has_residual and ctx.needs_input_grad[1]
+    if not (need_dx or need_dr):
+        return None, None, None, None, None, None
+    h, weight, mean, rstd = ctx.saved_tensors
+    dx, dr = _add_ln_bwd_op(dy, dh if ctx.has_residual else None, h, weight, mean, rstd, need_dx, need_dr,
+                            ctx.backend)
+    return (dx if need_dx else None), (dr if need_dr else None), None, None, None, None  # weight, bias frozen
+
+
+_add_ln_op.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
+
+
+def _apply(backend, x, residual, weight, bias, eps):
+    y, h, _, _ = _add_ln_op(x, residual, weight.detach(), bias.detach(), float(eps), backend)
+    return y, (h if residual is not None else x)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-5):
@@ -219,10 +251,18 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5):
     x, residual: (..., d) fp32/bf16; weight, bias: (d,) frozen (never get gradients). Statistics in
     fp32; outputs in x's dtype. Backward: dx = dresidual = dh + LayerNorm-backward(dy).
     """
-    return _apply(_TRITON, x, residual, weight, bias, eps)
+    return _apply("triton", x, residual, weight, bias, eps)
 
 
 def add_layer_norm_cuda(x, residual, weight, bias, eps=1e-5):
     """``add_layer_norm`` through the CUDA C++ extension ``fastprompt.kernels._C`` (CUDA tensors, fp32 or bf16, one
     dtype for all); a RuntimeError with the build command where it is not built."""
-    return _apply(_CUDA, x, residual, weight, bias, eps)
+    return _apply("cuda", x, residual, weight, bias, eps)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def add_layer_norm_ref(x, residual, weight, bias, eps=1e-5):
+    """(y, h): h = x + residual (h = x when residual is None), y = LayerNorm(h) * weight + bias."""
+    h = x if residual is None else x + residual
+    y = F.layer_norm(h, (h.shape[-1],), weight.detach().to(h.dtype), bias.detach().to(h.dtype), eps)
+    return y, h

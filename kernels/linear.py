@@ -46,3 +46,12 @@ class LinearFn(torch.autograd.Function):
 def linear(x, weight, bias=None):
     """y = x @ weight + bias with weight (in, out) (GPT-2 Conv1D); weight and bias are frozen."""
     return LinearFn.apply(x, weight, bias)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def linear_ref(x, weight, bias=None):
+    """x @ weight + bias with GPT-2's Conv1D layout: weight (in, out). x: (..., in) -> (..., out)."""
+    w = weight.detach()
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    y = x2 @ w if bias is None else torch.addmm(bias.detach(), x2, w)  # as HF's Conv1D computes it
+    return y.view(*x.shape[:-1], w.shape[1])

@@ -28,6 +28,8 @@ with W fp32 (autocast): W is then cast to h's dtype once per call, as autocast c
 Targets < 0 (e.g. -100) are ignored: loss 0 and zero gradient, as F.cross_entropy(reduction='none').
 Targets >= V are not checked (that would need a host sync).
 """
+from typing import Tuple
+
 import torch
 
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
@@ -137,7 +139,11 @@ def lm_head_blocks(rows, V, lowp):
     # (64, 128) logits tile in registers past the 255 cap (spills with dH); BLOCK_D 32 fits (218, none).
     # BLOCK_V stays 128 everywhere: the dH scratch is read and written once per BLOCK_V columns.
     block_d = 32 if (block_m == 64 and not lowp) else 64
-    return block_m, 128, block_d, 8
+    # <= 16 rows (a few examples, e.g. 8 target rows), 16-bit with dH: at 8 warps ptxas spills 8 B a thread;
+    # 4 warps hold the mma_v2 tiles in 168 registers, no spills. fp32 (FMA dots) needs the 8 warps there:
+    # at 4 it spills 36 B (compile report).
+    warps = 4 if (block_m == 16 and lowp) else 8
+    return block_m, 128, block_d, warps
 
 
 def lm_head_ce_fwd(h, weight, targets, compute_dh):
@@ -187,22 +193,39 @@ def lm_head_ce_fwd(h, weight, targets, compute_dh):
     return loss, dh
 
 
-class LMHeadCEFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, targets):
-        compute_dh = ctx.needs_input_grad[0]
-        loss, dh = lm_head_ce_fwd(h, weight, targets, compute_dh)
-        ctx.h_dtype = h.dtype
-        if compute_dh:
-            ctx.save_for_backward(dh)
-        return loss
+# Registered as a torch.library custom op (``fastprompt::lm_head_ce``) with a fake implementation, for
+# torch.compile and CUDA graphs. Whether to form dH is an argument (a custom op cannot see autograd's
+# needs_input_grad): the public function passes grad-mode-and-h-requires-grad; without it dH is empty.
+# Backward: dh_r = g_r * (sum_v softmax_v W_v - W_target), with g the upstream per-row gradient; the bracket
+# was computed in forward, so this is one scale (plain torch ops). No dW (weight frozen), no dtargets.
+@torch.library.custom_op("fastprompt::lm_head_ce", mutates_args=())
+def _lm_head_ce_op(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                   compute_dh: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    loss, dh = lm_head_ce_fwd(h, weight, targets, compute_dh)
+    return loss, (dh if dh is not None else loss.new_empty(0))
 
-    # Backward: dh_r = g_r * (sum_v softmax_v W_v - W_target), with g the upstream per-row gradient;
-    # the bracket was computed in forward, so this is one scale. No dW (weight frozen), no dtargets.
-    @staticmethod
-    def backward(ctx, dloss):
-        (dh,) = ctx.saved_tensors
-        return (dh * dloss[:, None]).to(ctx.h_dtype), None, None
+
+@_lm_head_ce_op.register_fake
+def _(h, weight, targets, compute_dh):
+    rows, d = h.shape
+    loss = h.new_empty(rows, dtype=torch.float32)
+    return loss, (h.new_empty(rows, d, dtype=torch.float32) if compute_dh else h.new_empty(0, dtype=torch.float32))
+
+
+def _lm_head_ce_setup(ctx, inputs, output):
+    h, _, _, compute_dh = inputs
+    ctx.h_dtype, ctx.compute_dh = h.dtype, compute_dh
+    ctx.save_for_backward(output[1])
+
+
+def _lm_head_ce_backward(ctx, dloss, _ddh):
+    if not ctx.compute_dh:
+        return None, None, None, None
+    (dh,) = ctx.saved_tensors
+    return (dh * dloss[:, None]).to(ctx.h_dtype), None, None, None
+
+
+_lm_head_ce_op.register_autograd(_lm_head_ce_backward, setup_context=_lm_head_ce_setup)
 
 
 def lm_head_ce(h, weight, targets):
@@ -211,5 +234,139 @@ def lm_head_ce(h, weight, targets):
     h: (..., d) fp32/bf16; weight: (V, d) frozen; targets: (...) int. Never materialises the logits.
     """
     d = h.shape[-1]
-    loss = LMHeadCEFn.apply(h.reshape(-1, d), weight, targets.reshape(-1))
+    compute_dh = torch.is_grad_enabled() and h.requires_grad
+    loss, _ = _lm_head_ce_op(h.reshape(-1, d), weight.detach(), targets.reshape(-1), compute_dh)
+    return loss.view(targets.shape)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+VOCAB_CHUNK = 2048  # vocabulary rows per chunk of the one-pass LM head (a chunk of W stays in cache)
+
+
+class _LMHeadCERef(torch.autograd.Function):
+    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits, fp64 for fp64 h; h: (rows, d), W: (V, d)
+    frozen).
+
+    One streaming pass over the vocabulary in chunks of ``VOCAB_CHUNK`` rows of W, online softmax (running
+    max ``m``, running sum ``s``): each chunk's logits ``z_c = h W_c^T`` are used at once, while W_c is in
+    cache, for the loss *and* for the gradient's reduction ``sum_v e_v W_v`` (``e = exp(z - m)``). The
+    gradient ``dh = g (softmax(z) - onehot(y)) W`` is thus ready after the forward (``G`` below) and the
+    backward only scales it by the upstream ``g``: W is read once per step instead of twice, and the
+    (rows, V) logits are never stored.
+
+    Accuracy (few rows: one per target token): the reduction is split into chunks (a GEMM or GEMV over
+    ``VOCAB_CHUNK`` terms each, summed in a second level), never one 50k-term fp32 accumulator (~6e-6
+    relative error). The target's own term is left out of the sums (``e'``, ``s' = sum_{v != y} e_v``) so
+    that ``G = (sum_{v != y} e_v W_v - s' W_y) / s`` has no ``p_y - 1`` cancellation when the model is
+    confident.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        rows, V = h.shape[0], weight.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        w_dtype = weight.dtype
+        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))  # fp32 (fp64 for fp64 h)
+        m = torch.full((rows,), float("-inf"), **kw)  # running max of the logits
+        s_other = torch.zeros(rows, **kw)  # running sum of exp(z - m) over v != y
+        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None  # sum_{v != y} e_v W_v
+        n_chunks = -(-V // VOCAB_CHUNK)
+        chunk_of = torch.div(targets, VOCAB_CHUNK, rounding_mode="floor")
+        local = (targets - chunk_of * VOCAB_CHUNK)[:, None]  # (rows, 1): the target's column in its chunk
+        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).to(kw["dtype"])  # (rows, n_chunks)
+        keep = 1.0 - hit
+        z_y = torch.zeros(rows, 1, **kw)  # the target's logit, from the same product as the rest
+        for c in range(n_chunks):
+            start = c * VOCAB_CHUNK
+            w = weight[start : start + VOCAB_CHUNK]  # (C, d): read from memory once, used twice from cache
+            z = (h @ w.to(h.dtype).t()).to(kw["dtype"])  # (rows, C)
+            col = local if w.shape[0] == VOCAB_CHUNK else local.clamp(max=w.shape[0] - 1)
+            z_y.addcmul_(z.gather(1, col), hit[:, c : c + 1])
+            m_new = torch.maximum(m, z.amax(dim=1))
+            rescale = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+            e = z.sub_(m_new[:, None]).exp_()  # (rows, C) in (0, 1]
+            e.scatter_(1, col, e.gather(1, col).mul_(keep[:, c : c + 1]))  # leave the target's term out
+            s_other = s_other.mul_(rescale).add_(e.sum(dim=1))
+            if want_grad:
+                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == acc.dtype \
+                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).to(acc.dtype))
+            m = m_new
+        z_y = z_y[:, 0]
+        s = s_other + torch.exp(z_y - m)  # sum of exp(z - m) over the whole vocabulary
+        loss = (m - z_y) + torch.log(s)
+        if want_grad:
+            w_y = weight[targets].to(acc.dtype)  # (rows, d)
+            grad = (acc - s_other[:, None] * w_y) / s[:, None]  # d loss_r / d h_r
+            ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None
+
+
+def lm_head_ce_ref(h, weight, targets):
+    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32 (fp64 for fp64 h). h: (rows, d) —
+    only the rows that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,)."""
+    loss = _LMHeadCERef.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1))
+    return loss.view(targets.shape)
+
+
+class _LMHeadCESoftcapRef(torch.autograd.Function):
+    """loss_r = logsumexp_v(c_rv) - c_r,y_r with soft-capped logits c = cap * tanh(h W^T / cap) (Gemma).
+
+    The same one pass over the vocabulary as ``_LMHeadCERef`` (chunks of W, online softmax, the gradient formed
+    in forward); the cap's derivative enters the reduction: dc/dz = 1 - t^2 (t = tanh(z / cap)), so
+
+        d loss_r / d h_r = sum_v (p_v - [v = y]) (1 - t_v^2) W_v
+                         = (sum_{v != y} e_v (1 - t_v^2) W_v  -  s' (1 - t_y^2) W_y) / s
+
+    (e = exp(c - m), s' = sum_{v != y} e_v, s = s' + e_y): no ``p_y - 1`` cancellation, as there."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, cap):
+        rows, V = h.shape[0], weight.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
+        m = torch.full((rows,), float("-inf"), **kw)
+        s_other = torch.zeros(rows, **kw)
+        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None
+        arange = torch.arange(rows, device=h.device)
+        c_y = torch.zeros(rows, **kw)
+        for start in range(0, V, VOCAB_CHUNK):
+            w = weight[start : start + VOCAB_CHUNK]  # (C, d)
+            t = torch.tanh((h @ w.to(h.dtype).t()).to(kw["dtype"]) / cap)  # (rows, C)
+            c = t * cap
+            inside = (targets >= start) & (targets < start + w.shape[0])
+            col = (targets - start).clamp(0, w.shape[0] - 1)
+            c_y = torch.where(inside, c[arange, col], c_y)
+            m_new = torch.maximum(m, c.amax(dim=1))
+            rescale = torch.exp(m - m_new)
+            e = (c - m_new[:, None]).exp()
+            e[arange, col] = torch.where(inside, 0.0, e[arange, col])  # leave the target's term out
+            s_other = s_other * rescale + e.sum(dim=1)
+            if want_grad:
+                acc = acc * rescale[:, None] + (e * (1 - t * t)) @ w.to(kw["dtype"])
+            m = m_new
+        s = s_other + torch.exp(c_y - m)
+        loss = (m - c_y) + torch.log(s)
+        if want_grad:
+            t_y = c_y / cap
+            w_y = weight[targets].to(kw["dtype"])
+            grad = (acc - (s_other * (1 - t_y * t_y))[:, None] * w_y) / s[:, None]
+            ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None, None
+
+
+def lm_head_ce_softcap_ref(h, weight, targets, cap):
+    """``lm_head_ce`` on soft-capped logits ``cap * tanh(h @ weight^T / cap)`` (rows,) fp32."""
+    loss = _LMHeadCESoftcapRef.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1), float(cap))
     return loss.view(targets.shape)

@@ -5,7 +5,7 @@
 ``cos``/``sin`` are (rows, D) with both halves equal, as Hugging Face builds them (``ops.rotary_tables``).
 One program per (row, head); x may be a strided view (q, k sliced out of the fused q/k/v projection):
 rows and heads by stride, the head dimension contiguous. The torch reference is
-``fastprompt.engines.ops.rotary``.
+``rotary_ref`` at the end of this file.
 """
 import torch
 
@@ -63,18 +63,60 @@ def _launch(x, cos, sin, backward):
     return y
 
 
-class RotaryFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)  # the tables only: the map is linear in x
-        return _launch(x, cos, sin, backward=False)
+# Registered as torch.library custom ops (``fastprompt::rotary``, ``fastprompt::rotary_bwd``) with fake
+# (shape-only) implementations, so torch.compile traces through them and CUDA graphs capture the launches.
+# Backward: y = x * cos + rotate_half(x) * sin is linear in x, so dx is the transposed rotation of dy
+# (the kernel's BACKWARD mode); the tables are constants (no gradient).
+@torch.library.custom_op("fastprompt::rotary", mutates_args=())
+def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _launch(x, cos, sin, backward=False)
 
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _launch(dy, cos, sin, backward=True), None, None  # tables are constants
+
+@torch.library.custom_op("fastprompt::rotary_bwd", mutates_args=())
+def _rotary_bwd_op(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _launch(dy, cos, sin, backward=True)
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin):
+    return x.new_empty(x.shape)
+
+
+@_rotary_bwd_op.register_fake
+def _(dy, cos, sin):
+    return dy.new_empty(dy.shape)
+
+
+def _rotary_setup(ctx, inputs, output):
+    _, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)  # the tables only: the map is linear in x
+
+
+def _rotary_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _rotary_bwd_op(dy, cos, sin), None, None  # tables are constants
+
+
+_rotary_op.register_autograd(_rotary_backward, setup_context=_rotary_setup)
 
 
 def rotary(x, cos, sin):
     """RoPE on ``x`` (rows, heads, D) fp32/bf16 with ``cos``/``sin`` (rows, D) -> (rows, heads, D) in x's dtype."""
-    return RotaryFn.apply(x, cos, sin)
+    return _rotary_op(x, cos, sin)
+
+
+# ------------------------------------------------------------------- torch reference (the CPU path)
+def rotary_ref(x, cos, sin):
+    """RoPE on ``x`` (rows, heads, D) with ``cos``/``sin`` (rows, D) (the halves repeated, as HF builds them):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rotary_tables(positions, inv_freq, scaling=1.0):
+    """(cos, sin), each (rows, D) fp32, at ``positions`` (rows,): angles ``position * inv_freq`` as HF's
+    rotary modules compute them (fp32), both halves the same, times ``scaling``."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling

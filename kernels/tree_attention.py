@@ -20,9 +20,9 @@ over every query able to see its keys (key j: queries [max(j, n_context), seg_en
 for trunk keys), so trunk keys' dk/dv sum over all segments without atomics: race-free, deterministic.
 """
 import math
+from typing import Tuple
 
 import torch
-
 
 from ._common import check_float, interpreting, next_power_of_2, require_triton, tl, triton, use_lowp_dot
 
@@ -276,6 +276,10 @@ def attention_blocks(block_d, kernel, lowp):
         if block_d > 64:
             return 16, 32, 8
         return (32, 32, 8) if kernel == "dkdv" else (32, 64, 8)
+    if kernel == "dkdv" and block_d > 128:
+        # D = 256 (Gemma 3): 32x32 at 4 warps needs 255 registers and spills 12 B a thread (dK, dV, K, V
+        # tiles of 32 x 256 in fp32/bf16); 8 warps spread them: 139 registers, no spills (compile report).
+        return 32, 32, 8
     if kernel != "fwd" and block_d > 64:
         return 32, 32, 4
     # 16-bit, D = 64: 64x64 tiles lower to wgmma (64-row warpgroup tiles). A step's grid is about
@@ -345,25 +349,54 @@ def tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, n_trunk, scale, need_
     return dq, dk, dv
 
 
-class TreeAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, n_trunk, seg_start, seg_end, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = tree_attn_fwd(q, k, v, n_trunk, seg_start, seg_end, scale)
-        if any(ctx.needs_input_grad[:3]):
-            ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
-        ctx.n_trunk, ctx.scale = n_trunk, scale
-        return o
+# Registered as torch.library custom ops (``fastprompt::tree_attention``, ``fastprompt::tree_attention_bwd``)
+# with fake implementations, for torch.compile and CUDA graphs. Gradients not asked for come back empty.
+@torch.library.custom_op("fastprompt::tree_attention", mutates_args=())
+def _tree_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_trunk: int, seg_start: torch.Tensor,
+                  seg_end: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return tree_attn_fwd(q.contiguous(), k.contiguous(), v.contiguous(), n_trunk, seg_start, seg_end, scale)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
-        need_dq = ctx.needs_input_grad[0]
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = tree_attn_bwd(do, q, k, v, o, lse, seg_start, seg_end, ctx.n_trunk, ctx.scale,
+
+@torch.library.custom_op("fastprompt::tree_attention_bwd", mutates_args=())
+def _tree_attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.Tensor, n_trunk: int, scale: float,
+                      need_dq: bool, need_dkdv: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = tree_attn_bwd(do, q.contiguous(), k.contiguous(), v.contiguous(), o, lse, seg_start, seg_end,
+                               n_trunk, scale, need_dq, need_dkdv)
+    empty = q.new_empty(0)
+    return (dq if dq is not None else empty), (dk if dk is not None else empty.clone()), \
+        (dv if dv is not None else empty.clone())
+
+
+@_tree_attn_op.register_fake
+def _(q, k, v, n_trunk, seg_start, seg_end, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@_tree_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, seg_start, seg_end, n_trunk, scale, need_dq, need_dkdv):
+    return (q.new_empty(q.shape) if need_dq else q.new_empty(0), k.new_empty(k.shape) if need_dkdv else q.new_empty(0),
+            v.new_empty(v.shape) if need_dkdv else q.new_empty(0))
+
+
+def _tree_attn_setup(ctx, inputs, output):
+    q, k, v, n_trunk, seg_start, seg_end, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
+    ctx.n_trunk, ctx.scale = n_trunk, scale
+
+
+def _tree_attn_backward(ctx, do, _dlse):
+    q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
+    need_dq = ctx.needs_input_grad[0]
+    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dq, dk, dv = _tree_attn_bwd_op(do, q, k, v, o, lse, seg_start, seg_end, ctx.n_trunk, ctx.scale,
                                    need_dq, need_dkdv)
-        return (dq, dk if ctx.needs_input_grad[1] else None, dv if ctx.needs_input_grad[2] else None,
-                None, None, None, None)
+    return (dq if need_dq else None, dk if ctx.needs_input_grad[1] else None,
+            dv if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+
+_tree_attn_op.register_autograd(_tree_attn_backward, setup_context=_tree_attn_setup)
 
 
 def _check_bounds(seg_start, seg_end, n_keys, device):
@@ -383,4 +416,4 @@ def tree_attention(q, k, v, n_trunk, seg_start, seg_end, scale=None):
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return TreeAttentionFn.apply(q, k, v, int(n_trunk), seg_start, seg_end, float(scale))
+    return _tree_attn_op(q, k, v, int(n_trunk), seg_start, seg_end, float(scale))[0]

@@ -13,10 +13,13 @@ Every weight is frozen: the torch versions read ``.detach()``ed views, so autogr
 input-gradient path (``dX = dY @ W^T``; no ``dW``, no ``dgamma``/``dbeta``, no bias reduction), whatever
 the caller's parameters' ``requires_grad`` says.
 
-These torch ops are the only torch implementation of each op: the CPU path, and the reference the kernels
-are tested and benchmarked against (on fp64 inputs they compute in fp64: the tests' ground truth).
+Each op's torch implementation (``<op>_ref``: the CPU path, and the reference the kernels are tested and
+benchmarked against; on fp64 inputs it computes in fp64, the tests' ground truth) lives in the op's own file
+``kernels/<op>.py`` beside its Triton kernel; this module re-exports them under the ops' names (a façade:
+callers never name the files) and holds the registry. The torch attention (tree and sliding window, GQA without
+repeating K/V heads) stays here, beside the mask it builds (engines/tree.py's rule, cached on the CPU).
 
-Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, H, D)`` with ``Nk >= Nq``; query row ``r``
+Tree attention: query rows ``(Nq, H, D)`` and key/value rows ``(Nk, Hkv, D)`` (Hkv divides H) with ``Nk >= Nq``; query row ``r``
 is key row ``r + (Nk - Nq)``: the first ``Nk - Nq`` key rows are the constant context, keys without queries.
 The mask (``n_trunk``, ``cu_seqlens``) is ``engines/tree.py``'s.
 """
@@ -29,6 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+# Each op's torch reference lives in its own file, beside its Triton kernel (kernels/<op>.py; importing those
+# never needs Triton): the names here are the façade the engines, families, tests and benchmarks call.
+from ..kernels.bias_gelu import bias_gelu_ref as bias_gelu
+from ..kernels.gated_act import gated_act_ref as gated_act
+from ..kernels.layer_norm import add_layer_norm_ref as add_layer_norm
+from ..kernels.linear import linear_ref as linear
+from ..kernels.lm_head_ce import VOCAB_CHUNK, lm_head_ce_ref as lm_head_ce, lm_head_ce_softcap_ref as lm_head_ce_softcap  # noqa: F401
+from ..kernels.rms_norm import add_rms_norm_ref as add_rms_norm
+from ..kernels.rotary import rotary_ref as rotary, rotary_tables  # noqa: F401
 from .tree import segment_bounds, tree_mask
 
 KERNELS = ("auto", "torch", "triton", "cuda")
@@ -40,82 +52,6 @@ ALL_OP_NAMES = OP_NAMES + FAMILY_OP_NAMES
 
 
 # ------------------------------------------------------------------------------------------ torch ops
-def add_layer_norm(x, residual, weight, bias, eps=1e-5):
-    """(y, h): h = x + residual (h = x when residual is None), y = LayerNorm(h) * weight + bias."""
-    h = x if residual is None else x + residual
-    y = F.layer_norm(h, (h.shape[-1],), weight.detach().to(h.dtype), bias.detach().to(h.dtype), eps)
-    return y, h
-
-
-def linear(x, weight, bias=None):
-    """x @ weight + bias with GPT-2's Conv1D layout: weight (in, out). x: (..., in) -> (..., out)."""
-    w = weight.detach()
-    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
-    y = x2 @ w if bias is None else torch.addmm(bias.detach(), x2, w)  # as HF's Conv1D computes it
-    return y.view(*x.shape[:-1], w.shape[1])
-
-
-def bias_gelu(x, bias):
-    """gelu_tanh(x + bias) (GPT-2's gelu_new)."""
-    return F.gelu(x + bias.detach(), approximate="tanh")
-
-
-def add_rms_norm(x, residual, weight, eps=1e-6, offset=0.0):
-    """(y, h): h = x + residual (h = x when residual is None), y = h / rms(h) * (offset + weight) over the last
-    dimension, in fp32 (fp64 for fp64 h), cast once to h's dtype. ``offset`` 1: Gemma's ``1 + w``. The weight
-    is frozen: the backward forms dX only (no dW), in closed form (``_RMSNorm``)."""
-    h = x if residual is None else x + residual
-    return _RMSNorm.apply(h, weight.detach(), float(eps), float(offset)), h
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = h * r * s with r = (mean(h^2) + eps)^-1/2, s = offset + w (frozen). Backward, g = dy * s:
-    dh = r * (g - h * r^2 * mean(g * h)). One saved (rows, n) tensor and ~5 ops each way instead of autograd's
-    ~12 through pow/mean/rsqrt/mul (the CPU step of a 30-layer model runs ~60 of these a pass)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, eps, offset):
-        dtype = torch.promote_types(h.dtype, torch.float32)
-        hf = h.to(dtype)
-        r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-        scale = weight.to(dtype)
-        if offset:
-            scale = scale + offset
-        ctx.save_for_backward(hf, r, scale)
-        ctx.h_dtype = h.dtype
-        return (hf * r * scale).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        hf, r, scale = ctx.saved_tensors
-        g = dy.to(hf.dtype) * scale
-        dh = (g - hf * ((g * hf).mean(-1, keepdim=True) * r * r)) * r
-        return dh.to(ctx.h_dtype), None, None, None
-
-
-def rotary(x, cos, sin):
-    """RoPE on ``x`` (rows, heads, D) with ``cos``/``sin`` (rows, D) (the halves repeated, as HF builds them):
-    x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def rotary_tables(positions, inv_freq, scaling=1.0):
-    """(cos, sin), each (rows, D) fp32, at ``positions`` (rows,): angles ``position * inv_freq`` as HF's
-    rotary modules compute them (fp32), both halves the same, times ``scaling``."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scaling, emb.sin() * scaling
-
-
-def gated_act(gate_up, activation="silu"):
-    """act(gate) * up for ``gate_up = [gate | up]`` (rows, 2I) -> (rows, I): SwiGLU (silu), GeGLU (gelu_tanh)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    a = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
-    return a * up
-
-
 # The last CPU masks, newest last: (tensors the mask was built from, their _versions, sizes, additive mask).
 # Several, since a step of K prompts (loss_terms_many) asks for one mask per prompt at every layer.
 _MASK_CACHE: list = []
@@ -220,138 +156,6 @@ def _additive(mask: torch.Tensor, group: int = 1) -> torch.Tensor:
     """A bool mask (Nq, Nk) as an fp32 additive bias (0 / -inf), repeated ``group`` times along the rows."""
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
     return bias if group == 1 else bias.repeat(group, 1)
-
-
-VOCAB_CHUNK = 2048  # vocabulary rows per chunk of the one-pass LM head (a chunk of W stays in cache)
-
-
-class _LMHeadCE(torch.autograd.Function):
-    """loss_r = logsumexp_v(z_rv) - z_r,y_r with z = h W^T (fp32 logits, fp64 for fp64 h; h: (rows, d), W: (V, d)
-    frozen).
-
-    One streaming pass over the vocabulary in chunks of ``VOCAB_CHUNK`` rows of W, online softmax (running
-    max ``m``, running sum ``s``): each chunk's logits ``z_c = h W_c^T`` are used at once, while W_c is in
-    cache, for the loss *and* for the gradient's reduction ``sum_v e_v W_v`` (``e = exp(z - m)``). The
-    gradient ``dh = g (softmax(z) - onehot(y)) W`` is thus ready after the forward (``G`` below) and the
-    backward only scales it by the upstream ``g``: W is read once per step instead of twice, and the
-    (rows, V) logits are never stored.
-
-    Accuracy (few rows: one per target token): the reduction is split into chunks (a GEMM or GEMV over
-    ``VOCAB_CHUNK`` terms each, summed in a second level), never one 50k-term fp32 accumulator (~6e-6
-    relative error). The target's own term is left out of the sums (``e'``, ``s' = sum_{v != y} e_v``) so
-    that ``G = (sum_{v != y} e_v W_v - s' W_y) / s`` has no ``p_y - 1`` cancellation when the model is
-    confident.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets):
-        rows, V = h.shape[0], weight.shape[0]
-        want_grad = ctx.needs_input_grad[0]
-        w_dtype = weight.dtype
-        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))  # fp32 (fp64 for fp64 h)
-        m = torch.full((rows,), float("-inf"), **kw)  # running max of the logits
-        s_other = torch.zeros(rows, **kw)  # running sum of exp(z - m) over v != y
-        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None  # sum_{v != y} e_v W_v
-        n_chunks = -(-V // VOCAB_CHUNK)
-        chunk_of = torch.div(targets, VOCAB_CHUNK, rounding_mode="floor")
-        local = (targets - chunk_of * VOCAB_CHUNK)[:, None]  # (rows, 1): the target's column in its chunk
-        hit = torch.nn.functional.one_hot(chunk_of, n_chunks).to(kw["dtype"])  # (rows, n_chunks)
-        keep = 1.0 - hit
-        z_y = torch.zeros(rows, 1, **kw)  # the target's logit, from the same product as the rest
-        for c in range(n_chunks):
-            start = c * VOCAB_CHUNK
-            w = weight[start : start + VOCAB_CHUNK]  # (C, d): read from memory once, used twice from cache
-            z = (h @ w.to(h.dtype).t()).to(kw["dtype"])  # (rows, C)
-            col = local if w.shape[0] == VOCAB_CHUNK else local.clamp(max=w.shape[0] - 1)
-            z_y.addcmul_(z.gather(1, col), hit[:, c : c + 1])
-            m_new = torch.maximum(m, z.amax(dim=1))
-            rescale = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
-            e = z.sub_(m_new[:, None]).exp_()  # (rows, C) in (0, 1]
-            e.scatter_(1, col, e.gather(1, col).mul_(keep[:, c : c + 1]))  # leave the target's term out
-            s_other = s_other.mul_(rescale).add_(e.sum(dim=1))
-            if want_grad:
-                acc = acc.mul_(rescale[:, None]).addmm_(e.to(w_dtype), w) if w_dtype == acc.dtype \
-                    else acc.mul_(rescale[:, None]).add_((e.to(w_dtype) @ w).to(acc.dtype))
-            m = m_new
-        z_y = z_y[:, 0]
-        s = s_other + torch.exp(z_y - m)  # sum of exp(z - m) over the whole vocabulary
-        loss = (m - z_y) + torch.log(s)
-        if want_grad:
-            w_y = weight[targets].to(acc.dtype)  # (rows, d)
-            grad = (acc - s_other[:, None] * w_y) / s[:, None]  # d loss_r / d h_r
-            ctx.save_for_backward(grad)
-        ctx.h_dtype = h.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        (grad,) = ctx.saved_tensors
-        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None
-
-
-def lm_head_ce(h, weight, targets):
-    """Per-row cross-entropy of ``h @ weight^T`` against ``targets``, fp32 (fp64 for fp64 h). h: (rows, d) —
-    only the rows that predict a target; weight: (V, d) frozen; targets: (rows,) -> (rows,)."""
-    loss = _LMHeadCE.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1))
-    return loss.view(targets.shape)
-
-
-class _LMHeadCESoftcap(torch.autograd.Function):
-    """loss_r = logsumexp_v(c_rv) - c_r,y_r with soft-capped logits c = cap * tanh(h W^T / cap) (Gemma).
-
-    The same one pass over the vocabulary as ``_LMHeadCE`` (chunks of W, online softmax, the gradient formed
-    in forward); the cap's derivative enters the reduction: dc/dz = 1 - t^2 (t = tanh(z / cap)), so
-
-        d loss_r / d h_r = sum_v (p_v - [v = y]) (1 - t_v^2) W_v
-                         = (sum_{v != y} e_v (1 - t_v^2) W_v  -  s' (1 - t_y^2) W_y) / s
-
-    (e = exp(c - m), s' = sum_{v != y} e_v, s = s' + e_y): no ``p_y - 1`` cancellation, as there."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, cap):
-        rows, V = h.shape[0], weight.shape[0]
-        want_grad = ctx.needs_input_grad[0]
-        kw = dict(device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
-        m = torch.full((rows,), float("-inf"), **kw)
-        s_other = torch.zeros(rows, **kw)
-        acc = torch.zeros(rows, h.shape[1], **kw) if want_grad else None
-        arange = torch.arange(rows, device=h.device)
-        c_y = torch.zeros(rows, **kw)
-        for start in range(0, V, VOCAB_CHUNK):
-            w = weight[start : start + VOCAB_CHUNK]  # (C, d)
-            t = torch.tanh((h @ w.to(h.dtype).t()).to(kw["dtype"]) / cap)  # (rows, C)
-            c = t * cap
-            inside = (targets >= start) & (targets < start + w.shape[0])
-            col = (targets - start).clamp(0, w.shape[0] - 1)
-            c_y = torch.where(inside, c[arange, col], c_y)
-            m_new = torch.maximum(m, c.amax(dim=1))
-            rescale = torch.exp(m - m_new)
-            e = (c - m_new[:, None]).exp()
-            e[arange, col] = torch.where(inside, 0.0, e[arange, col])  # leave the target's term out
-            s_other = s_other * rescale + e.sum(dim=1)
-            if want_grad:
-                acc = acc * rescale[:, None] + (e * (1 - t * t)) @ w.to(kw["dtype"])
-            m = m_new
-        s = s_other + torch.exp(c_y - m)
-        loss = (m - c_y) + torch.log(s)
-        if want_grad:
-            t_y = c_y / cap
-            w_y = weight[targets].to(kw["dtype"])
-            grad = (acc - (s_other * (1 - t_y * t_y))[:, None] * w_y) / s[:, None]
-            ctx.save_for_backward(grad)
-        ctx.h_dtype = h.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        (grad,) = ctx.saved_tensors
-        return (grad * dloss[:, None].to(grad.dtype)).to(ctx.h_dtype), None, None, None
-
-
-def lm_head_ce_softcap(h, weight, targets, cap):
-    """``lm_head_ce`` on soft-capped logits ``cap * tanh(h @ weight^T / cap)`` (rows,) fp32."""
-    loss = _LMHeadCESoftcap.apply(h.reshape(-1, h.shape[-1]), weight.detach(), targets.reshape(-1), float(cap))
-    return loss.view(targets.shape)
 
 
 # ------------------------------------------------------------------------------------------ registry
