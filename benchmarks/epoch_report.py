@@ -83,7 +83,9 @@ def table(records: Iterable[dict]) -> str:
     out = [line(cols), line(["-" * w for w in widths])] + [line(row) for row in rows]
     first = records[0]
     out.append("")
-    out.append(f"device: {first.get('device', '?')}; model: {first.get('model', '?')} (random weights); "
+    model = first.get('model', '?')
+    weights = "real weights" if model in ("smollm2-135m", "gemma3-270m") else "random weights"
+    out.append(f"device: {first.get('device', '?')}; model: {model} ({weights}); "
                f"batch {first.get('batch_size', '?')}; {first.get('n_examples', '?')} training examples an epoch; "
                f"torch {first.get('torch', '?')}, {first.get('threads', '?')} threads")
     out.append("epoch s: median over rounds of one epoch of Adam steps (tokenisation done once before timing); "

@@ -116,6 +116,11 @@ FAMILY_MODELS = {
 }
 CPU_CASES += [Case("cpu", engine, "fp32", 4, (("kernels", "torch"),) if engine == "fused" else (), model=family)
               for family in ("llama", "qwen3", "mistral", "gemma3") for engine in ("naive", "generic", "fused")]
+# the Llama kind against PEFT's prompt-tuning loop at prompt 4 and 20 (its naive and fused rows at 4 are above)
+CPU_CASES += [Case("cpu", engine, "fp32", L, (("kernels", "torch"),) if engine in ("fused", "from_peft") else (),
+                   model="llama")
+              for L in (4, 20) for engine in ("naive", "fused", "peft", "from_peft") if (L, engine) not in
+              ((4, "naive"), (4, "fused"))]
 GPU_CASES += [Case("gpu", engine, precision, 4, options, model=family)
               for family in ("llama", "qwen3", "gemma3")
               for engine, precision, options in (("naive", "autocast", ()), ("generic", "bf16", ()),
