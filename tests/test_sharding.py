@@ -8,7 +8,6 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from fastprompt.errors import ConfigError
 from fastprompt.sharding import check_engine
 from fastprompt.train import main
 
@@ -51,10 +50,8 @@ def test_refused_without_torchrun_or_with_one_process(tmp_path, monkeypatch, cap
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_engine_that_cannot_shard():
-    assert check_engine("auto") == "generic" and check_engine("naive") == "naive"
-    with pytest.raises(ConfigError, match="use --engine generic"):
-        check_engine("fused")
+def test_every_engine_shards():
+    assert [check_engine(e) for e in ("auto", "naive", "generic", "fused")] == ["auto", "naive", "generic", "fused"]
 
 
 @pytest.mark.slow
@@ -67,9 +64,11 @@ def test_every_engine_path_and_method_matches_one_process(tmp_path):
                           env={"SHARD_TMP": str(tmp_path / str(n))})
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        assert len(rows) == 14
+        assert len(rows) == 20
         for row in rows:
             assert row["init"] == 0.0, row["case"]
+            assert row["freed"], row  # every layer sharded again after each forward and each backward
+            assert row["engine"] == (row["case"][1] if row["case"][1] != "auto" else "fused"), row
             assert row["worst"] <= 1e-5, row  # loss and gradient over 3 steps
             assert row["replicated"] <= 1, row  # only the first batch (layout check) ran whole on every rank
             a, b = row["eval"]
@@ -99,12 +98,16 @@ def test_cli_three_processes_match_one_and_resume_with_two(tmp_path):
     assert final_b["event"] == "final" and abs(final_a["test_loss"] - final_b["test_loss"]) <= 1e-5 * final_a["test_loss"]
 
 
-def test_fused_refused_under_torchrun(tmp_path):
-    result = torchrun(2, *ARGS, "--epochs", "1", "--engine", "fused", "--shard-weights", "--out", str(tmp_path / "f"))
-    assert result.returncode != 0
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "use --engine generic" in lines[0], result.stderr[-2000:]  # rank 0 speaks for all
-    assert not (tmp_path / "f").exists()
+@pytest.mark.slow
+def test_cli_fused_two_processes_match_one(tmp_path):
+    """--engine fused --shard-weights on 2 processes ends at the one-process fused run's prompt."""
+    single = tmp_path / "single"
+    assert main([*ARGS, "--epochs", "1", "--engine", "fused", "--out", str(single)]) == 0
+    two = tmp_path / "two"
+    result = torchrun(2, *ARGS, "--epochs", "1", "--engine", "fused", "--shard-weights", "--out", str(two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused (fp32" in result.stdout and "x 2 processes, weights sharded" in result.stdout
+    assert rel(prompt_of(two), prompt_of(single)) <= 1e-5
 
 
 @pytest.mark.slow
