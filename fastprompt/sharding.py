@@ -42,8 +42,9 @@ full copy on any rank. Other names (``tiny``, ``random:*``, hub names, ``gemma3-
 every rank by ``models.load_model`` and then sharded (the layers' other chunks are freed): a transient full
 copy per process, fine for the small models these are.
 
-Engines: ``generic`` and ``naive`` (``auto`` means ``generic`` here). The fused engine reads its weights
-once, as its own tensors, outside any module call: refused (``check_engine``). Prefix-tuning through
+Engines: all three. The fused engine reads its weights outside any module call, so FSDP2's hooks never
+gather for it: it reads each layer through ``LayerGather`` (explicit ``unshard``/``reshard``, a layer
+gathered only while it runs, forward and backward; its saved weights are ``_BlockRef``s). Prefix-tuning through
 ``gpt2_reference_forward`` (its init, the naive engine, the generic engine where a field precedes the slot,
 decoding after a field) calls a block's submodules directly; ``gathered`` gathers the block around that use.
 """
