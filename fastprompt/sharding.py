@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -134,7 +135,7 @@ class ShardedWeights:
         self._ptrs: dict[int, tuple[Any, str, int]] = {}
         self._gathered: set = set()  # layers gathered by an unpack, freed after the backward
         self._derived: dict[int, tuple[Any, int, tuple, int]] = {}  # the fused engine's live layer tensors
-        self.layer_gathers: list = []  # LayerGather of fused engines on this model (freed by reshard)
+        self.layer_gathers = weakref.WeakSet()  # LayerGather of fused engines on this model (freed by reshard)
         model._fastprompt_shards = self
 
     # -- which saved tensors are layer weights
@@ -252,7 +253,7 @@ class LayerGather:
         self.model, self.weights, self.dtype = model, weights, dtype
         self.live: dict[int, Any] = {}  # layer index -> its Block, read while gathered
         self._ptrs: dict[int, list[int]] = {}  # layer index -> the storages it registered
-        weights.layer_gathers.append(self)
+        weights.layer_gathers.add(self)
 
     def block(self, i: int):
         blk = self.live.get(i)

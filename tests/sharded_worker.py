@@ -38,6 +38,7 @@ CASES = [  # (model, engine, method, template, engine options)
     ("llama", "fused", "soft", None, {}),
     ("llama", "fused", "prefix", None, {}),
     ("llama-dir", "auto", "relaxed", None, {}),  # auto is fused here too
+    ("gemma3", "fused", "soft", None, {}),  # four norms a block, a sliding layer, soft-capped logits
 ]
 ONLY = [e for e in os.environ.get("SHARD_ENGINES", "").split(",") if e]  # a subset by engine, to debug
 PAIRS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"), ("yes", "no"),
@@ -45,7 +46,7 @@ PAIRS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("
 
 
 def model(kind):
-    return tiny_gpt2() if kind.startswith("gpt2") else tiny_causal_lm("llama")
+    return tiny_gpt2() if kind.startswith("gpt2") else tiny_causal_lm(kind.removesuffix("-dir"))
 
 
 def sharded(kind, rank):

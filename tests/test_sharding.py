@@ -58,13 +58,14 @@ def test_every_engine_shards():
 def test_every_engine_path_and_method_matches_one_process(tmp_path):
     """tests/sharded_worker.py: generic (packed, padded, several packs, a field before the prompt), naive,
     relaxed, hard, prefix (generic, naive, after a field), tiny Llama, both loaded from safetensors chunk by
-    chunk; 2 and 3 processes, batch 7."""
+    chunk; the packed engine (soft, prefix, prefix after a field; GPT-2, Llama, Gemma 3; auto); 2 and 3
+    processes, batch 7."""
     for n in (2, 3):
         result = torchrun(n, script=os.path.join(HERE, "sharded_worker.py"), timeout=900,
                           env={"SHARD_TMP": str(tmp_path / str(n))})
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        assert len(rows) == 20
+        assert len(rows) == 21
         for row in rows:
             assert row["init"] == 0.0, row["case"]
             assert row["freed"], row  # every layer sharded again after each forward and each backward
@@ -119,3 +120,30 @@ def test_a_failed_rank_is_reported_on_every_rank(tmp_path):
     assert "injected failure on rank 1" in result.stderr
     lost = [line for line in error_lines(result.stderr) if line.startswith("error: rank 0 of 2:")]
     assert len(lost) == 1 and "--resume" in lost[0], result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+def test_read_block_is_the_layer_read_weights_reads(kind):
+    """The fused engine on sharded weights reads one layer at a time (families.read_block): the same tensors
+    and settings as the whole-model read, layer by layer."""
+    import dataclasses
+
+    import torch
+
+    from fastprompt.families import read_block, read_weights
+    from fastprompt.sharding import _block_tensors
+    from helpers import tiny_causal_lm, tiny_gpt2
+
+    m = tiny_gpt2(n_layer=3) if kind == "gpt2" else tiny_causal_lm(kind)
+    whole = read_weights(m)
+    for i, block in enumerate(whole.blocks):
+        one = read_block(m, i)
+        pairs = list(zip(_block_tensors(block), _block_tensors(one)))
+        assert pairs and len(pairs) == len(list(_block_tensors(block)))
+        for (path_a, a), (path_b, b) in pairs:
+            assert path_a == path_b and torch.equal(a, b), (i, path_a)
+        assert block.attn.window == one.attn.window and block.attn.scale == one.attn.scale
+        assert dataclasses.replace(block.attn, qkv_w=None, qkv_b=None, out_w=None, out_b=None, q_norm=None,
+                                   k_norm=None, rotary=None) == \
+            dataclasses.replace(one.attn, qkv_w=None, qkv_b=None, out_w=None, out_b=None, q_norm=None,
+                                k_norm=None, rotary=None)
