@@ -106,11 +106,24 @@ def main():
             with torch.no_grad():  # the same next prompt on both, moved by the gradient
                 one.prompt -= 0.5 * grad_one / grad_one.norm()
                 many.prompt.copy_(one.prompt)
+        many_err = None
+        if method == "soft":  # K prompts through loss_terms_many: each its own sharded step
+            xs_one = [one.prompt, one.prompt * 0.5]
+            xs_many = [many.prompt, many.prompt * 0.5]
+            terms_one = one.engine.loss_terms_many(xs_one, [batch, batch])
+            terms_many = many.engine.loss_terms_many(xs_many, [batch, batch])
+            many_err = 0.0
+            for (ce_a, n_a), (ce_b, n_b), x_a, x_b in zip(terms_one, terms_many, xs_one, xs_many):
+                assert n_a == n_b
+                g_a, = torch.autograd.grad(ce_a, x_a)
+                g_b, = torch.autograd.grad(ce_b, x_b)
+                many_err = max(many_err, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
+            freed = freed and all_sharded(weights)
         with torch.no_grad():
             eval_one, eval_many = one.evaluate(examples, generation=True), many.evaluate(examples, generation=True)
         if rank == 0:
             print(json.dumps({"case": [kind, engine, method, template, shown], "engine": many.engine.name, "init": init, "worst": worst,
-                              "replicated": many.engine.replicated_batches, "freed": freed, "eval": [eval_one, eval_many]}),
+                              "replicated": many.engine.replicated_batches, "freed": freed, "many": many_err, "eval": [eval_one, eval_many]}),
                   flush=True)
     dist.destroy_process_group()
 

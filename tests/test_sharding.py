@@ -71,6 +71,7 @@ def test_every_engine_path_and_method_matches_one_process(tmp_path):
             assert row["freed"], row  # every layer sharded again after each forward and each backward
             assert row["engine"] == (row["case"][1] if row["case"][1] != "auto" else "fused"), row
             assert row["worst"] <= 1e-5, row  # loss and gradient over 3 steps
+            assert row["many"] is None or row["many"] <= 1e-5, row  # two prompts through loss_terms_many
             assert row["replicated"] <= 1, row  # only the first batch (layout check) ran whole on every rank
             a, b = row["eval"]
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and a["exact_match"] == b["exact_match"], row
