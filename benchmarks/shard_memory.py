@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,13 +95,15 @@ def worker(args) -> None:
               "step_s_median": statistics.median(times[1:]) if len(times) > 1 else None,
               "steps": len(times) - 1, "torch_threads": torch.get_num_threads(),
               "engine": tuner.engine.name, "engine_described": tuner.engine.describe()}
-    print("RECORD " + json.dumps(record), flush=True)
+    with open(os.path.join(args.records, f"rank{ctx.rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f)  # a file a rank: torchrun interleaves the ranks' stdout
     ctx.close()
 
 
 def launch(n: int, shard: bool, engine: str, args) -> list[dict]:
+    records = tempfile.mkdtemp(prefix="shard-records-")
     cmd = [__file__, "--worker", "--model-dir", args.model_dir, "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps), "--engine", engine] + (["--shard"] if shard else [])
+           "--steps", str(args.steps), "--engine", engine, "--records", records] + (["--shard"] if shard else [])
     # a fixed mmap threshold: freed blocks of 1 MiB and more go back to the OS at once, so the high-water
     # mark counts live memory, not glibc's heap grown by the all-gathers' freed buffers
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
@@ -112,8 +115,14 @@ def launch(n: int, shard: bool, engine: str, args) -> list[dict]:
     result = subprocess.run(full, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(full)} failed:\n{result.stderr[-3000:]}")
-    return sorted((json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RECORD ")),
-                  key=lambda r: r["rank"])
+    rows = []
+    for name in sorted(os.listdir(records)):
+        with open(os.path.join(records, name), encoding="utf-8") as f:
+            rows.append(json.load(f))
+    shutil.rmtree(records)
+    if len(rows) != n:
+        raise SystemExit(f"{' '.join(full)}: {len(rows)} records of {n} ranks")
+    return sorted(rows, key=lambda r: r["rank"])
 
 
 def main() -> None:
@@ -127,6 +136,7 @@ def main() -> None:
     p.add_argument("--speed", action="store_true", help="time 2 processes, replicated vs sharded")
     p.add_argument("--engines", default="generic,fused", help="comma-separated engines, each a set of runs")
     p.add_argument("--engine", default="generic", help=argparse.SUPPRESS)  # the worker's
+    p.add_argument("--records", default=None, help=argparse.SUPPRESS)  # where the worker writes its record
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args()
     if args.steps is None:
