@@ -3,6 +3,7 @@
     python benchmarks/shard_memory.py                      # memory: 1 process, then 2 and 3 sharded (~2 min)
     python benchmarks/shard_memory.py --speed              # step time: 2 processes replicated vs sharded
     python benchmarks/shard_memory.py --json OUT.json      # also write the records
+    python benchmarks/shard_memory.py --engines fused      # one engine only (default: generic,fused)
 
 GPT-2 small architecture with random weights, saved once with ``save_pretrained`` to a temporary directory
 (``--model-dir`` to keep or reuse one), loaded by ``fastprompt.sharding.load_sharded`` (the meta device,
@@ -10,7 +11,8 @@ each rank reading its chunks) for sharded runs and by ``load_model`` otherwise. 
 the imports (the baseline), peak RSS after loading, anonymous resident memory (``RssAnon``: no file pages)
 right after loading and after the steps, the steps' own peak RSS (``VmHWM`` reset after loading), peak RSS after the training steps (``ru_maxrss``: the
 process's high-water mark), and the parameter bytes it holds (layer chunks + the unsharded rest). Training:
-the generic engine, fp32, batch 16 of the built-in antonyms, the default template, prompt_len 4.
+each engine of ``--engines`` (generic, and the packed ``fused`` engine whose layers ``sharding.LayerGather``
+gathers), fp32, batch 16 of the built-in antonyms, the default template, prompt_len 4.
 ``--speed`` times ``--steps`` steps after one warm-up, median seconds a step, replicated
 (``DataParallelEngine``) and sharded in the same run; run it on a quiet machine.
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,7 +75,7 @@ def worker(args) -> None:
     weights = sharded_weights(model)
     held = weights.local_bytes(model) if weights is not None else \
         {"layer_shards": 0, "unsharded": sum(p.numel() * p.element_size() for p in model.parameters())}
-    tuner = PromptTuner(model, tokenizer, prompt_len=4, engine="generic", precision="fp32", seed=0)
+    tuner = PromptTuner(model, tokenizer, prompt_len=4, engine=args.engine, precision="fp32", seed=0)
     ctx.wrap(tuner)
     tuner.optimizer = tuner.make_optimizer(1e-3)
     examples = load_pairs("antonyms")[: args.batch_size * (args.steps + 1)]
@@ -91,14 +94,16 @@ def worker(args) -> None:
               "param_mb": {k: round(v / MB, 1) for k, v in held.items()},
               "step_s_median": statistics.median(times[1:]) if len(times) > 1 else None,
               "steps": len(times) - 1, "torch_threads": torch.get_num_threads(),
-              "engine": tuner.engine.describe()}
-    print("RECORD " + json.dumps(record), flush=True)
+              "engine": tuner.engine.name, "engine_described": tuner.engine.describe()}
+    with open(os.path.join(args.records, f"rank{ctx.rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f)  # a file a rank: torchrun interleaves the ranks' stdout
     ctx.close()
 
 
-def launch(n: int, shard: bool, args) -> list[dict]:
+def launch(n: int, shard: bool, engine: str, args) -> list[dict]:
+    records = tempfile.mkdtemp(prefix="shard-records-")
     cmd = [__file__, "--worker", "--model-dir", args.model_dir, "--batch-size", str(args.batch_size),
-           "--steps", str(args.steps)] + (["--shard"] if shard else [])
+           "--steps", str(args.steps), "--engine", engine, "--records", records] + (["--shard"] if shard else [])
     # a fixed mmap threshold: freed blocks of 1 MiB and more go back to the OS at once, so the high-water
     # mark counts live memory, not glibc's heap grown by the all-gathers' freed buffers
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
@@ -110,8 +115,14 @@ def launch(n: int, shard: bool, args) -> list[dict]:
     result = subprocess.run(full, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(full)} failed:\n{result.stderr[-3000:]}")
-    return sorted((json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("RECORD ")),
-                  key=lambda r: r["rank"])
+    rows = []
+    for name in sorted(os.listdir(records)):
+        with open(os.path.join(records, name), encoding="utf-8") as f:
+            rows.append(json.load(f))
+    shutil.rmtree(records)
+    if len(rows) != n:
+        raise SystemExit(f"{' '.join(full)}: {len(rows)} records of {n} ranks")
+    return sorted(rows, key=lambda r: r["rank"])
 
 
 def main() -> None:
@@ -123,6 +134,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up (memory: 1, speed: 10)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each process (default 1)")
     p.add_argument("--speed", action="store_true", help="time 2 processes, replicated vs sharded")
+    p.add_argument("--engines", default="generic,fused", help="comma-separated engines, each a set of runs")
+    p.add_argument("--engine", default="generic", help=argparse.SUPPRESS)  # the worker's
+    p.add_argument("--records", default=None, help=argparse.SUPPRESS)  # where the worker writes its record
     p.add_argument("--json", default=None, help="write the records to this file")
     args = p.parse_args()
     if args.steps is None:
@@ -138,14 +152,15 @@ def main() -> None:
 
         random_gpt2("gpt2", seed=0).save_pretrained(args.model_dir)
         gpt2_tokenizer().save_pretrained(args.model_dir)
-    runs = [(2, False), (2, True)] if args.speed else [(1, False), (2, True), (3, True)]
+    sizes = [(2, False), (2, True)] if args.speed else [(1, False), (2, True), (3, True)]
+    runs = [(n, shard, engine) for engine in args.engines.split(",") for n, shard in sizes]
     records = []
-    for n, shard in runs:
-        rows = launch(n, shard, args)
+    for n, shard, engine in runs:
+        rows = launch(n, shard, engine, args)
         records += rows
         for r in rows:
             held = r["param_mb"]
-            line = (f"{n} process{'es' * (n > 1)} {'sharded   ' if shard else 'replicated'} rank {r['rank']}: "
+            line = (f"{engine:7s} {n} process{'es' * (n > 1)} {'sharded   ' if shard else 'replicated'} rank {r['rank']}: "
                     f"params held {held['layer_shards'] + held['unsharded']:.0f} MB (layer chunks "
                     f"{held['layer_shards']:.0f} + unsharded {held['unsharded']:.0f}); peak RSS "
                     f"{r['peak_rss_after_load_mb']:.0f} MB after load, {r['peak_rss_after_steps_mb']:.0f} MB after "

@@ -77,6 +77,13 @@ class DataParallelEngine:
             ce_local = (inputs.tensor * 0).sum().float()
         return _SumForward.apply(ce_local, self.group), target_count(batch)
 
+    def loss_terms_many(self, inputs, batches):
+        """K prompts, one ``loss_terms`` (shard, all-reduces) each: the inner engine's one-pass version would
+        skip both all-reduces."""
+        return _many(self, inputs, batches)
+
+    many_in_one_pass = False
+
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes"
 
@@ -86,6 +93,12 @@ class DataParallelEngine:
 
     def __getattr__(self, name):  # name, device, precision, ... of the wrapped engine
         return getattr(self.inner, name)
+
+
+def _many(engine, inputs, batches):
+    if len(inputs) != len(batches):
+        raise ValueError(f"{len(inputs)} prompts but {len(batches)} batches")
+    return [engine.loss_terms(x, b) for x, b in zip(inputs, batches)]
 
 
 @dataclass
@@ -288,6 +301,12 @@ class ShardedDataParallelEngine:
         if not (torch.is_grad_enabled() and ce_local.requires_grad):
             self.weights.reshard()
         return _SumForward.apply(ce_local, self.group), target_count(batch)
+
+    def loss_terms_many(self, inputs, batches):
+        """K prompts, one sharded ``loss_terms`` each (the same gathers on every rank, prompt after prompt)."""
+        return _many(self, inputs, batches)
+
+    many_in_one_pass = False
 
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes, weights sharded"

@@ -203,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("peft_out", None, "also write the trained prompt as a PEFT adapter to DIR ({prompt} first in the "
            "template; needs the peft extra)", metavar="DIR", checked_by="peft_io.check_peft_out"),
     Option("shard_weights", False, "under torchrun (2+ processes): shard the frozen model's layers across the "
-           "processes (FSDP2; engine generic or naive; fastprompt/sharding.py)", type=None, action="store_true",
+           "processes (FSDP2; every engine; fastprompt/sharding.py)", type=None, action="store_true",
            checked_by="sharding.check_context, sharding.check_engine"),
     Option("baseline", None, "a hand-written prompt, e.g. antonyms: its words (as many vectors as they have tokens, "
            "untrained) evaluated on the same test examples and shown beside the trained prompt at the end",

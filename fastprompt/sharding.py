@@ -42,8 +42,9 @@ full copy on any rank. Other names (``tiny``, ``random:*``, hub names, ``gemma3-
 every rank by ``models.load_model`` and then sharded (the layers' other chunks are freed): a transient full
 copy per process, fine for the small models these are.
 
-Engines: ``generic`` and ``naive`` (``auto`` means ``generic`` here). The fused engine reads its weights
-once, as its own tensors, outside any module call: refused (``check_engine``). Prefix-tuning through
+Engines: all three. The fused engine reads its weights outside any module call, so FSDP2's hooks never
+gather for it: it reads each layer through ``LayerGather`` (explicit ``unshard``/``reshard``, a layer
+gathered only while it runs, forward and backward; its saved weights are ``_BlockRef``s). Prefix-tuning through
 ``gpt2_reference_forward`` (its init, the naive engine, the generic engine where a field precedes the slot,
 decoding after a field) calls a block's submodules directly; ``gathered`` gathers the block around that use.
 """
@@ -52,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -73,12 +75,10 @@ def check_context(ctx) -> None:
 
 
 def check_engine(name: str) -> str:
-    """The engine to run on sharded weights: ``auto`` is ``generic``; ``fused`` is refused."""
-    if name == "auto":
-        return "generic"
-    if name == "fused":
-        raise ConfigError("the fused engine reads its weights outside the model's modules and cannot run on "
-                          "sharded weights: use --engine generic (or naive) with --shard-weights")
+    """The engine to run on sharded weights. Every engine shards (``naive`` and ``generic`` through the
+    layers' own forwards, ``fused`` through ``LayerGather``); ``auto`` is resolved as without sharding
+    (``fused`` where the model has a family). Kept as the one place a future engine that cannot shard is
+    refused (``ConfigError``)."""
     return name
 
 
@@ -134,6 +134,8 @@ class ShardedWeights:
         self._current = None  # the layer being computed: its gathered parameters by storage address
         self._ptrs: dict[int, tuple[Any, str, int]] = {}
         self._gathered: set = set()  # layers gathered by an unpack, freed after the backward
+        self._derived: dict[int, tuple[Any, int, tuple, int]] = {}  # the fused engine's live layer tensors
+        self.layer_gathers = weakref.WeakSet()  # LayerGather of fused engines on this model (freed by reshard)
         model._fastprompt_shards = self
 
     # -- which saved tensors are layer weights
@@ -151,18 +153,24 @@ class ShardedWeights:
         self._current, self._ptrs = None, {}
 
     def _pack(self, t):
-        if self._current is None or t.requires_grad or _is_dtensor(t):
+        if (self._current is None and not self._derived) or t.requires_grad or _is_dtensor(t):
             return t
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return t
-        hit = self._ptrs.get(storage.data_ptr())
-        if hit is None or storage.nbytes() != hit[2]:
-            return t
-        return _ParamRef(hit[0], hit[1], t)
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        hit = self._ptrs.get(ptr)
+        if hit is not None and nbytes == hit[2]:
+            return _ParamRef(hit[0], hit[1], t)
+        hit = self._derived.get(ptr)
+        if hit is not None and nbytes == hit[3]:
+            return _BlockRef(hit[0], hit[1], hit[2], t)
+        return t
 
     def _unpack(self, x):
+        if isinstance(x, _BlockRef):  # a fused engine's layer tensor: that layer gathered and read again
+            return _path(x.gather.block(x.index), x.path).as_strided(x.size, x.stride, x.offset)
         if not isinstance(x, _ParamRef):
             return x
         p = x.layer.get_parameter(x.name)
@@ -194,6 +202,8 @@ class ShardedWeights:
         for layer in self._gathered:
             layer.reshard()
         self._gathered.clear()
+        for gather in self.layer_gathers:
+            gather.release()
 
     # -- memory accounting (benchmarks/shard_memory.py)
     def local_bytes(self, model) -> dict[str, int]:
@@ -213,6 +223,95 @@ def gathered(model, layer):
     else:
         with weights.gathered(layer):
             yield
+
+
+class _BlockRef:
+    """A fused engine's layer tensor (a view of a gathered parameter, or a copy made from them: q/k/v
+    concatenated, a bf16 copy) saved for backward by its place in the layer's ``Block``, not by value."""
+
+    __slots__ = ("gather", "index", "path", "size", "stride", "offset")
+
+    def __init__(self, gather, index, path, t):
+        self.gather, self.index, self.path = gather, index, path
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+
+class LayerGather:
+    """The fused engine's layers over sharded weights (``engines/fused.py`` reads its layers through
+    ``block``). The engine reads the weights outside the layers' modules, so FSDP2's forward hooks never
+    run: ``block(i)`` gathers layer ``i`` explicitly (``FSDPModule.unshard``), reads its ``Block`` from the
+    gathered parameters (``families.read_block``) and frees the layers more than one away (``reshard``): at
+    most two layers gathered in the forward (a layer and the next, whose first norm ends it), three in the
+    backward. Every tensor of a gathered ``Block`` is known to ``ShardedWeights``'s saved-tensor hooks, so
+    what the ops save of it for the input-gradient-only backward is a ``_BlockRef``: unpacking it calls
+    ``block(i)`` again, which gathers the layer where it was freed. ``release`` (end of the forward, end of
+    the backward: ``ShardedWeights.reshard``) frees every layer it gathered. Collectives: the ranks must
+    call ``block`` in the same order, which they do where they compute the same layers in the same order
+    (``distributed.path_signature``)."""
+
+    def __init__(self, model, weights: ShardedWeights, dtype=None):
+        self.model, self.weights, self.dtype = model, weights, dtype
+        self.live: dict[int, Any] = {}  # layer index -> its Block, read while gathered
+        self._ptrs: dict[int, list[int]] = {}  # layer index -> the storages it registered
+        weights.layer_gathers.add(self)
+
+    def block(self, i: int):
+        blk = self.live.get(i)
+        if blk is not None and not _is_dtensor(next(self.weights.layers[i].parameters())):
+            return blk
+        for j in [j for j in self.live if abs(j - i) > 1]:
+            self._free(j)
+        from .families import read_block
+
+        layer = self.weights.layers[i]
+        layer.unshard()
+        blk = read_block(self.model, i, self.dtype)
+        self.live[i] = blk
+        ptrs = self._ptrs[i] = []
+        for path, t in _block_tensors(blk):
+            storage = t.untyped_storage()
+            self.weights._derived.setdefault(storage.data_ptr(), (self, i, path, storage.nbytes()))
+            ptrs.append(storage.data_ptr())
+        return blk
+
+    def _free(self, i: int) -> None:
+        self.live.pop(i, None)
+        for ptr in self._ptrs.pop(i, ()):
+            hit = self.weights._derived.get(ptr)
+            if hit is not None and hit[0] is self and hit[1] == i:
+                del self.weights._derived[ptr]
+        self.weights.layers[i].reshard()
+
+    def release(self) -> None:
+        for i in list(self.live):
+            self._free(i)
+
+
+def layer_gather(model, dtype=None) -> LayerGather | None:
+    """The ``LayerGather`` of a fused engine on ``model`` where its layers are sharded, else None."""
+    weights = sharded_weights(model)
+    return None if weights is None else LayerGather(model, weights, dtype)
+
+
+def _block_tensors(obj, path=()):
+    """(path, tensor) of every weight in a ``families.base.Block`` (RoPE frequencies left out: buffers,
+    never sharded)."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name == "rotary":
+            continue
+        if torch.is_tensor(value):
+            yield path + (f.name,), value
+        elif dataclasses.is_dataclass(value):
+            yield from _block_tensors(value, path + (f.name,))
+
+
+def _path(obj, path):
+    for name in path:
+        obj = getattr(obj, name)
+    return obj
 
 
 def _is_dtensor(t) -> bool:

@@ -31,13 +31,22 @@ CASES = [  # (model, engine, method, template, engine options)
     ("llama", "generic", "soft", None, {"layout": "padded"}),
     ("gpt2-dir", "generic", "soft", None, {}),  # built on the meta device, each rank reading its chunks
     ("llama-dir", "generic", "soft", None, {"layout": "padded"}),
+    # the packed engine: each layer gathered by sharding.LayerGather, forward and backward
+    ("gpt2", "fused", "soft", None, {}),
+    ("gpt2", "fused", "prefix", None, {}),
+    ("gpt2", "fused", "prefix", AFTER_FIELD, {}),  # the prefix's rows inside every suffix
+    ("llama", "fused", "soft", None, {}),
+    ("llama", "fused", "prefix", None, {}),
+    ("llama-dir", "auto", "relaxed", None, {}),  # auto is fused here too
+    ("gemma3", "fused", "soft", None, {}),  # four norms a block, a sliding layer, soft-capped logits
 ]
+ONLY = [e for e in os.environ.get("SHARD_ENGINES", "").split(",") if e]  # a subset by engine, to debug
 PAIRS = [("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"), ("yes", "no"),
          ("in", "out")]  # batch 7: 4 + 3 over 2 ranks, 2 + 2 + 3 over 3
 
 
 def model(kind):
-    return tiny_gpt2() if kind.startswith("gpt2") else tiny_causal_lm("llama")
+    return tiny_gpt2() if kind.startswith("gpt2") else tiny_causal_lm(kind.removesuffix("-dir"))
 
 
 def sharded(kind, rank):
@@ -55,6 +64,12 @@ def sharded(kind, rank):
     return m, sharded_weights(m)
 
 
+def all_sharded(weights):
+    from torch.distributed.tensor import DTensor
+
+    return all(isinstance(p, DTensor) for layer in weights.layers for p in layer.parameters())
+
+
 def tuner(m, engine, method, template, options):
     kwargs = {"template": template} if template else {}
     return PromptTuner(m, tokenizer(), prompt_len=3, engine=engine, precision="fp32", method=method, seed=5,
@@ -66,31 +81,49 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     examples = [{"input": a, "target": b} for a, b in PAIRS]
     for kind, engine, method, template, options in CASES:
+        if ONLY and engine not in ONLY:
+            continue
         shown, options = options, dict(options)
         generic.PACK_ROWS = options.pop("pack_rows", 512)
         one = tuner(model(kind), engine, method, template, options)
         sharded_model, weights = sharded(kind, rank)
         many = tuner(sharded_model, engine, method, template, options)
         init = rel_err(many.prompt, one.prompt)
+        assert many.engine.name == one.engine.name, (many.engine.name, one.engine.name)
         many.engine = ShardedDataParallelEngine(many.engine, weights, rank, world)
         batch = one.encode(examples)
-        worst = 0.0
+        worst, freed = 0.0, True
         for step in range(3):  # the first batch runs whole on every rank (layout undecided), then by shards
             for t in (one, many):
                 t.prompt.grad = None
             loss_one = one.loss(batch)
             grad_one, = torch.autograd.grad(loss_one, one.prompt)
             loss_many = many.loss(batch)
+            freed = freed and all_sharded(weights)  # no layer held gathered between forward and backward
             grad_many, = torch.autograd.grad(loss_many, many.prompt)
+            freed = freed and all_sharded(weights)
             worst = max(worst, rel_err(loss_many, loss_one), rel_err(grad_many, grad_one))
             with torch.no_grad():  # the same next prompt on both, moved by the gradient
                 one.prompt -= 0.5 * grad_one / grad_one.norm()
                 many.prompt.copy_(one.prompt)
+        many_err = None
+        if method == "soft":  # K prompts through loss_terms_many: each its own sharded step
+            xs_one = [one.prompt, one.prompt * 0.5]
+            xs_many = [many.prompt, many.prompt * 0.5]
+            terms_one = one.engine.loss_terms_many(xs_one, [batch, batch])
+            terms_many = many.engine.loss_terms_many(xs_many, [batch, batch])
+            many_err = 0.0
+            for (ce_a, n_a), (ce_b, n_b), x_a, x_b in zip(terms_one, terms_many, xs_one, xs_many):
+                assert n_a == n_b
+                g_a, = torch.autograd.grad(ce_a, x_a)
+                g_b, = torch.autograd.grad(ce_b, x_b)
+                many_err = max(many_err, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
+            freed = freed and all_sharded(weights)
         with torch.no_grad():
             eval_one, eval_many = one.evaluate(examples, generation=True), many.evaluate(examples, generation=True)
         if rank == 0:
-            print(json.dumps({"case": [kind, engine, method, template, shown], "init": init, "worst": worst,
-                              "replicated": many.engine.replicated_batches, "eval": [eval_one, eval_many]}),
+            print(json.dumps({"case": [kind, engine, method, template, shown], "engine": many.engine.name, "init": init, "worst": worst,
+                              "replicated": many.engine.replicated_batches, "freed": freed, "many": many_err, "eval": [eval_one, eval_many]}),
                   flush=True)
     dist.destroy_process_group()
 

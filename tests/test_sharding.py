@@ -8,7 +8,6 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from fastprompt.errors import ConfigError
 from fastprompt.sharding import check_engine
 from fastprompt.train import main
 
@@ -51,26 +50,28 @@ def test_refused_without_torchrun_or_with_one_process(tmp_path, monkeypatch, cap
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_engine_that_cannot_shard():
-    assert check_engine("auto") == "generic" and check_engine("naive") == "naive"
-    with pytest.raises(ConfigError, match="use --engine generic"):
-        check_engine("fused")
+def test_every_engine_shards():
+    assert [check_engine(e) for e in ("auto", "naive", "generic", "fused")] == ["auto", "naive", "generic", "fused"]
 
 
 @pytest.mark.slow
 def test_every_engine_path_and_method_matches_one_process(tmp_path):
     """tests/sharded_worker.py: generic (packed, padded, several packs, a field before the prompt), naive,
     relaxed, hard, prefix (generic, naive, after a field), tiny Llama, both loaded from safetensors chunk by
-    chunk; 2 and 3 processes, batch 7."""
+    chunk; the packed engine (soft, prefix, prefix after a field; GPT-2, Llama, Gemma 3; auto); 2 and 3
+    processes, batch 7."""
     for n in (2, 3):
         result = torchrun(n, script=os.path.join(HERE, "sharded_worker.py"), timeout=900,
                           env={"SHARD_TMP": str(tmp_path / str(n))})
         assert result.returncode == 0, result.stderr[-3000:]
         rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        assert len(rows) == 14
+        assert len(rows) == 21
         for row in rows:
             assert row["init"] == 0.0, row["case"]
+            assert row["freed"], row  # every layer sharded again after each forward and each backward
+            assert row["engine"] == (row["case"][1] if row["case"][1] != "auto" else "fused"), row
             assert row["worst"] <= 1e-5, row  # loss and gradient over 3 steps
+            assert row["many"] is None or row["many"] <= 1e-5, row  # two prompts through loss_terms_many
             assert row["replicated"] <= 1, row  # only the first batch (layout check) ran whole on every rank
             a, b = row["eval"]
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and a["exact_match"] == b["exact_match"], row
@@ -99,12 +100,16 @@ def test_cli_three_processes_match_one_and_resume_with_two(tmp_path):
     assert final_b["event"] == "final" and abs(final_a["test_loss"] - final_b["test_loss"]) <= 1e-5 * final_a["test_loss"]
 
 
-def test_fused_refused_under_torchrun(tmp_path):
-    result = torchrun(2, *ARGS, "--epochs", "1", "--engine", "fused", "--shard-weights", "--out", str(tmp_path / "f"))
-    assert result.returncode != 0
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and "use --engine generic" in lines[0], result.stderr[-2000:]  # rank 0 speaks for all
-    assert not (tmp_path / "f").exists()
+@pytest.mark.slow
+def test_cli_fused_two_processes_match_one(tmp_path):
+    """--engine fused --shard-weights on 2 processes ends at the one-process fused run's prompt."""
+    single = tmp_path / "single"
+    assert main([*ARGS, "--epochs", "1", "--engine", "fused", "--out", str(single)]) == 0
+    two = tmp_path / "two"
+    result = torchrun(2, *ARGS, "--epochs", "1", "--engine", "fused", "--shard-weights", "--out", str(two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fused (fp32" in result.stdout and "x 2 processes, weights sharded" in result.stdout
+    assert rel(prompt_of(two), prompt_of(single)) <= 1e-5
 
 
 @pytest.mark.slow
@@ -116,3 +121,30 @@ def test_a_failed_rank_is_reported_on_every_rank(tmp_path):
     assert "injected failure on rank 1" in result.stderr
     lost = [line for line in error_lines(result.stderr) if line.startswith("error: rank 0 of 2:")]
     assert len(lost) == 1 and "--resume" in lost[0], result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+def test_read_block_is_the_layer_read_weights_reads(kind):
+    """The fused engine on sharded weights reads one layer at a time (families.read_block): the same tensors
+    and settings as the whole-model read, layer by layer."""
+    import dataclasses
+
+    import torch
+
+    from fastprompt.families import read_block, read_weights
+    from fastprompt.sharding import _block_tensors
+    from helpers import tiny_causal_lm, tiny_gpt2
+
+    m = tiny_gpt2(n_layer=3) if kind == "gpt2" else tiny_causal_lm(kind)
+    whole = read_weights(m)
+    for i, block in enumerate(whole.blocks):
+        one = read_block(m, i)
+        pairs = list(zip(_block_tensors(block), _block_tensors(one)))
+        assert pairs and len(pairs) == len(list(_block_tensors(block)))
+        for (path_a, a), (path_b, b) in pairs:
+            assert path_a == path_b and torch.equal(a, b), (i, path_a)
+        assert block.attn.window == one.attn.window and block.attn.scale == one.attn.scale
+        assert dataclasses.replace(block.attn, qkv_w=None, qkv_b=None, out_w=None, out_b=None, q_norm=None,
+                                   k_norm=None, rotary=None) == \
+            dataclasses.replace(one.attn, qkv_w=None, qkv_b=None, out_w=None, out_b=None, q_norm=None,
+                                k_norm=None, rotary=None)

@@ -54,7 +54,7 @@ def resolve_engine_name(name: str, model) -> str:
     if getattr(model, "_fastprompt_shards", None) is not None:  # sharded layers (fastprompt/sharding.py)
         from ..sharding import check_engine
 
-        return check_engine(name)
+        name = check_engine(name)
     try:
         family_of(model)
     except FamilyError as e:

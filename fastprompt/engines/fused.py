@@ -49,6 +49,7 @@ from ..layout import PackedBatch, PackedMany
 from ..template import Encoded, TemplateEncoder
 from .base import Engine, PromptInputs, as_inputs
 from ..nvtx import nvtx_range
+from ..sharding import layer_gather
 from .ops import get_ops, rotary_tables
 
 
@@ -65,6 +66,8 @@ class FusedEngine(Engine):
         self.cuda_graphs = cuda_graphs
         self.ops = get_ops(kernels, self.device, torch.bfloat16 if precision in ("bf16", "autocast") else None)
         self.weights: ModelWeights = read_weights(model, torch.bfloat16 if precision == "bf16" else None)
+        # sharded layers (--shard-weights): self.weights is a skeleton, each layer read while gathered
+        self.layers = layer_gather(model, torch.bfloat16 if precision == "bf16" else None)
         self._context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked = not self_check
 
@@ -234,8 +237,20 @@ class FusedEngine(Engine):
                 tables[_rope_key(r)] = rotary_tables(packed.positions, r.inv_freq, r.scaling)
         return tables
 
-    def blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None,
-               many: PackedMany | None = None):
+    def block(self, i: int):
+        """Layer ``i``'s weights: ``self.weights.blocks[i]``, or read while gathered (sharded layers)."""
+        return self.weights.blocks[i] if self.layers is None else self.layers.block(i)
+
+    def blocks(self, *args, **kwargs):
+        if self.layers is None:
+            return self._blocks(*args, **kwargs)
+        try:
+            return self._blocks(*args, **kwargs)
+        finally:  # the forward's gathered layers freed (the backward gathers them again: sharding.LayerGather)
+            self.layers.release()
+
+    def _blocks(self, x, context_kv, packed: PackedBatch, collect_kv: bool = False, layer_kv=None,
+                many: PackedMany | None = None):
         """The transformer over the packed rows. Returns the final norm at the target rows (n_targets, d), or
         with ``collect_kv`` each layer's (K, V) of the rows (for the context cache). ``layer_kv``
         (n_layer, 2, L, Hkv, D): K/V written over the prompt rows' at every layer (see the module docstring).
@@ -249,8 +264,9 @@ class FusedEngine(Engine):
             (many.row_offsets[g], many.row_offsets[g + 1], group) for g, group in enumerate(many.groups)]
         key_positions: dict[int, torch.Tensor] = {}
         collected = []
-        y, h = self._norm(x, None, W.blocks[0].attn_norm)  # h: residual stream (rows, d)
-        for i, block in enumerate(W.blocks):
+        y, h = self._norm(x, None, self.block(0).attn_norm)  # h: residual stream (rows, d)
+        for i in range(n_layer):
+            block = self.block(i)
             last = i == n_layer - 1
             a = block.attn
             H, G, D = a.n_head, a.n_kv_head, a.head_dim
@@ -294,7 +310,7 @@ class FusedEngine(Engine):
             u = ops.linear(u, m.down_w, m.down_b)
             if block.mlp_out_norm is not None:
                 u = self._norm(u, None, block.mlp_out_norm)[0]
-            y, h = self._norm(u, h, W.final_norm if last else W.blocks[i + 1].attn_norm)
+            y, h = self._norm(u, h, W.final_norm if last else self.block(i + 1).attn_norm)
         return y
 
 

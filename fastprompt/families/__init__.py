@@ -3,7 +3,7 @@ onto the shared pieces of ``base.py``; ``family_of`` picks one by ``config.model
 from __future__ import annotations
 
 from . import gemma3, gpt2, llama
-from .base import FamilyError, ModelWeights
+from .base import FamilyError, ModelWeights, Reader
 
 FAMILIES = (gpt2, llama, gemma3)
 BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.MODEL_TYPES}
@@ -24,6 +24,12 @@ def read_weights(model, dtype=None) -> ModelWeights:
     return family_of(model).read(model, dtype)
 
 
+def read_block(model, i: int, dtype=None):
+    """Layer ``i`` of ``model`` as its family reads it (a ``families.base.Block``), for a model whose
+    ``read_weights`` succeeded: the fused engine on sharded weights reads each layer while it is gathered."""
+    return family_of(model).read_block(model, i, Reader(dtype))
+
+
 def unsupported_reason(model) -> str | None:
     """Why the packed engine cannot run ``model`` (the ``FamilyError`` message), or None. Reads views only
     (``dtype`` None: no copy besides the concatenated q/k/v and gate/up weights, dropped at once)."""
@@ -34,4 +40,4 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-__all__ = ["FAMILIES", "FamilyError", "ModelWeights", "family_of", "read_weights", "unsupported_reason"]
+__all__ = ["FAMILIES", "FamilyError", "ModelWeights", "family_of", "read_block", "read_weights", "unsupported_reason"]

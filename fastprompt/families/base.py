@@ -5,6 +5,10 @@ detached views of the frozen weights (copies only where a layout is converted on
 concatenated into one GEMM each, or a bf16 copy), every setting the forward needs as plain values. The
 engine (``engines/fused.py``) runs any ``ModelWeights`` through the same ops and never names a family.
 
+Under ``--shard-weights`` (fastprompt/sharding.py) a sharded parameter (a DTensor) reads as a meta tensor of
+its full shape: the read is then a skeleton (every setting, shapes, the unsharded tensors), and the fused
+engine reads each layer's tensors with ``read_block`` while the layer is gathered.
+
 Linear weights are in the ``(in, out)`` layout of ``ops.linear`` (GPT-2's Conv1D as it is; ``nn.Linear``'s
 ``(out, in)`` weight as its transposed view, no copy). A setting a family does not implement is a
 ``FamilyError`` naming it (a ``ModelError``; also a ``ConfigError``, as the engines' refusals are).
@@ -117,16 +121,26 @@ class Reader:
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype
 
+    @staticmethod
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        """``t`` detached; a sharded parameter (DTensor) as a meta tensor of its full shape (module docstring)."""
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(t, DTensor):
+                return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return t.detach()
+
     def __call__(self, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
             return None
-        t = t.detach()
+        t = self.raw(t)
         return t if self.dtype is None or t.dtype == self.dtype else t.to(self.dtype)
 
     def linear_t(self, *modules) -> torch.Tensor:
         """``nn.Linear`` weights as one ``(in, out)`` weight: the transposed view of one, or of the
         concatenation of several (one copy, made once)."""
-        ws = [m.weight.detach() for m in modules]
+        ws = [self.raw(m.weight) for m in modules]
         w = ws[0] if len(ws) == 1 else torch.cat(ws)
         return self(w).t()
 
@@ -134,8 +148,9 @@ class Reader:
         bs = [getattr(m, "bias", None) for m in modules]
         if all(b is None for b in bs):
             return None
-        bs = [b.detach() if b is not None else torch.zeros(m.weight.shape[0], dtype=m.weight.dtype,
-                                                           device=m.weight.device) for b, m in zip(bs, modules)]
+        ws = [self.raw(m.weight) for m in modules]
+        bs = [self.raw(b) if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+              for b, w in zip(bs, ws)]
         return self(bs[0] if len(bs) == 1 else torch.cat(bs))
 
     def rms(self, module, offset: float = 0.0) -> Norm:

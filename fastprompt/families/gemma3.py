@@ -20,27 +20,33 @@ def read(model, dtype=None) -> ModelWeights:
     require(not getattr(config, "use_bidirectional_attention", False), NAME, "use_bidirectional_attention=True")
     head = model.get_output_embeddings()
     require(getattr(head, "bias", None) is None, NAME, "an LM head with a bias")
-    act = activation_of(config.hidden_activation, NAME)
+    activation_of(config.hidden_activation, NAME)
     w = Reader(dtype)
-    types = config.layer_types
-    blocks = []
-    for i, layer in enumerate(base.layers):
-        a = layer.self_attn
-        H, D = config.num_attention_heads, a.head_dim
-        G = config.num_key_value_heads
-        attn = Attention(w.linear_t(a.q_proj, a.k_proj, a.v_proj), w.linear_bias(a.q_proj, a.k_proj, a.v_proj),
-                         w.linear_t(a.o_proj), w(a.o_proj.bias), H, G, D, float(a.scaling),
-                         window=a.sliding_window, q_norm=w.rms(a.q_norm, 1.0), k_norm=w.rms(a.k_norm, 1.0),
-                         rotary=rotary_of(base.rotary_emb, config, types[i], NAME))
-        m = layer.mlp
-        mlp = MLP(w.linear_t(m.gate_proj, m.up_proj), None, w.linear_t(m.down_proj), None, act, gated=True)
-        blocks.append(Block(w.rms(layer.input_layernorm, 1.0), attn, w.rms(layer.pre_feedforward_layernorm, 1.0), mlp,
-                            attn_out_norm=w.rms(layer.post_attention_layernorm, 1.0),
-                            mlp_out_norm=w.rms(layer.post_feedforward_layernorm, 1.0)))
+    blocks = tuple(read_block(model, i, w) for i in range(len(base.layers)))
     module = base.embed_tokens
     embed = w(module.weight)
     scale = getattr(module, "embed_scale", None)
     scale = scale.detach().to(embed.dtype) if torch.is_tensor(scale) else scale  # as HF: scale in the weights' dtype
     lm_head = embed if head.weight is module.weight else w(head.weight)
-    return ModelWeights(NAME, embed, scale, None, tuple(blocks), w.rms(base.norm, 1.0), lm_head,
+    return ModelWeights(NAME, embed, scale, None, blocks, w.rms(base.norm, 1.0), lm_head,
                         softcap=getattr(config, "final_logit_softcapping", None))
+
+
+def read_block(model, i: int, w: Reader) -> Block:
+    """Layer ``i`` (``read``'s checks made)."""
+    config = model.config
+    base = model.model
+    layer = base.layers[i]
+    a = layer.self_attn
+    H, D = config.num_attention_heads, a.head_dim
+    G = config.num_key_value_heads
+    attn = Attention(w.linear_t(a.q_proj, a.k_proj, a.v_proj), w.linear_bias(a.q_proj, a.k_proj, a.v_proj),
+                     w.linear_t(a.o_proj), w(a.o_proj.bias), H, G, D, float(a.scaling),
+                     window=a.sliding_window, q_norm=w.rms(a.q_norm, 1.0), k_norm=w.rms(a.k_norm, 1.0),
+                     rotary=rotary_of(base.rotary_emb, config, config.layer_types[i], NAME))
+    m = layer.mlp
+    mlp = MLP(w.linear_t(m.gate_proj, m.up_proj), None, w.linear_t(m.down_proj), None,
+              activation_of(config.hidden_activation, NAME), gated=True)
+    return Block(w.rms(layer.input_layernorm, 1.0), attn, w.rms(layer.pre_feedforward_layernorm, 1.0), mlp,
+                 attn_out_norm=w.rms(layer.post_attention_layernorm, 1.0),
+                 mlp_out_norm=w.rms(layer.post_feedforward_layernorm, 1.0))

@@ -20,18 +20,23 @@ def read(model, dtype=None) -> ModelWeights:
     require(head is not None and getattr(head, "bias", None) is None, NAME, "an LM head with a bias")
     w = Reader(dtype)
     tr = model.transformer
-    H = config.n_head
-    D = config.n_embd // H
-    blocks = []
-    for i, block in enumerate(tr.h):
-        scale = 1.0 / math.sqrt(D) if getattr(config, "scale_attn_weights", True) else 1.0
-        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-            scale /= float(i + 1)
-        attn = Attention(w(block.attn.c_attn.weight), w(block.attn.c_attn.bias), w(block.attn.c_proj.weight),
-                         w(block.attn.c_proj.bias), H, H, D, scale)
-        mlp = MLP(w(block.mlp.c_fc.weight), w(block.mlp.c_fc.bias), w(block.mlp.c_proj.weight),
-                  w(block.mlp.c_proj.bias), "gelu_tanh", gated=False)
-        blocks.append(Block(w.layer_norm(block.ln_1), attn, w.layer_norm(block.ln_2), mlp))
+    blocks = tuple(read_block(model, i, w) for i in range(len(tr.h)))
     embed = w(tr.wte.weight)
     lm_head = embed if head.weight is tr.wte.weight else w(head.weight)
-    return ModelWeights(NAME, embed, None, w(tr.wpe.weight), tuple(blocks), w.layer_norm(tr.ln_f), lm_head)
+    return ModelWeights(NAME, embed, None, w(tr.wpe.weight), blocks, w.layer_norm(tr.ln_f), lm_head)
+
+
+def read_block(model, i: int, w: Reader) -> Block:
+    """Layer ``i`` (``read``'s checks made)."""
+    config = model.config
+    block = model.transformer.h[i]
+    H = config.n_head
+    D = config.n_embd // H
+    scale = 1.0 / math.sqrt(D) if getattr(config, "scale_attn_weights", True) else 1.0
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        scale /= float(i + 1)
+    attn = Attention(w(block.attn.c_attn.weight), w(block.attn.c_attn.bias), w(block.attn.c_proj.weight),
+                     w(block.attn.c_proj.bias), H, H, D, scale)
+    mlp = MLP(w(block.mlp.c_fc.weight), w(block.mlp.c_fc.bias), w(block.mlp.c_proj.weight),
+              w(block.mlp.c_proj.bias), "gelu_tanh", gated=False)
+    return Block(w.layer_norm(block.ln_1), attn, w.layer_norm(block.ln_2), mlp)

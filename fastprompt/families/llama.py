@@ -28,23 +28,30 @@ def read(model, dtype=None, name: str = NAME) -> ModelWeights:
     require(not getattr(config, "mlp_bias", False), name, "mlp_bias=True")
     head = model.get_output_embeddings()
     require(getattr(head, "bias", None) is None, name, "an LM head with a bias")
-    act = activation_of(config.hidden_act, name)
+    activation_of(config.hidden_act, name)
     w = Reader(dtype)
-    blocks = []
-    for i, layer in enumerate(base.layers):
-        a = layer.self_attn
-        H, D = config.num_attention_heads, a.head_dim
-        G = getattr(config, "num_key_value_heads", None) or H
-        q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
-        attn = Attention(w.linear_t(a.q_proj, a.k_proj, a.v_proj), w.linear_bias(a.q_proj, a.k_proj, a.v_proj),
-                         w.linear_t(a.o_proj), w(a.o_proj.bias), H, G, D, float(a.scaling),
-                         window=layer_window(config, i),
-                         q_norm=w.rms(q_norm) if q_norm is not None else None,
-                         k_norm=w.rms(k_norm) if k_norm is not None else None,
-                         rotary=rotary_of(base.rotary_emb, config, None, name))
-        m = layer.mlp
-        mlp = MLP(w.linear_t(m.gate_proj, m.up_proj), None, w.linear_t(m.down_proj), None, act, gated=True)
-        blocks.append(Block(w.rms(layer.input_layernorm), attn, w.rms(layer.post_attention_layernorm), mlp))
+    blocks = tuple(read_block(model, i, w, name) for i in range(len(base.layers)))
     embed = w(base.embed_tokens.weight)
     lm_head = embed if head.weight is base.embed_tokens.weight else w(head.weight)
-    return ModelWeights(name, embed, None, None, tuple(blocks), w.rms(base.norm), lm_head)
+    return ModelWeights(name, embed, None, None, blocks, w.rms(base.norm), lm_head)
+
+
+def read_block(model, i: int, w: Reader, name: str = NAME) -> Block:
+    """Layer ``i`` (``read``'s checks made)."""
+    config = model.config
+    base = model.model
+    layer = base.layers[i]
+    a = layer.self_attn
+    H, D = config.num_attention_heads, a.head_dim
+    G = getattr(config, "num_key_value_heads", None) or H
+    q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+    attn = Attention(w.linear_t(a.q_proj, a.k_proj, a.v_proj), w.linear_bias(a.q_proj, a.k_proj, a.v_proj),
+                     w.linear_t(a.o_proj), w(a.o_proj.bias), H, G, D, float(a.scaling),
+                     window=layer_window(config, i),
+                     q_norm=w.rms(q_norm) if q_norm is not None else None,
+                     k_norm=w.rms(k_norm) if k_norm is not None else None,
+                     rotary=rotary_of(base.rotary_emb, config, None, name))
+    m = layer.mlp
+    mlp = MLP(w.linear_t(m.gate_proj, m.up_proj), None, w.linear_t(m.down_proj), None,
+              activation_of(config.hidden_act, name), gated=True)
+    return Block(w.rms(layer.input_layernorm), attn, w.rms(layer.post_attention_layernorm), mlp)
