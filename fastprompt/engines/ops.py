@@ -125,9 +125,14 @@ def _grouped_attention(q, k, v, bias, scale):
     group = H // G
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        qg = q.to(dtype).reshape(n_queries, G, group, D).permute(1, 2, 0, 3).reshape(G, group * n_queries, D)
+        if group == 1:  # a strided view, no copy
+            qg = q.to(dtype).transpose(0, 1)  # (H, Nq, D)
+        else:
+            qg = q.to(dtype).reshape(n_queries, G, group, D).permute(1, 2, 0, 3).reshape(G, group * n_queries, D)
         scores = torch.baddbmm(bias.to(dtype), qg, k.to(dtype).permute(1, 2, 0), alpha=scale)  # (G, group Nq, Nk)
         out = torch.bmm(torch.softmax(scores, dim=-1), v.to(dtype).transpose(0, 1))  # (G, group Nq, D)
+    if group == 1:
+        return out.transpose(0, 1).to(q.dtype)  # (Nq, H, D)
     out = out.view(G, group, n_queries, D).permute(2, 0, 1, 3).reshape(n_queries, H, D)
     return out.to(q.dtype)
 
