@@ -1,7 +1,8 @@
 """fastprompt: learn a soft prompt by backpropagation through a frozen causal LM, fast and exact.
 
-The packages are found, not listed: every package under ``fastprompt/``, plus the top-level ``kernels/``
-folder installed as ``fastprompt.kernels`` (it imports nothing from ``fastprompt``). The optional CUDA
+The packages are found, not listed: every package under ``fastprompt/`` (``fastprompt/kernels/`` imports nothing
+from the rest of ``fastprompt``; it lived at the top level as ``kernels/`` once, a name transformers' probe for
+the Hub's ``kernels`` package picks up from a checkout on ``sys.path``). The optional CUDA
 extension ``fastprompt.kernels._C`` (csrc/) is built only where a CUDA build of torch and nvcc are present;
 ``FASTPROMPT_BUILD_CUDA=0`` skips it, ``=1`` forces it (and fails loudly).
 """
@@ -48,9 +49,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastprompt", "fastprompt.*"])
-    + ["fastprompt.kernels"] + [f"fastprompt.kernels.{p}" for p in find_packages("kernels")],
-    package_dir={"fastprompt": "fastprompt", "fastprompt.kernels": "kernels"},
+    packages=find_packages(include=["fastprompt", "fastprompt.*"]),
     package_data={"fastprompt": ["assets/*", "assets/gpt2/*"]},
     install_requires=[
         "torch>=2.4",

@@ -1,5 +1,5 @@
 """Per-op micro-benchmarks at GPT-2 Large (and, for the other families' ops, SmolLM2-135M) shapes: Triton
-kernel vs the torch reference (fastprompt.engines.ops, from each op's kernels/<op>.py).
+kernel vs the torch reference (fastprompt.engines.ops, from each op's fastprompt/kernels/<op>.py).
 
     pytest benchmarks/bench_ops.py --benchmark-only -m gpu
 

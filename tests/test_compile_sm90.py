@@ -104,5 +104,5 @@ def test_family_kernels_compile_for_sm90_without_spills(tmp_path):
         if v["constexprs"].get("LOWP_DOT"):
             assert v["dots"] and "fma" not in v["dots"], (tag, v["dots"])
     # Nothing spills: the dK/dV kernel at head dim 256 (Gemma 3) in bf16 runs its 32 x 32 tile at 8 warps, the
-    # 16-bit LM head with <= 16 target rows at 4 (kernels/tree_attention.py, kernels/lm_head_ce.py).
+    # 16-bit LM head with <= 16 target rows at 4 (fastprompt/kernels/tree_attention.py, fastprompt/kernels/lm_head_ce.py).
     assert not spilled, spilled

@@ -1,4 +1,4 @@
-"""The other families' Triton kernels (kernels/rms_norm.py, rotary.py, gated_act.py) against their torch ops
+"""The other families' Triton kernels (fastprompt/kernels/rms_norm.py, rotary.py, gated_act.py) against their torch ops
 (fastprompt.engines.ops), under Triton's interpreter on the CPU: fp32 to ~1e-5 of the fp64 torch op, bf16
 within 2x plain torch bf16's error; backward under a random upstream gradient; no weight gradient ever."""
 import pytest

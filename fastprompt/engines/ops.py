@@ -15,7 +15,7 @@ the caller's parameters' ``requires_grad`` says.
 
 Each op's torch implementation (``<op>_ref``: the CPU path, and the reference the kernels are tested and
 benchmarked against; on fp64 inputs it computes in fp64, the tests' ground truth) lives in the op's own file
-``kernels/<op>.py`` beside its Triton kernel; this module re-exports them under the ops' names (a façade:
+``fastprompt/kernels/<op>.py`` beside its Triton kernel; this module re-exports them under the ops' names (a façade:
 callers never name the files) and holds the registry. The torch attention (tree and sliding window, GQA without
 repeating K/V heads) stays here, beside the mask it builds (engines/tree.py's rule, cached on the CPU).
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-# Each op's torch reference lives in its own file, beside its Triton kernel (kernels/<op>.py; importing those
+# Each op's torch reference lives in its own file, beside its Triton kernel (fastprompt/kernels/<op>.py; importing those
 # never needs Triton): the names here are the façade the engines, families, tests and benchmarks call.
 from ..kernels.bias_gelu import bias_gelu_ref as bias_gelu
 from ..kernels.gated_act import gated_act_ref as gated_act

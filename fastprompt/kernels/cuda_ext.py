@@ -7,7 +7,7 @@ fails; ``require_ext`` raises a RuntimeError that says how to build the extensio
 from __future__ import annotations
 
 try:
-    from . import _C  # built by setup.py next to this file; kernels/ imports nothing from fastprompt
+    from . import _C  # built by setup.py next to this file; fastprompt/kernels/ imports nothing from fastprompt
 except ImportError as exc:  # not built (CPU-only install) or built against another torch
     _C = None
     _C_IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"

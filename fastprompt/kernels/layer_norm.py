@@ -8,7 +8,7 @@ dgamma/dbeta, so the backward is a per-row map with no cross-row reduction.
 
 One autograd function, two sets of launchers with one contract: the Triton kernels here
 (``add_layer_norm``) and the CUDA C++ extension ``fastprompt.kernels._C`` (csrc/layer_norm.cu, loaded by
-``kernels/cuda_ext.py``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
+``fastprompt/kernels/cuda_ext.py``; ``add_layer_norm_cuda``, what ``kernels='cuda'`` runs).
 """
 from typing import Optional, Tuple
 
