@@ -6,8 +6,10 @@ fails; ``require_ext`` raises a RuntimeError that says how to build the extensio
 """
 from __future__ import annotations
 
-try:
-    from . import _C  # built by setup.py next to this file; fastprompt/kernels/ imports nothing from fastprompt
+import importlib
+
+try:  # built by setup.py next to this file; by module name, not ``from . import``, which imports the package
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as exc:  # not built (CPU-only install) or built against another torch
     _C = None
     _C_IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"
