@@ -276,8 +276,8 @@ def write_final(config, session, tuner, train, test, out: str, reporter) -> dict
             reporter.final(final, steps, pairs)
             write_text(os.path.join(out, "nearest.txt"), tuner.method.readout(tuner.prompt, k=5))
             done.append("nearest.txt")
-            plot_losses(os.path.join(out, "loss.png"), tuner.history, baseline)
-            done.append("loss.png")
+            if plot_losses(os.path.join(out, "loss.png"), tuner.history, baseline):
+                done.append("loss.png")
             if config.peft_out is not None:
                 tuner.save_peft(config.peft_out)
         except OutputsInterrupted:
@@ -287,8 +287,8 @@ def write_final(config, session, tuner, train, test, out: str, reporter) -> dict
     for actual, predicted in pairs[:3]:
         print(f"Actual: {actual}\nPredicted: {predicted}", flush=True)
     if pairs:
-        print(f"({len(pairs)} samples in {os.path.join(out, 'samples.txt')}, the loss curves in "
-              f"{os.path.join(out, 'loss.png')})", flush=True)
+        curves = f", the loss curves in {os.path.join(out, 'loss.png')}" if "loss.png" in done else ""
+        print(f"({len(pairs)} samples in {os.path.join(out, 'samples.txt')}{curves})", flush=True)
     return tuner.history[-1] if tuner.history else final
 
 
@@ -352,11 +352,12 @@ def steps_done(tuner, n_train: int, batch_size: int) -> int:
     return done + (tuner.resume_at["step"] if tuner.resume_at else 0)
 
 
-def plot_losses(path: str, history: list[dict], baseline: dict | None = None) -> None:
-    """Train and test loss an epoch; the hand-written baseline's test loss as a line (``--baseline``)."""
+def plot_losses(path: str, history: list[dict], baseline: dict | None = None) -> bool:
+    """Train and test loss an epoch; the hand-written baseline's test loss as a line (``--baseline``). False
+    where matplotlib is missing (nothing written; ``import_pyplot`` said so)."""
     plt = import_pyplot("loss.png")
     if plt is None:
-        return
+        return False
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_loss"] for r in history], label="train")
@@ -372,6 +373,7 @@ def plot_losses(path: str, history: list[dict], baseline: dict | None = None) ->
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,17 @@ def test_cli_end_to_end(tmp_path):
     assert "cosine similarity" in (out / "nearest.txt").read_text()
 
 
+def test_cli_without_matplotlib_names_no_plot(tmp_path, capsys, monkeypatch):
+    """matplotlib is an optional extra: without it the run says the plot is skipped and never points to it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "run"
+    code = main(["--model", "tiny", "--epochs", "1", "--train-size", "32", "--test-size", "0.01",
+                 "--out", str(out), "--no-progress", "--samples", "2"])
+    printed = capsys.readouterr().out
+    assert code == 0 and not (out / "loss.png").exists() and (out / "samples.txt").exists()
+    assert "loss.png skipped" in printed and "loss curves" not in printed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "/nonexistent/model"], "--model tiny"),
     (["--data", "/nonexistent.csv"], "no such dataset"),
