@@ -77,8 +77,10 @@ def baseline_report(tuner, text: str, test, eval_size: int | None = None, progre
 
 def comparison_table(baseline: dict[str, Any], final: dict[str, Any], steps: int) -> str:
     """The hand-written and the trained prompt side by side (the CLI's last lines)."""
-    rows = [(f"hand-written {baseline['text']!r} ({baseline['prompt_len']} tokens)", baseline),
-            (f"trained {final['method']} prompt ({final.get('prompt_len', '?')} vectors, {steps} steps)", final)]
+    n = final.get("prompt_len", "?")
+    trained = (f"trained {final['method']} prompt {final['token_text']!r} ({n} tokens, {steps} steps)"
+               if "token_text" in final else f"trained {final['method']} prompt ({n} vectors, {steps} steps)")
+    rows = [(f"hand-written {baseline['text']!r} ({baseline['prompt_len']} tokens)", baseline), (trained, final)]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'prompt':<{width}}  test loss  exact match  parrot rate"]
     for name, r in rows:

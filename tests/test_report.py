@@ -67,6 +67,9 @@ def test_the_baseline_is_the_hand_written_prompt_on_the_same_examples(setup):
     assert f"{base['test_loss']:.4f}" in table and f"{final['test_loss']:.4f}" in table
     delta = base["test_loss"] - final["test_loss"]
     assert f"{abs(delta):.3f} nat {'below' if delta >= 0 else 'ABOVE'}" in table
+    assert "(2 vectors, 3 steps)" in table
+    tokens = dict(final, method="gcg", token_text=" outcomes gradu")  # a token prompt is named by its text
+    assert "trained gcg prompt ' outcomes gradu' (2 tokens, 3 steps)" in comparison_table(base, tokens, steps=3)
 
 
 def test_the_cli_shows_the_baseline_beside_the_trained_prompt(tmp_path, capsys):
