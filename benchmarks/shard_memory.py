@@ -9,8 +9,9 @@ GPT-2 small architecture with random weights, saved once with ``save_pretrained`
 (``--model-dir`` to keep or reuse one), loaded by ``fastprompt.sharding.load_sharded`` (the meta device,
 each rank reading its chunks) for sharded runs and by ``load_model`` otherwise. Each rank reports: RSS after
 the imports (the baseline), peak RSS after loading, anonymous resident memory (``RssAnon``: no file pages)
-right after loading and after the steps, the steps' own peak RSS (``VmHWM`` reset after loading), peak RSS after the training steps (``ru_maxrss``: the
-process's high-water mark), and the parameter bytes it holds (layer chunks + the unsharded rest). Training:
+right after loading and after the steps, the steps' own peak RSS (``VmHWM`` reset after loading), peak RSS
+after the training steps (``ru_maxrss``: the process's high-water mark), and the parameter bytes it holds
+(layer chunks + table chunks, the embeddings and tied head + the unsharded rest). Training:
 each engine of ``--engines`` (generic, and the packed ``fused`` engine whose layers ``sharding.LayerGather``
 gathers), fp32, batch 16 of the built-in antonyms, the default template, prompt_len 4.
 ``--speed`` times ``--steps`` steps after one warm-up, median seconds a step, replicated
@@ -74,7 +75,8 @@ def worker(args) -> None:
     step_peak = reset_peak()  # the steps' own peak: VmHWM from here
     weights = sharded_weights(model)
     held = weights.local_bytes(model) if weights is not None else \
-        {"layer_shards": 0, "unsharded": sum(p.numel() * p.element_size() for p in model.parameters())}
+        {"layer_shards": 0, "table_shards": 0,
+         "unsharded": sum(p.numel() * p.element_size() for p in model.parameters())}
     tuner = PromptTuner(model, tokenizer, prompt_len=4, engine=args.engine, precision="fp32", seed=0)
     ctx.wrap(tuner)
     tuner.optimizer = tuner.make_optimizer(1e-3)
@@ -161,8 +163,8 @@ def main() -> None:
         for r in rows:
             held = r["param_mb"]
             line = (f"{engine:7s} {n} process{'es' * (n > 1)} {'sharded   ' if shard else 'replicated'} rank {r['rank']}: "
-                    f"params held {held['layer_shards'] + held['unsharded']:.0f} MB (layer chunks "
-                    f"{held['layer_shards']:.0f} + unsharded {held['unsharded']:.0f}); peak RSS "
+                    f"params held {sum(held.values()):.0f} MB (layer chunks {held['layer_shards']:.0f} + table "
+                    f"chunks {held['table_shards']:.0f} + unsharded {held['unsharded']:.0f}); peak RSS "
                     f"{r['peak_rss_after_load_mb']:.0f} MB after load, {r['peak_rss_after_steps_mb']:.0f} MB after "
                     f"{r['steps'] + 1} steps (baseline {r['rss_baseline_mb']:.0f} MB; the steps' own peak "
                     f"{r['peak_rss_of_steps_mb'] or float('nan'):.0f} MB); anonymous now "

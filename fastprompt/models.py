@@ -332,9 +332,11 @@ def max_positions(model) -> int | None:
 
 def embedding_table(model) -> torch.Tensor:
     """The (vocab, d) table in the space of the embedding module's output (Gemma scales its embeddings)."""
+    from .sharding import table_weight
+
     module = model.get_input_embeddings()
     scale = getattr(module, "embed_scale", None)
-    weight = module.weight
+    weight = table_weight(module)  # whole: gathered where --shard-weights shards it (every rank calls this)
     return weight * scale.to(weight.dtype) if torch.is_tensor(scale) else (weight * scale if scale else weight)
 
 

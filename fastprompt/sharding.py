@@ -8,11 +8,24 @@ ever reduced for them; the prompt's gradient is all-reduced as in data parallel 
 
 What is sharded and what is not:
 
-    decoder layers   sharded (GPT-2's ``transformer.h``, Llama's ``model.layers``, ...): ~2/3 of GPT-2 small,
-                     ~87% of Llama-3-8B, ~97% of a 70B model
-    the rest         embeddings, position embeddings, final norm, LM head: whole on every rank. The methods
-                     read the embedding table outside the engine (relaxed: ``softmax(theta) @ E``, hard: the
-                     nearest rows, every ``--init``), and decoding reads it too.
+    decoder layers   sharded (GPT-2's ``transformer.h``, Llama's ``model.layers``, ...): FSDP2 units
+    tables           the input embedding table and an untied LM head, ``(V, d)`` each: sharded by rows
+                     (``ShardedTable``: a DTensor parameter, ``Shard(0)``, torch.chunk's split as FSDP2's),
+                     gathered whole around each use and freed after it
+    the rest         position embeddings, final norm: whole on every rank (GPT-2 small: 3 MB of 475)
+
+Tables, not FSDP2 units: FSDP2 cannot group the embedding and a tied head (one parameter in two modules)
+without sharding the root module, and the table is read outside any module call (the fused engine's
+``W.embed[ids]`` and ``lm_head_ce``; ``models.embedding_table`` for the methods, ``--init`` and the nearest
+tokens). So a table gathers itself: a module that holds it (the embedding, the LM head) gathers it in a
+forward pre-hook and frees it in its forward hook; ``table_weight(module)`` gives the whole tensor to code
+that reads the weight itself (the caller keeps it as long as it needs it); ``tables_held(model)`` keeps
+every table gathered across a loop of small forwards (decoding). Autograd saves a gathered table by value
+(the LM head's backward, relaxed's ``softmax(theta) @ E``): it lives until that backward, which for the LM
+head is at once. The methods that read the table every step keep a float copy of it (relaxed, hard, gcg:
+the whole table on every rank, as before). Every gather is a collective: the ranks gather in the same
+order wherever they call the same modules (lockstep, below); rank 0's outputs are followed by the others
+(``train.follow_outputs``).
 
 Why the engine is wrapped (``ShardedDataParallelEngine``) and not only the model:
 
@@ -136,6 +149,8 @@ class ShardedWeights:
         self._gathered: set = set()  # layers gathered by an unpack, freed after the backward
         self._derived: dict[int, tuple[Any, int, tuple, int]] = {}  # the fused engine's live layer tensors
         self.layer_gathers = weakref.WeakSet()  # LayerGather of fused engines on this model (freed by reshard)
+        mesh = next(self.layers[0].parameters()).device_mesh
+        self.tables = [ShardedTable(model, m, mesh) for m in _table_modules(model)]
         model._fastprompt_shards = self
 
     # -- which saved tensors are layer weights
@@ -207,11 +222,124 @@ class ShardedWeights:
 
     # -- memory accounting (benchmarks/shard_memory.py)
     def local_bytes(self, model) -> dict[str, int]:
-        """Parameter bytes this rank holds: its layer shards and the unsharded rest."""
-        sharded = sum(_local(p).numel() * p.element_size() for layer in self.layers for p in layer.parameters())
-        seen = {id(p) for layer in self.layers for p in layer.parameters()}
-        rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
-        return {"layer_shards": sharded, "unsharded": rest}
+        """Parameter bytes this rank holds: its layer shards, its table shards and the unsharded rest."""
+        def nbytes(p):
+            return _local(p).numel() * p.element_size()
+
+        sharded = sum(nbytes(p) for layer in self.layers for p in layer.parameters())
+        tables = sum(nbytes(t.sharded) for t in self.tables)
+        seen = {id(p) for layer in self.layers for p in layer.parameters()} | {id(t.sharded) for t in self.tables}
+        rest = sum(nbytes(p) for p in model.parameters() if id(p) not in seen)
+        return {"layer_shards": sharded, "table_shards": tables, "unsharded": rest}
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _table_modules(model) -> list[torch.nn.Module]:
+    """The modules whose ``weight`` is a ``(V, d)`` table: the input embedding and an untied LM head (a tied
+    head shares the embedding's parameter: one table)."""
+    out = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not any(weight is m.weight for m in out):
+            out.append(module)
+    return out
+
+
+class ShardedTable:
+    """A frozen ``(V, d)`` table sharded by rows over the layers' mesh (module docstring, 'Tables'). Every
+    module holding the parameter (the embedding and a tied head) holds the sharded DTensor, so shape, dtype
+    and device read as the table's and a use that was not gathered fails loudly (a DTensor beside a plain
+    tensor). ``acquire`` gathers it (the first holder), ``release`` frees it (the last)."""
+
+    def __init__(self, model, module: torch.nn.Module, mesh):
+        from torch.distributed.tensor import DTensor, Shard
+
+        weight = module.weight
+        if weight.requires_grad:
+            raise ConfigError("--shard-weights shards frozen weights only; this model's embedding table is trainable")
+        self.users = [(m, name) for m in model.modules() for name, p in m._parameters.items() if p is weight]
+        self.mesh, self.shape, self.stride = mesh, tuple(weight.shape), weight.stride()
+        self.rows = rows_of(self.shape[0], mesh)
+        start, stop = self.rows
+        local = (torch.empty((stop - start, *self.shape[1:]), dtype=weight.dtype, device="meta") if weight.is_meta
+                 else weight.detach()[start:stop].clone())
+        self._dtensor, self._shard = DTensor, Shard
+        self.sharded = self._wrap(local)
+        self.count, self.full = 0, None
+        self._set(self.sharded)
+        for m, _ in self.users:
+            m._fastprompt_table = self
+            m.register_forward_pre_hook(self._pre_hook)
+            m.register_forward_hook(self._post_hook, always_call=True)
+
+    def _pre_hook(self, module, args) -> None:
+        self.acquire()
+
+    def _post_hook(self, module, args, output) -> None:
+        self.release()
+
+    def _wrap(self, local: torch.Tensor) -> torch.nn.Parameter:
+        dt = self._dtensor.from_local(local, self.mesh, [self._shard(0)], run_check=False, shape=self.shape,
+                                      stride=self.stride)
+        return torch.nn.Parameter(dt, requires_grad=False)
+
+    def _set(self, param) -> None:
+        for m, name in self.users:
+            m._parameters[name] = param
+
+    @property
+    def loaded(self) -> bool:
+        return not self.sharded.to_local().is_meta
+
+    def fill(self, chunk: torch.Tensor) -> None:
+        """This rank's rows, read from a checkpoint (``load_sharded``)."""
+        self.sharded = self._wrap(chunk.to(dtype=self.sharded.dtype))
+        self._set(self.sharded)
+
+    def acquire(self) -> torch.Tensor:
+        """The whole table (gathered where no holder has it): a collective on the first holder."""
+        if self.count == 0:
+            self.full = torch.nn.Parameter(self.sharded.full_tensor(), requires_grad=False)
+            self._set(self.full)
+        self.count += 1
+        return self.full
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._set(self.sharded)
+            self.full = None
+
+
+def rows_of(n_rows: int, mesh) -> tuple[int, int]:
+    """This rank's ``[start, stop)`` rows of a dim-0 shard (torch.chunk's split, FSDP2's and DTensor's)."""
+    rows = -(-n_rows // mesh.size())
+    start = min(mesh.get_local_rank() * rows, n_rows)
+    return start, min(start + rows, n_rows)
+
+
+def table_weight(module) -> torch.Tensor:
+    """``module.weight``, whole: gathered where it is a sharded table (a collective), else as it is."""
+    table = getattr(module, "_fastprompt_table", None)
+    if table is None:
+        return module.weight
+    full = table.acquire()
+    table.release()
+    return full
+
+
+@contextlib.contextmanager
+def tables_held(model):
+    """Every sharded table of ``model`` gathered once for the block (decoding's many small forwards)."""
+    weights = sharded_weights(model)
+    tables = weights.tables if weights is not None else []
+    for t in tables:
+        t.acquire()
+    try:
+        yield
+    finally:
+        for t in tables:
+            t.release()
 
 
 @contextlib.contextmanager
@@ -362,6 +490,8 @@ def load_sharded(name: str, *, seed: int = 0, device=None, dtype=None):
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
     model.eval().requires_grad_(False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # one parameter again (built on meta, the head got its own): one table
     shard_model(model)
     _load_shards(model, files, device)
     tokenizer = _tokenizer(name, config)
@@ -433,7 +563,13 @@ def _load_shards(model, files: dict[str, str], device) -> None:
                 continue
             pname = f"{mname}.{name}" if mname else name
             with torch.no_grad():
-                if _is_dtensor(p):
+                table = getattr(module, "_fastprompt_table", None)
+                if table is not None and p is table.sharded:
+                    if not table.loaded:  # a table: this rank's rows
+                        chunk = read(pname, table.rows)
+                        if chunk is not None:
+                            table.fill(chunk.to(device))
+                elif _is_dtensor(p):
                     local = p.to_local()
                     rows = -(-p.shape[0] // p.device_mesh.size())  # chunk size
                     start = p.device_mesh.get_local_rank() * rows
@@ -450,7 +586,7 @@ def _load_shards(model, files: dict[str, str], device) -> None:
                         done[id(p)] = module._parameters[name] = loaded
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # the LM head: stored once, as the input embedding
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    missing = [n for n, p in model.named_parameters() if (p.to_local() if _is_dtensor(p) else p).is_meta]
     if missing:
         raise ModelError(f"the checkpoint has no tensor {missing[0]!r}: not a checkpoint of this config")
 

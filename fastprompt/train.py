@@ -318,6 +318,7 @@ def follow_outputs(tuner, test, config) -> None:
     examples = test[: config.samples]
     if examples:
         tuner.generate([{k: v for k, v in tuner.template.as_fields(ex).items() if k != "target"} for ex in examples])
+    tuner.method.readout(tuner.prompt, k=5)  # nearest.txt: the table gathered
 
 
 def log_final(final: dict, metrics_path: str) -> None:

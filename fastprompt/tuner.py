@@ -19,6 +19,7 @@ from .methods import make_method, method_class
 from .models import max_positions
 from .options import api_defaults, check_api
 from .promptfile import check_fits, method_record, read_prompt_file, save_prompt_file
+from .sharding import tables_held
 from .step import ManyStep, TrainStep
 from .template import Encoded, Template, TemplateEncoder
 
@@ -325,7 +326,8 @@ class PromptTuner:
     def _greedy(self, encoded: Sequence[Encoded], max_new_tokens: int = 6, progress=None) -> list[str]:
         prefixes = [(e.ids[: e.target_start], e.prompt_start) for e in encoded]
         autocast = self.precision != "fp32" and self.device.type == "cuda"
-        return self.method.greedy(self.prompt, prefixes, max_new_tokens, autocast, progress=progress)
+        with tables_held(self.model):  # sharded tables gathered once, not twice a decoded token
+            return self.method.greedy(self.prompt, prefixes, max_new_tokens, autocast, progress=progress)
 
     def generate(self, inputs: Sequence[Any], max_new_tokens: int = 6) -> list[str]:
         """Greedy target words for ``inputs``: strings (for a one-input-field template) or field mappings."""

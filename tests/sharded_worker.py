@@ -64,10 +64,13 @@ def sharded(kind, rank):
     return m, sharded_weights(m)
 
 
-def all_sharded(weights):
+def all_sharded(weights, m):
+    """Every layer parameter and every table (the embedding, the LM head) sharded: nothing left gathered."""
     from torch.distributed.tensor import DTensor
 
-    return all(isinstance(p, DTensor) for layer in weights.layers for p in layer.parameters())
+    tables = [m.get_input_embeddings().weight, m.get_output_embeddings().weight]
+    return (all(isinstance(p, DTensor) for layer in weights.layers for p in layer.parameters())
+            and all(isinstance(p, DTensor) for p in tables) and all(t.count == 0 for t in weights.tables))
 
 
 def tuner(m, engine, method, template, options):
@@ -89,6 +92,8 @@ def main():
         sharded_model, weights = sharded(kind, rank)
         many = tuner(sharded_model, engine, method, template, options)
         init = rel_err(many.prompt, one.prompt)
+        tied = sharded_model.get_output_embeddings().weight is sharded_model.get_input_embeddings().weight
+        assert len(weights.tables) == (1 if tied else 2), (kind, len(weights.tables))
         assert many.engine.name == one.engine.name, (many.engine.name, one.engine.name)
         many.engine = ShardedDataParallelEngine(many.engine, weights, rank, world)
         batch = one.encode(examples)
@@ -99,9 +104,9 @@ def main():
             loss_one = one.loss(batch)
             grad_one, = torch.autograd.grad(loss_one, one.prompt)
             loss_many = many.loss(batch)
-            freed = freed and all_sharded(weights)  # no layer held gathered between forward and backward
+            freed = freed and all_sharded(weights, sharded_model)  # no layer held gathered between forward and backward
             grad_many, = torch.autograd.grad(loss_many, many.prompt)
-            freed = freed and all_sharded(weights)
+            freed = freed and all_sharded(weights, sharded_model)
             worst = max(worst, rel_err(loss_many, loss_one), rel_err(grad_many, grad_one))
             with torch.no_grad():  # the same next prompt on both, moved by the gradient
                 one.prompt -= 0.5 * grad_one / grad_one.norm()
@@ -113,17 +118,19 @@ def main():
             terms_one = one.engine.loss_terms_many(xs_one, [batch, batch])
             terms_many = many.engine.loss_terms_many(xs_many, [batch, batch])
             many_err = 0.0
-            for (ce_a, n_a), (ce_b, n_b), x_a, x_b in zip(terms_one, terms_many, xs_one, xs_many):
+            # one backward a side (a one-pass engine's K losses share a graph); prompt k's loss reads x_k only
+            grads_one = torch.autograd.grad(sum(ce for ce, _ in terms_one), xs_one)
+            grads_many = torch.autograd.grad(sum(ce for ce, _ in terms_many), xs_many)
+            for (ce_a, n_a), (ce_b, n_b), g_a, g_b in zip(terms_one, terms_many, grads_one, grads_many):
                 assert n_a == n_b
-                g_a, = torch.autograd.grad(ce_a, x_a)
-                g_b, = torch.autograd.grad(ce_b, x_b)
                 many_err = max(many_err, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
-            freed = freed and all_sharded(weights)
+            freed = freed and all_sharded(weights, sharded_model)
         with torch.no_grad():
             eval_one, eval_many = one.evaluate(examples, generation=True), many.evaluate(examples, generation=True)
         if rank == 0:
             print(json.dumps({"case": [kind, engine, method, template, shown], "engine": many.engine.name, "init": init, "worst": worst,
-                              "replicated": many.engine.replicated_batches, "freed": freed, "many": many_err, "eval": [eval_one, eval_many]}),
+                              "replicated": many.engine.replicated_batches, "freed": freed, "many": many_err, "eval": [eval_one, eval_many],
+                              "tables": len(weights.tables), "tied": tied}),
                   flush=True)
     dist.destroy_process_group()
 

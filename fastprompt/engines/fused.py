@@ -44,12 +44,12 @@ import torch
 from ..errors import ConfigError, NonFiniteError
 from ..models import eval_mode
 from ..families import read_weights
-from ..families.base import GELU_TANH, ModelWeights, Norm  # noqa: F401  (GELU_TANH: the old name's home)
+from ..families.base import GELU_TANH, ModelWeights, Norm, Reader  # noqa: F401  (GELU_TANH: the old name's home)
 from ..layout import PackedBatch, PackedMany
 from ..template import Encoded, TemplateEncoder
 from .base import Engine, PromptInputs, as_inputs
 from ..nvtx import nvtx_range
-from ..sharding import layer_gather
+from ..sharding import layer_gather, table_weight
 from .ops import get_ops, rotary_tables
 
 
@@ -166,7 +166,7 @@ class FusedEngine(Engine):
             prompt = self.model.get_input_embeddings()(torch.zeros(L, dtype=torch.long, device=self.device)).float()
         with torch.no_grad(), self.autocast():
             h = self.blocks(self.embed(prompt.detach(), packed), self.context_kv(), packed)  # (n_targets, d)
-            ours = (h @ self.weights.lm_head.to(h.dtype).t()).float()  # (n_targets, V)
+            ours = (h @ self.table("lm_head").to(h.dtype).t()).float()  # (n_targets, V)
             if self.weights.softcap:
                 ours = torch.tanh(ours / self.weights.softcap) * self.weights.softcap
             wte = self.model.get_input_embeddings()
@@ -194,7 +194,7 @@ class FusedEngine(Engine):
         """Input rows: token embeddings (times the family's scale), the ``(L, d)`` prompt at its rows (None:
         placeholders), then learned positions where the family has them."""
         W = self.weights
-        x = W.embed[packed.token_ids]  # (rows, d); no grad: a detached view
+        x = self.table("embed")[packed.token_ids]  # (rows, d); no grad: a detached view
         if W.embed_scale is not None:
             x = x * W.embed_scale
         if prompt is not None and packed.prompt_rows.numel():
@@ -205,9 +205,19 @@ class FusedEngine(Engine):
     def lm_head_ce(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(n_targets,) fp32 CE of the (soft-capped) logits ``h @ lm_head^T``."""
         W = self.weights
+        head = self.table("lm_head")
         if W.softcap:
-            return self.ops.lm_head_ce_softcap(h, W.lm_head, targets, W.softcap).float()
-        return self.ops.lm_head_ce(h, W.lm_head, targets).float()
+            return self.ops.lm_head_ce_softcap(h, head, targets, W.softcap).float()
+        return self.ops.lm_head_ce(h, head, targets).float()
+
+    def table(self, name: str) -> torch.Tensor:
+        """``self.weights.embed`` or ``.lm_head``; where --shard-weights shards the table (the read is a meta
+        skeleton) gathered whole for this use (``sharding.table_weight``; freed when the caller is done)."""
+        t = getattr(self.weights, name)
+        if not t.is_meta:
+            return t
+        module = self.model.get_input_embeddings() if name == "embed" else self.model.get_output_embeddings()
+        return Reader(torch.bfloat16 if self.precision == "bf16" else None)(table_weight(module))
 
     def context_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (K, V) of the constant context, each (n_context, Hkv, D): computed once, no grad."""
