@@ -86,6 +86,15 @@ def positive_finite(value) -> str | None:
     return None
 
 
+def learning_rate(value) -> str | None:
+    """Finite, > 0, and at most 1e37: Adam's first step is lr / (1 - beta1) = 10 lr, which must fit a float32
+    (torch raises an overflow error inside the optimizer otherwise)."""
+    error = positive_finite(value)
+    if error is None and value > 1e37:
+        return f"must be at most 1e37 (Adam's first step, 10 × lr, must fit a float32), got {value!r}"
+    return error
+
+
 def prompt_length(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         return f"must be a positive integer (at most 4096), got {value!r}"
@@ -150,7 +159,7 @@ OPTIONS: tuple[Option, ...] = (
            api=("PromptTuner.fit",), api_default=10),
     Option("batch_size", 64, "examples a step (default: 64)", type=int, check=at_least(1), resume=MATCH,
            api=("PromptTuner.fit",)),
-    Option("lr", 1e-3, "Adam learning rate (default: 1e-3)", type=float, check=positive_finite, resume=MATCH,
+    Option("lr", 1e-3, "Adam learning rate (default: 1e-3)", type=float, check=learning_rate, resume=MATCH,
            api=("PromptTuner.fit",)),
     Option("engine", "auto", "auto | naive | generic | fused (default: auto)", checked_by="engines.make_engine",
            api=("PromptTuner",)),

@@ -123,13 +123,22 @@ def write_table(out: str, rows: list[dict]) -> dict:
     """sweep.json and sweep.md: every point's settings and results, the best point named."""
     best = best_point(rows)
     summary = {"points": rows, "best": best["point"] if best else None}
-    write_text(os.path.join(out, "sweep.json"), json.dumps(summary, indent=1) + "\n")
+    # strict JSON: a stopped point's NaN/inf test loss is written as null (its "stopped" says why)
+    finite = {"points": [{**r, **{k: None for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)}}
+                         for r in rows], "best": summary["best"]}
+    write_text(os.path.join(out, "sweep.json"), json.dumps(finite, indent=1, allow_nan=False) + "\n")
     keys = list(dict.fromkeys(k for r in rows for k in r["settings"] if k != "data"))  # "task" names the data
 
     def cell(v, pct=False):
         if v is None:
             return "–"
-        return f"{100 * v:.1f}%" if pct else (f"{v:.4f}" if isinstance(v, float) else str(v))
+        if pct:
+            return f"{100 * v:.1f}%"
+        if not isinstance(v, float):
+            return str(v)
+        if not math.isfinite(v):
+            return str(v).replace("nan", "NaN")
+        return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.4g}"  # 1e-05, 1e+30: not 0.0000
 
     lines = ["| point | " + " | ".join(keys) + " | test loss | exact match | parrot rate | steps |",
              "|---" * (len(keys) + 5) + "|"]

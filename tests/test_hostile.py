@@ -784,3 +784,13 @@ def test_property_random_files_and_options(tmp_path, capsys, monkeypatch, finish
         counts[code] += 1
     assert session.Session.write_header is original_write_header
     assert counts[2] >= 50 and counts["checked"] + counts[0] >= 15, counts  # both kinds of paths were exercised
+
+
+@pytest.mark.parametrize("extra", [["--lr", "1e38"], ["--sweep", "lr=1e-3,1e38"]])
+def test_a_learning_rate_adam_cannot_step_is_one_line(tmp_path, capsys, extra):
+    """lr above 1e37 made Adam's first step (10 × lr) overflow a float32 inside torch: a traceback mid-run;
+    now refused before anything is written, for a run and for a sweep point alike."""
+    out = tmp_path / "out"
+    args = [a for a in ARGS if a not in ("--lr", "1e-2")] if "--sweep" in extra else ARGS
+    assert main([*args, *extra, "--out", str(out)]) == 2
+    assert "must be at most 1e37" in one_error_line(capsys.readouterr().err) and not out.exists()

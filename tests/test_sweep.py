@@ -108,3 +108,25 @@ def test_sweep_grid_is_the_product():
 def test_sweep_refuses_options_it_does_not_carry(tmp_path, capsys):
     assert cli(tmp_path / "x", "--sweep", "lr=1e-3,1e-2", "--peft-out", str(tmp_path / "p")) == 2
     assert "--peft-out does not work with --sweep" in capsys.readouterr().err
+
+
+def test_a_nan_point_stops_alone_from_the_cli(tmp_path, data, capsys):
+    """A point whose steps go NaN (lr 1e30: the prompt overflows after one step) stops alone: the other point
+    trains to the end, the table and the JSON (strict: null for its loss) mark it, and the run exits 3."""
+    out = tmp_path / "n"
+    assert cli(out, "--epochs", "2", "--data", data[0], "--sweep", "lr=1e-2,1e30") == 3
+    err = capsys.readouterr().err
+    assert "1 of 2 points stopped on NaN/inf (lr-1e+30)" in err
+    summary = json.loads((out / "sweep.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"sweep.json holds {c}: not strict JSON"))
+    good, bad = summary["points"]
+    assert good["stopped"] is None and good["steps"] == 6 and good["test_loss"] > 0 and summary["best"] == "lr-0.01"
+    assert "NaN/inf" in bad["stopped"] and bad["steps"] == 3 and bad["test_loss"] is None
+    md = (out / "sweep.md").read_text()
+    assert "| lr-1e+30 (stopped: NaN/inf) | 1e+30 | NaN |" in md and "| lr-0.01 **best** | 0.0100 |" in md
+    assert POINT_FILES - {"samples.txt", "nearest.txt"} <= set(os.listdir(out / "lr-1e+30"))
+    assert POINT_FILES <= set(os.listdir(out / "lr-0.01"))
+    # the finished point equals its run alone
+    alone = tmp_path / "alone"
+    assert cli(alone, "--epochs", "2", "--data", data[0], "--lr", "1e-2") == 0
+    assert rel_err(prompt(out / "lr-0.01" / "prompt.safetensors"), prompt(alone / "prompt.safetensors")) <= 1e-5
