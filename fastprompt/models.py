@@ -330,10 +330,20 @@ def max_positions(model) -> int | None:
     return None
 
 
+def table_weight(module) -> torch.Tensor:
+    """``module.weight``, whole: gathered where ``--shard-weights`` shards it by rows (``sharding.ShardedTable``
+    marks the module with ``_fastprompt_table``; the gather is a collective), else the weight as it is. Here,
+    not in sharding.py, so that loading (which sharding.py builds on) never imports sharding."""
+    table = getattr(module, "_fastprompt_table", None)
+    if table is None:
+        return module.weight
+    full = table.acquire()
+    table.release()
+    return full
+
+
 def embedding_table(model) -> torch.Tensor:
     """The (vocab, d) table in the space of the embedding module's output (Gemma scales its embeddings)."""
-    from .sharding import table_weight
-
     module = model.get_input_embeddings()
     scale = getattr(module, "embed_scale", None)
     weight = table_weight(module)  # whole: gathered where --shard-weights shards it (every rank calls this)

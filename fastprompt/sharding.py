@@ -18,7 +18,7 @@ Tables, not FSDP2 units: FSDP2 cannot group the embedding and a tied head (one p
 without sharding the root module, and the table is read outside any module call (the fused engine's
 ``W.embed[ids]`` and ``lm_head_ce``; ``models.embedding_table`` for the methods, ``--init`` and the nearest
 tokens). So a table gathers itself: a module that holds it (the embedding, the LM head) gathers it in a
-forward pre-hook and frees it in its forward hook; ``table_weight(module)`` gives the whole tensor to code
+forward pre-hook and frees it in its forward hook; ``models.table_weight(module)`` gives the whole tensor to code
 that reads the weight itself (the caller keeps it as long as it needs it); ``tables_held(model)`` keeps
 every table gathered across a loop of small forwards (decoding). Autograd saves a gathered table by value
 (the LM head's backward, relaxed's ``softmax(theta) @ E``): it lives until that backward, which for the LM
@@ -316,16 +316,6 @@ def rows_of(n_rows: int, mesh) -> tuple[int, int]:
     rows = -(-n_rows // mesh.size())
     start = min(mesh.get_local_rank() * rows, n_rows)
     return start, min(start + rows, n_rows)
-
-
-def table_weight(module) -> torch.Tensor:
-    """``module.weight``, whole: gathered where it is a sharded table (a collective), else as it is."""
-    table = getattr(module, "_fastprompt_table", None)
-    if table is None:
-        return module.weight
-    full = table.acquire()
-    table.release()
-    return full
 
 
 @contextlib.contextmanager

@@ -42,14 +42,14 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError, NonFiniteError
-from ..models import eval_mode
+from ..models import eval_mode, table_weight
 from ..families import read_weights
 from ..families.base import GELU_TANH, ModelWeights, Norm, Reader  # noqa: F401  (GELU_TANH: the old name's home)
 from ..layout import PackedBatch, PackedMany
 from ..template import Encoded, TemplateEncoder
 from .base import Engine, PromptInputs, as_inputs
 from ..nvtx import nvtx_range
-from ..sharding import layer_gather, table_weight
+from ..sharding import layer_gather
 from .ops import get_ops, rotary_tables
 
 
@@ -212,7 +212,7 @@ class FusedEngine(Engine):
 
     def table(self, name: str) -> torch.Tensor:
         """``self.weights.embed`` or ``.lm_head``; where --shard-weights shards the table (the read is a meta
-        skeleton) gathered whole for this use (``sharding.table_weight``; freed when the caller is done)."""
+        skeleton) gathered whole for this use (``models.table_weight``; freed when the caller is done)."""
         t = getattr(self.weights, name)
         if not t.is_meta:
             return t
