@@ -1,4 +1,4 @@
-"""Several prompts in one run (docs/ARCHITECTURE.md, 'Sweeps and several tasks'): ``--sweep KEY=V1,V2`` (a product
+"""Several prompts in one run (docs/ARCHITECTURE.md, 'K prompts in one pass'): ``--sweep KEY=V1,V2`` (a product
 grid) and ``--data`` given several times (one prompt per task), trained together, one pass over the weights a
 step (``PromptTuner.fit_many``).
 
@@ -11,8 +11,9 @@ prompt.safetensors, checkpoint, samples.txt, nearest.txt, loss.png), made by the
 ``sweep.png`` (every point's test-loss curve). ``--resume`` continues every point from its own checkpoint.
 
 What a point may change: the keys of ``SWEEP_KEYS`` (the prompt's init and seed, its optimizer's learning rate,
-its batches and budgets). The points share one engine, so the model, template, prompt length, method,
-engine and precision are the run's (``parse_sweep`` says so for any other key). The model is loaded once,
+its batches and budgets, and its length). The points of one prompt length share one engine and train in one
+pass; each other length is a group of its own, trained after the previous one (``train.run_many``). The model,
+template, method, engine and precision are the run's (``parse_sweep`` says so for any other key). The model is loaded once,
 with the run's ``--seed`` (a random ``tiny`` model is the same for every point); a point's seed sets its
 split, init and shuffling.
 """
@@ -29,8 +30,8 @@ from .errors import ConfigError
 from .options import BY_NAME
 from .outputs import atomic_write, import_pyplot, write_text
 
-SWEEP_KEYS = ("lr", "init", "seed", "batch_size", "epochs", "max_steps")
-NOT_SWEPT = "the points share one engine: model, template, prompt_len, method, engine and precision are the run's"
+SWEEP_KEYS = ("lr", "init", "seed", "batch_size", "epochs", "max_steps", "prompt_len")
+NOT_SWEPT = "the points share one engine: model, template, method, engine and precision are the run's"
 
 
 def parse_sweep(items) -> list[tuple[str, list]]:

@@ -115,21 +115,29 @@ def run_many(config) -> dict:
                           "it, or choose another --out")
     device = resolve_device(config.device)
     loaded = load_model(config.model, seed=config.seed, device=device)
-    print(f"sweep of {len(points)} prompts in one pass: {', '.join(name for name, _ in points)} | output {out}",
-          flush=True)
-    opened, signals, base = [], StopSignals(), None
+    opened, signals, bases = [], StopSignals(), {}
     for name, settings in points:
         point = validate(dataclasses.replace(config, sweep=None, out=os.path.join(out, name),
                                              **{k: v for k, v in settings.items() if k != "task"}))
-        session, tuner, train, test, reporter = open_run(point, point.out, device, loaded=loaded, base=base)
-        base = base or tuner
+        session, tuner, train, test, reporter = open_run(point, point.out, device, loaded=loaded,
+                                                         base=bases.get(point.prompt_len))
+        bases.setdefault(point.prompt_len, tuner)  # a prompt length: one engine, one pass a step
         session.signals = signals  # one handler for all points: a signal checkpoints every point
         opened.append((name, settings, point, session, tuner, train, test, reporter))
+    groups = [[k for k, o in enumerate(opened) if o[2].prompt_len == n] for n in bases]
+    passes = "in one pass" if len(groups) == 1 else \
+        f"in {len(groups)} groups of one prompt length, one pass each, one group after another"
+    print(f"sweep of {len(points)} prompts {passes}: {', '.join(name for name, _ in points)} | output {out}",
+          flush=True)
     fits = [s.fit_arguments(t, tr, te, epoch_logger(p, t, p.out, r, label=n))
             for n, _, p, s, t, tr, te, r in opened]
+    results: list = [None] * len(opened)
     with signals:
         try:
-            results = PromptTuner.fit_many([o[4] for o in opened], fits)
+            for group in groups:
+                done = PromptTuner.fit_many([opened[k][4] for k in group], [fits[k] for k in group])
+                for k, result in zip(group, done):
+                    results[k] = result
         except Abandoned as e:
             raise opened[0][3].abandoned(e) from None
     rows, stopped = [], []

@@ -85,7 +85,7 @@ def test_several_tasks_each_on_its_own_split(tmp_path, data):
 
 
 @pytest.mark.parametrize("items,message", [
-    (["prompt_len=2,3"], "not a per-prompt option; the points share one engine"),
+    (["template={prompt} {input} {target}"], "not a per-prompt option; the points share one engine"),
     (["nope=1"], "no such option"),
     (["lr=1e-3,abc"], "'abc' is not a value of --lr"),
     (["lr=-1"], "--sweep lr must be a finite number > 0"),
@@ -130,3 +130,23 @@ def test_a_nan_point_stops_alone_from_the_cli(tmp_path, data, capsys):
     alone = tmp_path / "alone"
     assert cli(alone, "--epochs", "2", "--data", data[0], "--lr", "1e-2") == 0
     assert rel_err(prompt(out / "lr-0.01" / "prompt.safetensors"), prompt(alone / "prompt.safetensors")) <= 1e-5
+
+
+def test_prompt_lengths_are_groups_each_equal_to_its_run_alone(tmp_path, data):
+    """``--sweep prompt_len=2,3``: one group (one engine, one pass a step) per length, one after another;
+    every point ends at the prompt of its run alone, and --resume continues both groups."""
+    out = tmp_path / "l"
+    grid = ["--data", data[0], "--sweep", "prompt_len=2,3", "--sweep", "lr=1e-2,3e-2"]
+    assert cli(out, "--epochs", "1", *grid) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    names = [r["point"] for r in summary["points"]]
+    assert names == ["prompt_len-2_lr-0.01", "prompt_len-2_lr-0.03", "prompt_len-3_lr-0.01", "prompt_len-3_lr-0.03"]
+    assert cli(out, "--epochs", "2", "--resume", *grid) == 0
+    for name, length, lr in [(names[1], "2", "3e-2"), (names[2], "3", "1e-2")]:
+        got = prompt(out / name / "prompt.safetensors")
+        assert got.shape[0] == int(length)
+        alone = tmp_path / f"alone-{name}"
+        args = ["--epochs", "2", "--data", data[0], "--lr", lr]
+        assert main(["--model", "tiny", "--prompt-len", length, "--batch-size", "4", "--test-size", "0.25",
+                     "--eval-size", "3", "--samples", "1", "--no-progress", "--out", str(alone), *args]) == 0
+        assert rel_err(got, prompt(alone / "prompt.safetensors")) <= 1e-5
