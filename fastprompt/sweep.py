@@ -13,8 +13,8 @@ prompt.safetensors, checkpoint, samples.txt, nearest.txt, loss.png), made by the
 What a point may change: the keys of ``SWEEP_KEYS`` (the prompt's init and seed, its optimizer's learning rate,
 its batches and budgets, and its length). The points of one prompt length share one engine and train in one
 pass; each other length is a group of its own, trained after the previous one (``train.run_many``). The model,
-template, method, engine and precision are the run's (``parse_sweep`` says so for any other key). The model is loaded once,
-with the run's ``--seed`` (a random ``tiny`` model is the same for every point); a point's seed sets its
+template, method, engine and precision are the run's (``parse_sweep`` says so for any other key). The model is
+loaded once, with the run's ``--seed`` (a random ``tiny`` model is the same for every point); a point's seed sets its
 split, init and shuffling.
 """
 from __future__ import annotations
