@@ -58,6 +58,11 @@ class _SumBackward(torch.autograd.Function):
         return grad, None
 
 
+def _joins(engine, other) -> bool:
+    """``Engine.joins`` of a wrapper: another wrapper of its kind around an engine that joins the inner one."""
+    return other is engine or (type(other) is type(engine) and engine.inner.joins(other.inner))
+
+
 class DataParallelEngine:
     """Wraps an engine: ``loss_terms`` on this rank's shard, summed over ranks (see the module docstring)."""
 
@@ -83,6 +88,7 @@ class DataParallelEngine:
         return _many(self, inputs, batches)
 
     many_in_one_pass = False
+    joins = _joins
 
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes"
@@ -307,6 +313,7 @@ class ShardedDataParallelEngine:
         return _many(self, inputs, batches)
 
     many_in_one_pass = False
+    joins = _joins
 
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes, weights sharded"

@@ -126,7 +126,9 @@ class PackedMany:
     the tree extended, context -> prompt k's trunk -> prompt k's examples. ``packed`` holds every group's rows
     one after another (``prompt_slots`` index the K prompts stacked along their length, ``target_rows`` the
     block's rows); the linear layers run on it once, attention runs per group on ``groups[k]`` (the group's own
-    ``cu_seqlens``, a ``PackedBatch`` of that prompt alone), since a group sees only the context and itself."""
+    ``cu_seqlens``, a ``PackedBatch`` of that prompt alone), since a group sees only the context and itself.
+    The prompts may have different lengths (one encoder each): ``prompt_slots`` then index their vectors
+    stacked one after another (prompt ``k`` from the sum of the earlier prompts' lengths)."""
 
     packed: PackedBatch  # every group's rows; n_trunk_rows / cu_seqlens are not used (groups hold them)
     groups: list  # [PackedBatch] per prompt
@@ -134,27 +136,38 @@ class PackedMany:
     target_counts: list  # targets per group, in ``packed.target_rows`` order
 
     @classmethod
-    def build(cls, encoder: TemplateEncoder, batches: Sequence[Sequence[Encoded]], device) -> "PackedMany":
-        """One block for prompt ``k`` on ``batches[k]``; a batch object given for several prompts is packed once."""
-        built: dict[int, PackedBatch] = {}
+    def build(cls, encoders: TemplateEncoder | Sequence[TemplateEncoder], batches: Sequence[Sequence[Encoded]],
+              device) -> "PackedMany":
+        """One block for prompt ``k`` on ``batches[k]``, encoded by ``encoders[k]`` (one encoder: all of them).
+        Encoders of several prompt lengths of one template may be mixed: the context is the same for all (it
+        precedes the prompt), each group has its own trunk and positions. A batch object given for several
+        prompts of one encoder is packed once."""
+        if isinstance(encoders, TemplateEncoder):
+            encoders = [encoders] * len(batches)
+        if len(encoders) != len(batches):
+            raise ValueError(f"{len(encoders)} encoders but {len(batches)} batches")
+        context = encoders[0].shared_ids[: encoders[0].n_context]
+        if any(e.shared_ids[: e.n_context] != context for e in encoders):
+            raise DataError("the prompts of one pass share the template's context: encode them with one template")
+        built: dict[tuple[int, int], PackedBatch] = {}
         groups = []
-        for batch in batches:
-            if id(batch) not in built:
-                built[id(batch)] = PackedBatch.build(encoder, batch, device)
-            groups.append(built[id(batch)])
-        L = encoder.prompt_len
-        row_offsets = [0]
-        for g in groups:
+        for encoder, batch in zip(encoders, batches):
+            if (id(encoder), id(batch)) not in built:
+                built[id(encoder), id(batch)] = PackedBatch.build(encoder, batch, device)
+            groups.append(built[id(encoder), id(batch)])
+        row_offsets, slot_offsets = [0], [0]  # prompt k's vectors: rows slot_offsets[k] .. of the stacked prompts
+        for g, encoder in zip(groups, encoders):
             row_offsets.append(row_offsets[-1] + g.n_rows)
+            slot_offsets.append(slot_offsets[-1] + encoder.prompt_len)
+
         def cat(name, shift=None):
-            parts = [getattr(g, name) + (shift(k) if shift else 0) for k, g in enumerate(groups)]
+            parts = [getattr(g, name) + (shift[k] if shift else 0) for k, g in enumerate(groups)]
             return torch.cat(parts)
         packed = PackedBatch(
-            token_ids=cat("token_ids"), positions=cat("positions"),
-            prompt_rows=cat("prompt_rows", lambda k: row_offsets[k]),
-            prompt_slots=cat("prompt_slots", lambda k: k * L),  # prompt k's vectors: rows k L .. k L + L - 1
-            cu_seqlens=groups[0].cu_seqlens, target_rows=cat("target_rows", lambda k: row_offsets[k]),
-            target_ids=cat("target_ids"), n_context=encoder.n_context, n_trunk_rows=groups[0].n_trunk_rows,
+            token_ids=cat("token_ids"), positions=cat("positions"), prompt_rows=cat("prompt_rows", row_offsets),
+            prompt_slots=cat("prompt_slots", slot_offsets), cu_seqlens=groups[0].cu_seqlens,
+            target_rows=cat("target_rows", row_offsets), target_ids=cat("target_ids"),
+            n_context=encoders[0].n_context, n_trunk_rows=groups[0].n_trunk_rows,
             n_examples=sum(g.n_examples for g in groups))
         return cls(packed, groups, row_offsets, [g.n_targets for g in groups])
 

@@ -137,7 +137,7 @@ def test_engine_self_checks_tell_a_non_finite_input_from_a_wrong_model():
 def test_an_engine_refusal_comes_before_overwrite_removes_anything(tmp_path, capsys, monkeypatch, finished):
     from fastprompt.engines.fused import FusedEngine
 
-    def refuse(self, prompt, example):
+    def refuse(self, prompt, example, encoder=None):
         raise fp.ConfigError("the fused engine's GPT-2 forward does not reproduce the logits (test)")
 
     monkeypatch.setattr(FusedEngine, "check_against_model", refuse)

@@ -90,6 +90,19 @@ class Engine:
         return [self.loss_terms(x, b) for x, b in zip(inputs, batches)]
 
     many_in_one_pass = False  # True where loss_terms_many shares one pass over the weights
+    many_lengths = False  # True where that pass also takes prompts of other lengths (``encoders=``)
+
+    def joins(self, other) -> bool:
+        """``other`` is this engine or one like it for another prompt length: the same kind over the same model,
+        template and precision, its prompts able to train beside this engine's (``PromptTuner.fit_many``)."""
+        return other is self or (type(other) is type(self) and other.model is self.model
+                                 and other.precision == self.precision
+                                 and other.encoder.template.text == self.encoder.template.text
+                                 and other.pass_settings() == self.pass_settings())
+
+    def pass_settings(self) -> tuple:
+        """What else must agree for two engines' prompts to share a step (kernels, graphs: the packed engine)."""
+        return ()
 
     # Whole-step capture (fastprompt/step.py): an engine that can run a step on static shapes says so here
     # and provides ``prepare``, ``static_batch`` and ``static_loss``.

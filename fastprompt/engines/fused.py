@@ -71,6 +71,9 @@ class FusedEngine(Engine):
         self._context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._checked = not self_check
 
+    def pass_settings(self) -> tuple:
+        return (self.ops.name, self.cuda_graphs)
+
     def describe(self) -> str:
         graphs = "on" if self.graphs_enabled() else "off"
         return (f"{self.name} ({self.precision}, {self.weights.family}, kernels={self.ops.name}, "
@@ -93,11 +96,11 @@ class FusedEngine(Engine):
         """Summed target CE of a padded batch (``static_batch``): no host sync, capturable."""
         return self.packed_loss(inputs, static.packed, static.target_weight)
 
-    def prepare(self, inputs: PromptInputs, example: Encoded) -> None:
-        """Once (before the first loss, and before a step is captured): the comparison with the model and the
-        constant context's K/V."""
+    def prepare(self, inputs: PromptInputs, example: Encoded, encoder: TemplateEncoder | None = None) -> None:
+        """Once (before the first loss, and before a step is captured): the comparison with the model (on
+        ``example``, encoded by ``encoder``: this engine's by default) and the constant context's K/V."""
         if not self._checked:
-            self.check_against_model(inputs, example)
+            self.check_against_model(inputs, example, encoder)
         with self.autocast():  # as packed_loss builds it: the same K/V dtype whichever comes first
             self.context_kv()
 
@@ -117,30 +120,40 @@ class FusedEngine(Engine):
         return self.packed_loss(inputs, packed), packed.n_targets
 
     many_in_one_pass = True
+    many_lengths = True  # loss_terms_many takes prompts of several lengths (one encoder each) in one pass
 
-    def loss_terms_many(self, inputs, batches) -> list[tuple[torch.Tensor, int]]:
+    def loss_terms_many(self, inputs, batches, encoders=None) -> list[tuple[torch.Tensor, int]]:
         """K prompts in one pass over the weights (docs/ARCHITECTURE.md, 'K prompts in one pass'): their groups
-        of rows side by side (``layout.PackedMany``), each prompt's summed CE from its own target rows. Every
-        prompt has this engine's prompt length and the same kind of input (all ``embeds`` or all ``layer_kv``)."""
+        of rows side by side (``layout.PackedMany``), each prompt's summed CE from its own target rows. The
+        prompts have the same kind of input (all ``embeds`` or all ``layer_kv``); ``encoders[k]`` encoded
+        ``batches[k]`` (default: this engine's encoder for every prompt), an encoder of this template for
+        prompt ``k``'s length: prompts of different lengths share the pass."""
         if len(inputs) != len(batches):
             raise ValueError(f"{len(inputs)} prompts but {len(batches)} batches")
         inputs = [as_inputs(x) for x in inputs]
         kinds = {x.embeds is None for x in inputs}
         if len(kinds) != 1:
             raise ConfigError("loss_terms_many takes prompts of one kind: all embeds or all layer_kv")
-        L = self.encoder.prompt_len
-        lengths = {x.tensor.shape[0 if x.embeds is not None else 2] for x in inputs}
-        if lengths != {L}:
-            raise ConfigError(f"every prompt of one pass has the engine's prompt length {L}, got {sorted(lengths)}")
-        many = PackedMany.build(self.encoder, batches, self.device)
-        self.prepare(inputs[0], batches[0][0])
+        encoders = [self.encoder] * len(inputs) if encoders is None else list(encoders)
+        if len(encoders) != len(inputs):
+            raise ValueError(f"{len(inputs)} prompts but {len(encoders)} encoders")
+        for k, (x, enc) in enumerate(zip(inputs, encoders)):
+            n = x.tensor.shape[0 if x.embeds is not None else 2]
+            if n != enc.prompt_len:
+                what = "the engine's" if enc is self.encoder else "its encoder's"
+                raise ConfigError(f"prompt {k} has {n} vectors, not {what} prompt length {enc.prompt_len}")
+            if enc is not self.encoder and enc.template.text != self.encoder.template.text:
+                raise ConfigError(f"prompt {k}'s encoder is for another template ({enc.template.text!r}): the "
+                                  f"prompts of one pass share this engine's template {self.encoder.template.text!r}")
+        many = PackedMany.build(encoders, batches, self.device)
+        self.prepare(inputs[0], batches[0][0], encoders[0])
         with self.autocast(), nvtx_range("forward"):
             if inputs[0].embeds is not None:
-                x = self.embed(torch.cat([p.embeds for p in inputs]), many.packed)  # prompts stacked (K L, d)
+                x = self.embed(torch.cat([p.embeds for p in inputs]), many.packed)  # prompts stacked (sum L, d)
                 layer_kv = None
             else:
                 x = self.embed(None, many.packed)
-                layer_kv = torch.cat([p.layer_kv for p in inputs], dim=2)  # (n_layer, 2, K L, Hkv, D)
+                layer_kv = torch.cat([p.layer_kv for p in inputs], dim=2)  # (n_layer, 2, sum L, Hkv, D)
             h = self.blocks(x, self.context_kv(), many.packed, layer_kv=layer_kv, many=many)
             loss = self.lm_head_ce(h, many.packed.target_ids)  # (n_targets of all groups,) fp32
         return [(part.sum(), n) for part, n in zip(loss.split(many.target_counts), many.target_counts)]
@@ -155,12 +168,14 @@ class FusedEngine(Engine):
             loss = self.lm_head_ce(h, packed.target_ids)  # (n_targets,) fp32
         return loss.sum() if target_weight is None else (loss * target_weight).sum()
 
-    def check_against_model(self, inputs: PromptInputs, example: Encoded) -> None:
+    def check_against_model(self, inputs: PromptInputs, example: Encoded,
+                            encoder: TemplateEncoder | None = None) -> None:
         """Once per engine: our logits at one example's target rows must be the model's own (its forward
         may differ from vanilla GPT-2: a subclass, an output transform). One unbatched forward, no grad;
         for ``layer_kv`` inputs with the placeholder token's embedding as the prompt (the forward is the same)."""
-        packed = self.pack([example])
-        L, start = self.encoder.prompt_len, example.prompt_start
+        encoder = encoder or self.encoder
+        packed = PackedBatch.build(encoder, [example], self.device)
+        L, start = encoder.prompt_len, example.prompt_start
         prompt = inputs.embeds
         if prompt is None:
             prompt = self.model.get_input_embeddings()(torch.zeros(L, dtype=torch.long, device=self.device)).float()

@@ -195,6 +195,9 @@ class GenericEngine(Engine):
             self._naive = NaiveEngine(self.model, self.encoder, "fp32" if self.precision == "fp32" else "autocast")
         return self._naive
 
+    def pass_settings(self) -> tuple:
+        return (self.layout,)
+
     def describe(self) -> str:
         notes = [self.precision]
         if self._naive is not None:
