@@ -177,21 +177,45 @@ class TrainStep:
 
 class ManyStep:
     """One step of K prompts (docs/ARCHITECTURE.md, 'K prompts in one pass'): ``steps`` are the prompts'
-    own ``TrainStep`` (own method, optimizer, learning rate, guard), sharing ``engine``. One
-    ``engine.loss_terms_many`` forward and one backward for all (prompt ``k``'s gradient is that of its own
-    loss: the groups of rows do not see each other), then each prompt's guarded Adam step (``TrainStep.apply``):
-    a NaN/inf prompt is skipped alone. Eager only (no CUDA graphs)."""
+    own ``TrainStep`` (own method, optimizer, learning rate, guard) on ``engine`` or engines that join it
+    (``Engine.joins``: the same model and template, another prompt length). One ``engine.loss_terms_many``
+    forward and one backward for all (prompt ``k``'s gradient is that of its own loss: the groups of rows do
+    not see each other), then each prompt's guarded Adam step (``TrainStep.apply``): a NaN/inf prompt is
+    skipped alone. Where ``engine`` has no pass for several lengths, each length's prompts take their own
+    engine's ``loss_terms_many``. Eager only (no CUDA graphs)."""
 
     def __init__(self, engine, steps: Sequence[TrainStep]):
         self.engine, self.steps = engine, list(steps)
 
+    def one_pass(self) -> bool:
+        """True where every prompt of the step shares one pass over the weights."""
+        engine = self.engine
+        if not engine.many_in_one_pass:
+            return False
+        return all(s.engine is engine for s in self.steps) or bool(getattr(engine, "many_lengths", False))
+
     def __call__(self, batches: Sequence[Sequence[Encoded]]) -> list[torch.Tensor]:
         with nvtx_range("step"):
             inputs = [s.method.inputs(s.params, train=True) for s in self.steps]
-            terms = self.engine.loss_terms_many(inputs, batches)
+            terms = self._terms(inputs, batches)
             with nvtx_range("backward"):
                 grads = torch.autograd.grad(sum(ce / n for ce, n in terms), [s.params for s in self.steps])
             ces = [s.apply(ce, g) for s, (ce, _), g in zip(self.steps, terms, grads)]
         for s in self.steps:
             s.finish_eager()
         return ces
+
+    def _terms(self, inputs, batches):
+        if all(s.engine is self.engine for s in self.steps):
+            return self.engine.loss_terms_many(inputs, batches)
+        if self.one_pass():
+            return self.engine.loss_terms_many(inputs, batches, encoders=[s.engine.encoder for s in self.steps])
+        terms: list = [None] * len(self.steps)
+        engines: dict[int, list[int]] = {}
+        for k, s in enumerate(self.steps):
+            engines.setdefault(id(s.engine), []).append(k)
+        for ks in engines.values():
+            engine = self.steps[ks[0]].engine
+            for k, t in zip(ks, engine.loss_terms_many([inputs[k] for k in ks], [batches[k] for k in ks])):
+                terms[k] = t
+        return terms

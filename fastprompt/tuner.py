@@ -13,7 +13,7 @@ from . import __version__
 from .errors import ConfigError, DataError, NonFiniteError, PromptFileError
 from .engines import make_engine
 from .engines.base import resolve_precision
-from .guard import NonFiniteGuard
+from .guard import Interrupted, NonFiniteGuard
 from .metrics import word_metrics
 from .methods import make_method, method_class
 from .models import max_positions
@@ -248,15 +248,21 @@ class PromptTuner:
         """Train K tuners together, tuner ``k`` as ``tuners[k].fit(**fits[k])`` would alone (its own data,
         learning rate, epochs, budgets, evaluation, callbacks; its own optimizer, guard and history), the
         steps taken together: each round, one ``engine.loss_terms_many`` pass over the weights for every tuner
-        still training (fastprompt/step.py: ``ManyStep``). The tuners share one engine (``variant``) or at
-        least one prompt length and method. A tuner whose guard stops it (NaN/inf steps in a row) stops alone:
-        its entry in the returned list is that ``NonFiniteError``, the others' their history. With the same
-        seeds every prompt ends exactly as its own ``fit`` would (docs/ARCHITECTURE.md, 'K prompts in one pass')."""
+        still training (fastprompt/step.py: ``ManyStep``). The tuners share one engine (``variant``), or have
+        engines that join it (``Engine.joins``: the same model, template and settings, other prompt lengths;
+        one pass for all where the engine takes several lengths, ``ManyStep.one_pass``). A tuner whose guard
+        stops it (NaN/inf steps in a row) stops alone: its entry in the returned list is that
+        ``NonFiniteError``, the others' their history. A signal (``guard.Interrupted`` from a point's
+        callback) lets every point of the round take its callback (each checkpoints) before it is raised.
+        With the same seeds every prompt ends exactly as its own ``fit`` would (docs/ARCHITECTURE.md,
+        'K prompts in one pass')."""
         if len(tuners) != len(fits):
             raise ConfigError(f"{len(tuners)} tuners but {len(fits)} fit argument sets")
         engine = tuners[0].engine
-        if any(t.engine is not engine for t in tuners):
-            raise ConfigError("fit_many trains tuners that share one engine: make them with tuner.variant(...)")
+        if any(not engine.joins(t.engine) for t in tuners):
+            raise ConfigError("fit_many trains tuners that share one engine (make them with tuner.variant(...)), "
+                              "or engines of one kind over the same model, template and precision that differ "
+                              "only in prompt length")
         results: list[Any] = [None] * len(tuners)
         runs: dict[int, Any] = {}
         batches: dict[int, Any] = {}
@@ -273,6 +279,7 @@ class PromptTuner:
                                      **{a: args[a] for a in ("eval_every", "eval_size", "max_steps", "max_seconds")})
         for k in list(runs):
             _advance(runs, batches, results, tuners, k, None, first=True)
+        _raise_interrupted(results)
         while runs:
             active = sorted(runs)
             steps = []
@@ -285,6 +292,7 @@ class PromptTuner:
             ces = ManyStep(engine, steps)([batches[k] for k in active])
             for k, ce in zip(active, ces):
                 _advance(runs, batches, results, tuners, k, ce)
+            _raise_interrupted(results)
         return results
 
     # ----------------------------------------------------------------------------------- evaluation
@@ -443,10 +451,17 @@ def _advance(runs, batches, results, tuners, k, ce, first=False):
     except StopIteration:
         results[k] = tuners[k].history
         del runs[k], batches[k]
-    except NonFiniteError as e:
+    except (NonFiniteError, Interrupted) as e:
         results[k] = e
         del runs[k]
         batches.pop(k, None)
+
+
+def _raise_interrupted(results) -> None:
+    """A signal reaches every point of a round (each checkpoints as it sees it), then stops ``fit_many``."""
+    stops = [r for r in results if isinstance(r, Interrupted)]
+    if stops:
+        raise stops[0]
 
 
 def _absorbs_space(template: Template) -> bool:

@@ -100,6 +100,46 @@ def test_a_nan_prompt_stays_in_its_rows():
         assert math.isfinite(terms[k][0].item()) and torch.isfinite(grads[k]).all()
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("layer_kv", [False, True])
+def test_prompts_of_different_lengths_in_one_pass(kind, template, layer_kv):
+    """Prompts of lengths 1, 4, 2 (each batch encoded for its length, one batch shared by two prompts of one
+    length) in one pass: each loss and gradient equal a naive run of that prompt alone."""
+    model = model_of(kind)
+    lengths = (1, 4, 2, 4)
+    encs = {L: TemplateEncoder(TEMPLATES[template], tokenizer(), L) for L in set(lengths)}
+    fused = make_engine("fused", model, encs[2], "fp32")
+    shared = batch_of(encs[4], 3, 9)
+    batches = [batch_of(encs[1], 2, 0), shared, batch_of(encs[2], 5, 1), shared]
+    xs = [prompts(model, L, 1, seed=k, layer_kv=layer_kv)[0] for k, L in enumerate(lengths)]
+    wrap = (lambda x: PromptInputs(layer_kv=x)) if layer_kv else (lambda x: x)
+    terms = fused.loss_terms_many([wrap(x) for x in xs], batches, encoders=[encs[L] for L in lengths])
+    grads = torch.autograd.grad(sum(ce / n for ce, n in terms), xs)
+    for x, L, b, (ce, n), g in zip(xs, lengths, batches, terms, grads):
+        ref_ce, ref_n = make_engine("naive", model, encs[L], "fp32").loss_terms(wrap(x), b)
+        (ref_g,) = torch.autograd.grad(ref_ce / ref_n, x)
+        assert n == ref_n and g.shape == x.shape
+        assert rel_err(ce, ref_ce) <= TOL and rel_err(g, ref_g) <= TOL
+
+
+def test_different_lengths_refusals():
+    """A prompt whose length is not its encoder's, and an encoder of another template, are refused by name."""
+    model = model_of("gpt2")
+    enc3 = TemplateEncoder(TEMPLATES["middle"], tokenizer(), 3)
+    enc2 = TemplateEncoder(TEMPLATES["middle"], tokenizer(), 2)
+    other = TemplateEncoder(TEMPLATES["end"], tokenizer(), 2)
+    fused = make_engine("fused", model, enc3, "fp32")
+    b3, b2 = batch_of(enc3, 2, 0), batch_of(enc2, 2, 0)
+    with pytest.raises(ConfigError, match="prompt 1 has 3 vectors, not its encoder's prompt length 2"):
+        fused.loss_terms_many([torch.zeros(3, 64)] * 2, [b3, b2], encoders=[enc3, enc2])
+    with pytest.raises(ConfigError, match="another template"):
+        fused.loss_terms_many([torch.zeros(3, 64), torch.zeros(2, 64)], [b3, batch_of(other, 2, 0)],
+                              encoders=[enc3, other])
+    with pytest.raises(ValueError, match="2 prompts but 1 encoders"):
+        fused.loss_terms_many([torch.zeros(3, 64)] * 2, [b3, b3], encoders=[enc3])
+
+
 def test_loss_terms_many_refuses_mixed_prompts():
     model = model_of("gpt2")
     enc = TemplateEncoder(TEMPLATES["middle"], tokenizer(), 3)
@@ -181,12 +221,38 @@ def test_fit_many_budgets_and_resume_per_point():
         assert t.history[-1]["step"] == 6 and rel_err(t.prompt, alone.prompt) <= TOL
 
 
+@pytest.mark.parametrize("engine", ["fused", "generic", "naive"])
+def test_fit_many_prompts_of_different_lengths(engine):
+    """Tuners of prompt lengths 3, 1, 3 (two engines, the first's variant for the second 3) trained together:
+    one pass for all on the packed engine, each length's own loop elsewhere; every prompt equals its fit."""
+    model = model_of("llama")
+    fit = dict(train=TRAIN, epochs=2, batch_size=4, eval_data=TEST, eval_every=0)
+    make = lambda L, seed: fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], L, engine=engine,  # noqa: E731
+                                          precision="fp32", seed=seed)
+    base3 = make(3, 0)
+    tuners = [base3, make(1, 1), base3.variant(seed=2)]
+    lrs = (1e-2, 3e-2, 2e-2)
+    from fastprompt.step import ManyStep, TrainStep
+
+    step = ManyStep(base3.engine, [TrainStep(t.method, t.engine, t.prompt, None, t.nonfinite, 4, static=False)
+                                   for t in tuners])
+    assert step.one_pass() == (engine == "fused")
+    fp.PromptTuner.fit_many(tuners, [{**fit, "lr": lr} for lr in lrs])
+    for tuner, L, seed, lr in zip(tuners, (3, 1, 3), (0, 1, 2), lrs):
+        alone = make(L, seed)
+        ref = alone.fit(**{**fit, "lr": lr}, progress=False)
+        assert tuner.prompt.shape[0] == L and rel_err(tuner.prompt, alone.prompt) <= TOL
+        assert abs(tuner.history[-1]["test_loss"] - ref[-1]["test_loss"]) <= TOL * abs(ref[-1]["test_loss"])
+
+
 def test_fit_many_refuses_tuners_of_other_engines():
     model = model_of("gpt2")
     a = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused")
-    b = fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 3, engine="fused")
-    with pytest.raises(ConfigError, match="share one engine"):
-        fp.PromptTuner.fit_many([a, b], [dict(train=TRAIN)] * 2)
+    for b in (fp.PromptTuner(model_of("gpt2"), tokenizer(), TEMPLATES["middle"], 3, engine="fused"),
+              fp.PromptTuner(model, tokenizer(), TEMPLATES["end"], 3, engine="fused"),
+              fp.PromptTuner(model, tokenizer(), TEMPLATES["middle"], 2, engine="naive")):
+        with pytest.raises(ConfigError, match="share one engine"):
+            fp.PromptTuner.fit_many([a, b], [dict(train=TRAIN)] * 2)
     with pytest.raises(ConfigError, match="no argument lrr"):
         fp.PromptTuner.fit_many([a], [dict(train=TRAIN, lrr=1)])
 
