@@ -217,7 +217,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("baseline", None, "a hand-written prompt, e.g. antonyms: its words (as many vectors as they have tokens, "
            "untrained) evaluated on the same test examples and shown beside the trained prompt at the end",
            check=words, metavar="WORDS"),
-    Option("sweep", None, "train a grid of prompts in one pass (one pass a prompt length), repeatable (product "
+    Option("sweep", None, "train a grid of prompts in one pass (every prompt length too), repeatable (product "
            "grid): KEY=V1,V2,... with KEY one of lr, init, seed, batch_size, epochs, max_steps, prompt_len; one "
            "folder per point in --out, sweep.md / sweep.json / sweep.png beside them (fastprompt/sweep.py)", action="append", metavar="KEY=V1,V2",
            checked_by="sweep.parse_sweep", resume=MATCH),

@@ -99,7 +99,7 @@ def run_many(config) -> dict:
     """``--sweep`` / several ``--data`` (fastprompt/sweep.py): every point trained together (``PromptTuner.fit_many``), then each point's outputs and the sweep's.
     Returns the sweep summary (``sweep.json``'s content)."""
     from . import PromptTuner, load_model
-    from .guard import Abandoned, StopSignals
+    from .guard import Abandoned, Interrupted, StopSignals
     from .sweep import final_line, plot_sweep, points_of, row_of, write_table
 
     for flag, bad in (("--peft-out", config.peft_out is not None), ("--shard-weights", config.shard_weights),
@@ -121,25 +121,26 @@ def run_many(config) -> dict:
                                              **{k: v for k, v in settings.items() if k != "task"}))
         session, tuner, train, test, reporter = open_run(point, point.out, device, loaded=loaded,
                                                          base=bases.get(point.prompt_len))
-        bases.setdefault(point.prompt_len, tuner)  # a prompt length: one engine, one pass a step
+        bases.setdefault(point.prompt_len, tuner)  # a prompt length: one engine (the first's pass takes all)
         session.signals = signals  # one handler for all points: a signal checkpoints every point
         opened.append((name, settings, point, session, tuner, train, test, reporter))
-    groups = [[k for k, o in enumerate(opened) if o[2].prompt_len == n] for n in bases]
-    passes = "in one pass" if len(groups) == 1 else \
-        f"in {len(groups)} groups of one prompt length, one pass each, one group after another"
+    engine = opened[0][4].engine
+    if engine.many_in_one_pass and (len(bases) == 1 or getattr(engine, "many_lengths", False)):
+        passes = "in one pass" if len(bases) == 1 else f"of {len(bases)} prompt lengths in one pass"
+    else:
+        passes = f"one forward each (the {engine.name} engine has no pass for several prompts)"
     print(f"sweep of {len(points)} prompts {passes}: {', '.join(name for name, _ in points)} | output {out}",
           flush=True)
     fits = [s.fit_arguments(t, tr, te, epoch_logger(p, t, p.out, r, label=n))
             for n, _, p, s, t, tr, te, r in opened]
-    results: list = [None] * len(opened)
     with signals:
         try:
-            for group in groups:
-                done = PromptTuner.fit_many([opened[k][4] for k in group], [fits[k] for k in group])
-                for k, result in zip(group, done):
-                    results[k] = result
+            results = PromptTuner.fit_many([o[4] for o in opened], fits)
         except Abandoned as e:
             raise opened[0][3].abandoned(e) from None
+        except Interrupted as e:  # every point has checkpointed: the sweep's folder resumes them all
+            raise Interrupted(e.signum, f"stopped by {StopSignals.name(e.signum)}; every point's checkpoint is "
+                                        f"written under {out}; continue with --resume --out {out}") from None
     rows, stopped = [], []
     for (name, settings, point, session, tuner, train, test, reporter), result in zip(opened, results):
         if isinstance(result, NonFiniteError):

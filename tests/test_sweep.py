@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from fastprompt.errors import ConfigError
 from fastprompt.promptfile import read_prompt_file
@@ -132,12 +133,13 @@ def test_a_nan_point_stops_alone_from_the_cli(tmp_path, data, capsys):
     assert rel_err(prompt(out / "lr-0.01" / "prompt.safetensors"), prompt(alone / "prompt.safetensors")) <= 1e-5
 
 
-def test_prompt_lengths_are_groups_each_equal_to_its_run_alone(tmp_path, data):
-    """``--sweep prompt_len=2,3``: one group (one engine, one pass a step) per length, one after another;
-    every point ends at the prompt of its run alone, and --resume continues both groups."""
+def test_prompt_lengths_share_one_pass_each_equal_to_its_run_alone(tmp_path, data, capsys):
+    """``--sweep prompt_len=2,3``: an engine per length, every point's step in the first one's pass; every
+    point ends at the prompt of its run alone, and --resume continues all of them."""
     out = tmp_path / "l"
     grid = ["--data", data[0], "--sweep", "prompt_len=2,3", "--sweep", "lr=1e-2,3e-2"]
     assert cli(out, "--epochs", "1", *grid) == 0
+    assert "sweep of 4 prompts of 2 prompt lengths in one pass" in capsys.readouterr().out
     summary = json.loads((out / "sweep.json").read_text())
     names = [r["point"] for r in summary["points"]]
     assert names == ["prompt_len-2_lr-0.01", "prompt_len-2_lr-0.03", "prompt_len-3_lr-0.01", "prompt_len-3_lr-0.03"]
@@ -150,3 +152,38 @@ def test_prompt_lengths_are_groups_each_equal_to_its_run_alone(tmp_path, data):
         assert main(["--model", "tiny", "--prompt-len", length, "--batch-size", "4", "--test-size", "0.25",
                      "--eval-size", "3", "--samples", "1", "--no-progress", "--out", str(alone), *args]) == 0
         assert rel_err(got, prompt(alone / "prompt.safetensors")) <= 1e-5
+
+
+def test_a_signal_mid_sweep_of_two_lengths_checkpoints_every_point(tmp_path, data, capsys, monkeypatch):
+    """SIGINT inside the second step of a sweep over two prompt lengths (one pass for all): every point is
+    checkpointed after that step, the run exits 130, and --resume ends each point at its run alone's prompt."""
+    import signal
+
+    from fastprompt.engines.fused import FusedEngine
+
+    original, calls = FusedEngine.loss_terms_many, []
+
+    def loss_terms_many(self, inputs, batches, encoders=None):
+        calls.append(torch.is_grad_enabled())
+        if sum(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, inputs, batches, encoders)
+
+    out = tmp_path / "sig"
+    grid = ["--epochs", "2", "--data", data[0], "--sweep", "prompt_len=2,3", "--sweep", "lr=1e-2,3e-2"]
+    monkeypatch.setattr(FusedEngine, "loss_terms_many", loss_terms_many)
+    assert cli(out, *grid) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT" in err and f"continue with --resume --out {out}\n" in err  # the sweep's folder, not a point's
+    names = ["prompt_len-2_lr-0.01", "prompt_len-2_lr-0.03", "prompt_len-3_lr-0.01", "prompt_len-3_lr-0.03"]
+    for name in names:
+        state = json.loads((out / name / "checkpoint.json").read_text())
+        assert (state["epoch"], state["step"]) == (0, 2), name
+    monkeypatch.setattr(FusedEngine, "loss_terms_many", original)
+    assert cli(out, *grid, "--resume") == 0
+    for name, length, lr in [(names[0], "2", "1e-2"), (names[3], "3", "3e-2")]:
+        alone = tmp_path / f"alone-{name}"
+        assert main(["--model", "tiny", "--prompt-len", length, "--batch-size", "4", "--test-size", "0.25",
+                     "--eval-size", "3", "--samples", "1", "--no-progress", "--out", str(alone), "--epochs", "2",
+                     "--data", data[0], "--lr", lr]) == 0
+        assert rel_err(prompt(out / name / "prompt.safetensors"), prompt(alone / "prompt.safetensors")) <= 1e-5
