@@ -58,6 +58,18 @@ class _SumBackward(torch.autograd.Function):
         return grad, None
 
 
+def _summed_backward(inputs: list, group) -> list:
+    """The K prompts' inputs through one ``_SumBackward``: their tensors flattened side by side, so the
+    backward all-reduces every prompt's gradient at once."""
+    flat = _SumBackward.apply(torch.cat([x.tensor.reshape(-1) for x in inputs]), group)
+    out, start = [], 0
+    for x in inputs:
+        n = x.tensor.numel()
+        out.append(x.map(lambda t, s=start, n=n: flat[s : s + n].view_as(t)))
+        start += n
+    return out
+
+
 def _joins(engine, other) -> bool:
     """``Engine.joins`` of a wrapper: another wrapper of its kind around an engine that joins the inner one."""
     return other is engine or (type(other) is type(engine) and engine.inner.joins(other.inner))
@@ -82,12 +94,36 @@ class DataParallelEngine:
             ce_local = (inputs.tensor * 0).sum().float()
         return _SumForward.apply(ce_local, self.group), target_count(batch)
 
-    def loss_terms_many(self, inputs, batches):
-        """K prompts, one ``loss_terms`` (shard, all-reduces) each: the inner engine's one-pass version would
-        skip both all-reduces."""
-        return _many(self, inputs, batches)
+    def loss_terms_many(self, inputs, batches, encoders=None):
+        """K prompts: this rank's shard of every batch through the inner engine's one pass where it has one
+        (``encoders``: as the inner engine takes them), the K summed CEs all-reduced together; one
+        ``loss_terms`` each elsewhere. The K prompts' tensors pass one ``_SumBackward`` side by side (one
+        all-reduce of all their gradients), so every rank runs the same collectives in the same order, an
+        empty shard (fewer examples than ranks) included."""
+        if len(inputs) != len(batches):
+            raise ValueError(f"{len(inputs)} prompts but {len(batches)} batches")
+        if not self.many_in_one_pass:
+            return _many(self, inputs, batches)
+        inputs = _summed_backward([as_inputs(x) for x in inputs], self.group)
+        shards = [self.shard(b) for b in batches]
+        live = [k for k, shard in enumerate(shards) if shard]
+        ces = [(x.tensor * 0).sum().float() for x in inputs]  # an empty shard adds 0 (and still joins)
+        if live:
+            terms = self.inner.loss_terms_many([inputs[k] for k in live], [shards[k] for k in live],
+                                               None if encoders is None else [encoders[k] for k in live])
+            for k, (ce, _) in zip(live, terms):
+                ces[k] = ce
+        total = _SumForward.apply(torch.stack(ces), self.group)
+        return [(total[k], target_count(batch)) for k, batch in enumerate(batches)]
 
-    many_in_one_pass = False
+    @property
+    def many_in_one_pass(self) -> bool:
+        return bool(getattr(self.inner, "many_in_one_pass", False))
+
+    @property
+    def many_lengths(self) -> bool:
+        return bool(getattr(self.inner, "many_lengths", False))
+
     joins = _joins
 
     def describe(self) -> str:

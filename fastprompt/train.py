@@ -100,7 +100,7 @@ def run_many(config) -> dict:
     Returns the sweep summary (``sweep.json``'s content)."""
     from . import PromptTuner, load_model
     from .guard import Abandoned, Interrupted, StopSignals
-    from .sweep import final_line, plot_sweep, points_of, row_of, write_table
+    from .sweep import best_point, final_line, plot_sweep, points_of, row_of, write_table
 
     for flag, bad in (("--peft-out", config.peft_out is not None), ("--shard-weights", config.shard_weights),
                       ("--baseline", bool(config.baseline)), ("--report-to", config.report_to != "none")):
@@ -124,13 +124,14 @@ def run_many(config) -> dict:
         bases.setdefault(point.prompt_len, tuner)  # a prompt length: one engine (the first's pass takes all)
         session.signals = signals  # one handler for all points: a signal checkpoints every point
         opened.append((name, settings, point, session, tuner, train, test, reporter))
-    engine = opened[0][4].engine
+    main, engine = opened[0][3].is_main, opened[0][4].engine  # torchrun: rank 0 prints and writes the sweep's files
     if engine.many_in_one_pass and (len(bases) == 1 or getattr(engine, "many_lengths", False)):
         passes = "in one pass" if len(bases) == 1 else f"of {len(bases)} prompt lengths in one pass"
     else:
         passes = f"one forward each (the {engine.name} engine has no pass for several prompts)"
-    print(f"sweep of {len(points)} prompts {passes}: {', '.join(name for name, _ in points)} | output {out}",
-          flush=True)
+    if main:
+        print(f"sweep of {len(points)} prompts {passes}: {', '.join(name for name, _ in points)} | output {out}",
+              flush=True)
     fits = [s.fit_arguments(t, tr, te, epoch_logger(p, t, p.out, r, label=n))
             for n, _, p, s, t, tr, te, r in opened]
     with signals:
@@ -144,7 +145,8 @@ def run_many(config) -> dict:
     rows, stopped = [], []
     for (name, settings, point, session, tuner, train, test, reporter), result in zip(opened, results):
         if isinstance(result, NonFiniteError):
-            print(f"[{name}] stopped: {result}", flush=True)
+            if main:
+                print(f"[{name}] stopped: {result}", flush=True)
             stopped.append(name)
             rows.append(row_of(name, settings, tuner, None, str(result)))
             continue
@@ -153,10 +155,14 @@ def run_many(config) -> dict:
             final = write_final(point, session, tuner, train, test, point.out, reporter)
         finally:
             reporter.close()
-        rows.append(row_of(name, settings, tuner, final_line(point.out) or final, None))
-    summary = write_table(out, rows)
-    plot_sweep(os.path.join(out, "sweep.png"), rows, {o[0]: o[4].history for o in opened})
-    print(open(os.path.join(out, "sweep.md")).read(), flush=True)
+        rows.append(row_of(name, settings, tuner, (final_line(point.out) if main else None) or final, None))
+    if main:
+        summary = write_table(out, rows)
+        plot_sweep(os.path.join(out, "sweep.png"), rows, {o[0]: o[4].history for o in opened})
+        print(open(os.path.join(out, "sweep.md")).read(), flush=True)
+    else:
+        best = best_point(rows)
+        summary = {"points": rows, "best": best["point"] if best else None}
     if stopped:
         raise NonFiniteError(f"{len(stopped)} of {len(points)} points stopped on NaN/inf ({', '.join(stopped)}); "
                              f"the others' outputs are written, the table in {os.path.join(out, 'sweep.md')}")

@@ -24,20 +24,25 @@ def test_shards_cover_the_batch_once():
             assert sum(shards, []) == batch
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
-    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+TORCHRUN = TORCHRUN if os.path.exists(TORCHRUN) else shutil.which("torchrun")
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+
+
+def two_processes(args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt.train", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@needs_torchrun
 @pytest.mark.parametrize("method,tensor", [("soft", "prompt"), ("prefix", "prefix")])
 def test_two_gloo_processes_match_one_process(tmp_path, method, tensor):
     args = [*ARGS, "--method", method]
     single = tmp_path / "single"
     assert main([*args, "--out", str(single)]) == 0
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    torchrun = torchrun if os.path.exists(torchrun) else shutil.which("torchrun")
     multi = tmp_path / "multi"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastprompt.train", *args,
-                             "--out", str(multi), "--checkpoint-every", "1"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    result = two_processes([*args, "--out", str(multi), "--checkpoint-every", "1"])
     assert result.returncode == 0, result.stderr[-3000:]
     a = load_file(str(single / "prompt.safetensors"))[tensor]
     b = load_file(str(multi / "prompt.safetensors"))[tensor]
@@ -51,3 +56,22 @@ def test_two_gloo_processes_match_one_process(tmp_path, method, tensor):
                      if '"train_loss"' in line]
     assert len(epochs) == 1
     assert abs(epochs[0]["train_loss"] - single_epochs[0]["train_loss"]) <= 1e-6 * single_epochs[0]["train_loss"]
+
+
+@needs_torchrun
+def test_a_sweep_of_two_lengths_in_two_processes_is_one_pass_and_matches_one_process(tmp_path):
+    """Every point of a sweep over two prompt lengths and two learning rates, trained by 2 processes in one
+    pass a step (each rank's shards of the 4 prompts' batches, an empty one in the last batch), ends at the
+    prompt of the same sweep in one process; rank 0 alone prints and writes the sweep's table."""
+    args = [a for a in ARGS if a not in ("--lr", "1e-2")] + ["--sweep", "lr=1e-2,3e-2", "--sweep", "prompt_len=2,3"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main([*args, "--out", str(single)]) == 0
+    result = two_processes([*args, "--out", str(multi)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("sweep of 4 prompts of 2 prompt lengths in one pass") == 1
+    assert result.stdout.count("| point |") == 1
+    names = [f"lr-{lr}_prompt_len-{n}" for lr in ("0.01", "0.03") for n in (2, 3)]
+    for name in names:
+        a = load_file(str(single / name / "prompt.safetensors"))["prompt"]
+        b = load_file(str(multi / name / "prompt.safetensors"))["prompt"]
+        assert ((a - b).norm() / a.norm()).item() <= 1e-6, name
