@@ -175,6 +175,12 @@ class TrainStep:
             t.copy_(old)
 
 
+def shares_one_pass(lead, engines) -> bool:
+    """Whether prompts on ``engines`` (``lead``'s, or engines that join it) share one pass of ``lead``'s: it
+    packs several prompts, and they are all its own or it also takes other prompt lengths."""
+    return bool(lead.many_in_one_pass and (all(e is lead for e in engines) or lead.many_lengths))
+
+
 class ManyStep:
     """One step of K prompts (docs/ARCHITECTURE.md, 'K prompts in one pass'): ``steps`` are the prompts'
     own ``TrainStep`` (own method, optimizer, learning rate, guard) on ``engine`` or engines that join it
@@ -189,10 +195,7 @@ class ManyStep:
 
     def one_pass(self) -> bool:
         """True where every prompt of the step shares one pass over the weights."""
-        engine = self.engine
-        if not engine.many_in_one_pass:
-            return False
-        return all(s.engine is engine for s in self.steps) or bool(getattr(engine, "many_lengths", False))
+        return shares_one_pass(self.engine, [s.engine for s in self.steps])
 
     def __call__(self, batches: Sequence[Sequence[Encoded]]) -> list[torch.Tensor]:
         with nvtx_range("step"):

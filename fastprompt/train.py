@@ -100,6 +100,7 @@ def run_many(config) -> dict:
     Returns the sweep summary (``sweep.json``'s content)."""
     from . import PromptTuner, load_model
     from .guard import Abandoned, Interrupted, StopSignals
+    from .step import shares_one_pass
     from .sweep import best_point, final_line, plot_sweep, points_of, row_of, write_table
 
     for flag, bad in (("--peft-out", config.peft_out is not None), ("--shard-weights", config.shard_weights),
@@ -125,7 +126,7 @@ def run_many(config) -> dict:
         session.signals = signals  # one handler for all points: a signal checkpoints every point
         opened.append((name, settings, point, session, tuner, train, test, reporter))
     main, engine = opened[0][3].is_main, opened[0][4].engine  # torchrun: rank 0 prints and writes the sweep's files
-    if engine.many_in_one_pass and (len(bases) == 1 or getattr(engine, "many_lengths", False)):
+    if shares_one_pass(engine, [o[4].engine for o in opened]):
         passes = "in one pass" if len(bases) == 1 else f"of {len(bases)} prompt lengths in one pass"
     else:
         passes = f"one forward each (the {engine.name} engine has no pass for several prompts)"
