@@ -146,6 +146,34 @@ def test_weights_are_views_not_copies():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_engines_over_one_model_share_one_read_until_a_weight_changes():
+    """Engines of other prompt lengths (a sweep's) hold the concatenated q/k/v and gate/up copies, and a bf16
+    copy, once; an in-place change of a weight makes the next engine read the model again (its loss is the
+    naive loss of the changed model), and a read no engine holds is freed."""
+    import gc
+    import weakref
+
+    model = copy.deepcopy(model_for("llama-gqa3-untied"))
+    template = TEMPLATES["middle"]
+    encs = [TemplateEncoder(template, tokenizer(), n, max_len=model.config.max_position_embeddings) for n in (2, 3)]
+    a, b = (FusedEngine(model, enc) for enc in encs)
+    assert a.weights is b.weights
+    low = [FusedEngine(model, enc, precision="bf16") for enc in encs]
+    assert low[0].weights is low[1].weights and low[0].weights is not a.weights
+    gone = weakref.ref(low[0].weights)
+    del low
+    gc.collect()
+    assert gone() is None
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # inside the concatenated q/k/v copy
+    c = FusedEngine(model, encs[1])
+    assert c.weights is not b.weights
+    batch = encs[1].encode_all(examples(4, 11))
+    prompt = fresh_prompt(model, 3, 11)
+    got, ref = loss_and_grad(c, prompt, batch), loss_and_grad(NaiveEngine(model, encs[1]), prompt, batch)
+    assert rel_err(got[0], ref[0]) <= FP32_TOL and rel_err(got[1], ref[1]) <= FP32_TOL
+
+
 def test_unsupported_settings_are_named_and_auto_falls_back_to_generic():
     enc = TemplateEncoder(TEMPLATES["middle"], tokenizer(), 3)
     model = copy.copy(model_for("llama-mha"))

@@ -2,6 +2,10 @@
 onto the shared pieces of ``base.py``; ``family_of`` picks one by ``config.model_type``."""
 from __future__ import annotations
 
+import weakref
+
+import torch
+
 from . import gemma3, gpt2, llama
 from .base import FamilyError, ModelWeights, Reader
 
@@ -20,8 +24,38 @@ def family_of(model):
 
 
 def read_weights(model, dtype=None) -> ModelWeights:
-    """``model``'s weights as its family reads them (``FamilyError`` for a setting it does not implement)."""
-    return family_of(model).read(model, dtype)
+    """``model``'s weights as its family reads them (``FamilyError`` for a setting it does not implement).
+    Engines over one model share one read (its concatenated q/k/v and gate/up copies, a bf16 copy: a sweep's
+    engine per prompt length holds them once) while one of them still holds it and no parameter or buffer
+    has changed since: the same storage and the same in-place version counter (``load_state_dict``,
+    ``copy_`` and any in-place op move it), else the model is read again."""
+    signature = _signature(model)
+    held = _READ.get(model, {}).get(dtype) if signature is not None else None
+    weights = held[1]() if held is not None and held[0] == signature else None
+    if weights is None:
+        weights = family_of(model).read(model, dtype)
+        if signature is not None:
+            _READ.setdefault(model, {})[dtype] = (signature, weakref.ref(weights))
+    return weights
+
+
+# model -> {dtype: (signature, weak reference to its ModelWeights)}: the read lives as long as an engine holds it
+_READ: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(model) -> tuple | None:
+    """Every parameter's and buffer's storage, in-place version, dtype and shape; None for sharded weights
+    (a DTensor: the engine reads each layer while it is gathered, nothing to share)."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+    else:
+        DTensor = ()  # noqa: N806
+    out = []
+    for t in (*model.parameters(), *model.buffers()):
+        if isinstance(t, DTensor):
+            return None
+        out.append((t.data_ptr(), t._version, t.dtype, tuple(t.shape)))
+    return tuple(out)
 
 
 def read_block(model, i: int, dtype=None):
