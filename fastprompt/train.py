@@ -125,12 +125,12 @@ def run_many(config) -> dict:
         bases.setdefault(point.prompt_len, tuner)  # a prompt length: one engine (the first's pass takes all)
         session.signals = signals  # one handler for all points: a signal checkpoints every point
         opened.append((name, settings, point, session, tuner, train, test, reporter))
-    main, engine = opened[0][3].is_main, opened[0][4].engine  # torchrun: rank 0 prints and writes the sweep's files
+    is_main, engine = opened[0][3].is_main, opened[0][4].engine  # torchrun: rank 0 prints and writes the sweep's files
     if shares_one_pass(engine, [o[4].engine for o in opened]):
         passes = "in one pass" if len(bases) == 1 else f"of {len(bases)} prompt lengths in one pass"
     else:
         passes = f"one forward each (the {engine.name} engine has no pass for several prompts)"
-    if main:
+    if is_main:
         print(f"sweep of {len(points)} prompts {passes}: {', '.join(name for name, _ in points)} | output {out}",
               flush=True)
     fits = [s.fit_arguments(t, tr, te, epoch_logger(p, t, p.out, r, label=n))
@@ -146,7 +146,7 @@ def run_many(config) -> dict:
     rows, stopped = [], []
     for (name, settings, point, session, tuner, train, test, reporter), result in zip(opened, results):
         if isinstance(result, NonFiniteError):
-            if main:
+            if is_main:
                 print(f"[{name}] stopped: {result}", flush=True)
             stopped.append(name)
             rows.append(row_of(name, settings, tuner, None, str(result)))
@@ -156,8 +156,8 @@ def run_many(config) -> dict:
             final = write_final(point, session, tuner, train, test, point.out, reporter)
         finally:
             reporter.close()
-        rows.append(row_of(name, settings, tuner, (final_line(point.out) if main else None) or final, None))
-    if main:
+        rows.append(row_of(name, settings, tuner, (final_line(point.out) if is_main else None) or final, None))
+    if is_main:
         summary = write_table(out, rows)
         plot_sweep(os.path.join(out, "sweep.png"), rows, {o[0]: o[4].history for o in opened})
         print(open(os.path.join(out, "sweep.md")).read(), flush=True)

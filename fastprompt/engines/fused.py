@@ -173,7 +173,7 @@ class FusedEngine(Engine):
         """Once per engine: our logits at one example's target rows must be the model's own (its forward
         may differ from vanilla GPT-2: a subclass, an output transform). One unbatched forward, no grad;
         for ``layer_kv`` inputs with the placeholder token's embedding as the prompt (the forward is the same)."""
-        encoder = encoder or self.encoder
+        encoder = self.encoder if encoder is None else encoder
         packed = PackedBatch.build(encoder, [example], self.device)
         L, start = encoder.prompt_len, example.prompt_start
         prompt = inputs.embeds
