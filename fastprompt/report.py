@@ -11,7 +11,7 @@ import torch
 from .methods.relaxed import RelaxedMethod
 from .models import embedding_table
 from .outputs import write_text
-from .tuner import PromptTuner
+from .tuner import PromptTuner, generation_count
 
 
 @torch.no_grad()
@@ -21,14 +21,19 @@ def final_report(tuner, test, eval_size: int | None = None, progress: bool = Fal
     tokens used as a hard prompt."""
     report: dict[str, Any] = {"event": "final", "method": tuner.method.name, "prompt_len": tuner.prompt_len}
     if test:
-        # the last epoch's test loss, where no step came after it and it was taken on these very examples (the
-        # CLI's test split): not computed twice
+        # the last epoch's test loss, and its generation metrics where it took them on as many examples, where
+        # no step came after it and it was taken on these very examples (the CLI's test split): not computed twice
         last_eval = getattr(tuner, "last_eval", None)
-        known = last_eval[1] if last_eval is not None and last_eval[0] is test else None
-        metrics = tuner.evaluate(test, generation_size=eval_size, progress=progress, loss=known is None)
-        metrics.setdefault("loss", known)
+        known = last_eval[1] if last_eval is not None and last_eval[0] is test else {}
+        n_gen = generation_count(len(test), eval_size)
+        if "exact_match" in known and last_eval[2] == n_gen:  # decoded these very examples already
+            metrics = dict(known)
+        else:
+            metrics = tuner.evaluate(test, generation_size=eval_size, progress=progress, loss=not known)
+            if known:
+                metrics["loss"] = known["loss"]
         report.update({f"test_{k}": v for k, v in metrics.items()})
-        report["eval_size"] = min(len(test), eval_size or len(test))
+        report["eval_size"] = n_gen
     ids = tuner.method.token_ids(tuner.prompt)
     if ids is not None:
         report["token_ids"] = ids

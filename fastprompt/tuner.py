@@ -69,7 +69,9 @@ class PromptTuner:
         self.history: list[dict[str, Any]] = []
         self.nonfinite = NonFiniteGuard(limit=3)  # NaN/inf steps are not applied; 3 in a row stop fit
         self.resume_at: dict[str, Any] | None = None  # an epoch in progress, set by fastprompt.checkpoint
-        self.last_eval: tuple | None = None  # (eval_data, loss) of the current prompt, set by fit, cleared by a step
+        # (eval_data, metrics, examples decoded) of the current prompt's last evaluation in fit, cleared by a
+        # step: the final report reuses what it covers (fastprompt/report.py)
+        self.last_eval: tuple | None = None
         self.stopped: str | None = None  # why the last fit stopped early: "max_steps", "max_seconds" or None
         self._step = None  # the training step (fastprompt/step.py), built by the first train_step
         self._batch_size = 64
@@ -216,7 +218,8 @@ class PromptTuner:
                 metrics = self.evaluate(eval_data, generation=generation, generation_size=eval_size,
                                         progress=progress)
                 record.update({f"test_{k}": v for k, v in metrics.items()})
-                self.last_eval = (eval_data, metrics["loss"])  # the current prompt's loss on eval_data
+                decoded = generation_count(len(eval_data), eval_size) if generation else 0
+                self.last_eval = (eval_data, metrics, decoded)
                 record["eval_seconds"] = time.perf_counter() - t_eval
             record["seconds"] = time.perf_counter() - t0
             self.history.append(record)
@@ -307,9 +310,7 @@ class PromptTuner:
         ``batch_size``: examples a forward (larger than training's: nothing is kept for a backward).
         ``loss=False`` leaves the loss out (a caller that has it already: the last epoch's test loss)."""
         encoded = self.encode(examples)
-        n_gen = 0
-        if generation:
-            n_gen = len(encoded) if generation_size is None else min(generation_size, len(encoded))
+        n_gen = generation_count(len(encoded), generation_size) if generation else 0
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(encoded) * loss + n_gen, desc="evaluate", unit="ex", disable=not progress, leave=False)
@@ -467,6 +468,11 @@ def _raise_interrupted(results) -> None:
 def _absorbs_space(template: Template) -> bool:
     """Whether a text init's leading space is absorbed by the prompt (the prompt does not open the template)."""
     return any(p.kind == "prompt" for p in template.pieces[1:2]) or not template.text.startswith("{prompt}")
+
+
+def generation_count(n_examples: int, generation_size: int | None) -> int:
+    """How many of ``n_examples`` an evaluation decodes: all with no ``generation_size``, else at most it."""
+    return n_examples if generation_size is None else min(generation_size, n_examples)
 
 
 def _over_budget(taken: int, max_steps: int | None, started: float, max_seconds: float | None) -> bool:

@@ -39,6 +39,36 @@ def test_the_last_epochs_test_loss_is_reused_not_recomputed(setup, monkeypatch):
     assert calls
 
 
+def _count_decodes(tuner, monkeypatch):
+    decoded = []
+    real = tuner._greedy
+    monkeypatch.setattr(tuner, "_greedy", lambda encoded, *a, **k: decoded.append(len(encoded)) or real(encoded, *a, **k))
+    return decoded
+
+
+def test_the_last_epochs_generation_metrics_are_reused_where_they_cover_the_report(setup, monkeypatch):
+    model, tok, train, test = setup
+    tuner = fp.PromptTuner(model, tok, prompt_len=3)
+    tuner.fit(train, epochs=2, batch_size=16, lr=1e-2, eval_data=test, eval_every=1, eval_size=5, progress=False)
+    decoded, calls = _count_decodes(tuner, monkeypatch), _count_loss_calls(tuner, monkeypatch)
+    last = tuner.history[-1]
+    report = final_report(tuner, test, eval_size=5)
+    assert decoded == [] and calls == []  # the last epoch decoded these 5 examples with this very prompt
+    assert report["eval_size"] == 5
+    for key in ("loss", "exact_match", "parrot_rate", "exact_match_strict", "parrot_rate_strict"):
+        assert report[f"test_{key}"] == last[f"test_{key}"]
+    probe = fp.PromptTuner(model, tok, prompt_len=3, prompt=tuner.prompt.detach().clone())
+    fresh = probe.evaluate(test, generation_size=5)
+    assert {k: report[f"test_{k}"] for k in fresh} == pytest.approx(fresh, rel=1e-6)
+    wider = final_report(tuner, test, eval_size=6)  # more examples than the epoch decoded: decoded again
+    assert decoded == [6] and calls == [] and wider["eval_size"] == 6
+    assert wider["test_exact_match"] == probe.evaluate(test, generation_size=6)["exact_match"]
+    assert final_report(tuner, test, eval_size=0)["eval_size"] == 0 and decoded == [6]  # nothing decoded
+    tuner.fit(train, epochs=1, batch_size=16, lr=1e-1, eval_data=test, progress=False, max_steps=1)  # prompt moved
+    final_report(tuner, test, eval_size=5)
+    assert decoded == [6, 5] and calls
+
+
 def test_a_step_after_the_last_evaluation_makes_it_stale(setup, monkeypatch):
     model, tok, train, test = setup
     tuner = fp.PromptTuner(model, tok, prompt_len=3)
