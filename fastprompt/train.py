@@ -411,13 +411,10 @@ def _main(argv, quiet: bool) -> int:
 
     try:
         run(parse_config(argv))
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except FastpromptError as e:
+    except FastpromptError as e:  # torchrun: every rank meets it (a NaN too: the loss is all-reduced); rank 0 says it
         if not quiet:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, NonFiniteError) else 2
     except Interrupted as e:
         if not quiet:
             print(str(e), file=sys.stderr)

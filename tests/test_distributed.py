@@ -59,6 +59,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, method, tensor):
 
 
 @needs_torchrun
+def test_a_nan_stop_in_two_processes_is_reported_once(tmp_path):
+    args = [*ARGS, "--lr", "1e30", "--train-size", "64", "--out", str(tmp_path / "nan")]
+    result = two_processes(args)
+    assert result.returncode != 0
+    assert result.stderr.count("error: NaN/inf loss or gradient in 3 steps in a row") == 1, result.stderr[-3000:]
+    assert "exitcode  : 3" in result.stderr  # the rank that ended first stopped with the NaN code
+
+
+@needs_torchrun
 def test_a_sweep_of_two_lengths_in_two_processes_is_one_pass_and_matches_one_process(tmp_path):
     """Every point of a sweep over two prompt lengths and two learning rates, trained by 2 processes in one
     pass a step (each rank's shards of the 4 prompts' batches, an empty one in the last batch), ends at the
