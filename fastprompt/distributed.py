@@ -58,10 +58,13 @@ class _SumBackward(torch.autograd.Function):
         return grad, None
 
 
-def _summed_backward(inputs: list, group) -> list:
+def _summed_backward(inputs: list, group, wrap=None) -> list:
     """The K prompts' inputs through one ``_SumBackward``: their tensors flattened side by side, so the
-    backward all-reduces every prompt's gradient at once."""
+    backward all-reduces every prompt's gradient at once. ``wrap``: one more identity on the flat tensor,
+    whose backward runs once every prompt's gradient is complete (sharded weights: free the layers)."""
     flat = _SumBackward.apply(torch.cat([x.tensor.reshape(-1) for x in inputs]), group)
+    if wrap is not None:
+        flat = wrap(flat)
     out, start = [], 0
     for x in inputs:
         n = x.tensor.numel()
@@ -73,6 +76,11 @@ def _summed_backward(inputs: list, group) -> list:
 def _joins(engine, other) -> bool:
     """``Engine.joins`` of a wrapper: another wrapper of its kind around an engine that joins the inner one."""
     return other is engine or (type(other) is type(engine) and engine.inner.joins(other.inner))
+
+
+# a wrapper's K-prompt pass is its inner engine's (``Engine.many_in_one_pass``, ``Engine.many_lengths``)
+_inner_many_in_one_pass = property(lambda self: bool(getattr(self.inner, "many_in_one_pass", False)))
+_inner_many_lengths = property(lambda self: bool(getattr(self.inner, "many_lengths", False)))
 
 
 class DataParallelEngine:
@@ -116,15 +124,7 @@ class DataParallelEngine:
         total = _SumForward.apply(torch.stack(ces), self.group)
         return [(total[k], target_count(batch)) for k, batch in enumerate(batches)]
 
-    @property
-    def many_in_one_pass(self) -> bool:
-        return bool(getattr(self.inner, "many_in_one_pass", False))
-
-    @property
-    def many_lengths(self) -> bool:
-        return bool(getattr(self.inner, "many_lengths", False))
-
-    joins = _joins
+    many_in_one_pass, many_lengths, joins = _inner_many_in_one_pass, _inner_many_lengths, _joins
 
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes"
@@ -344,12 +344,35 @@ class ShardedDataParallelEngine:
             self.weights.reshard()
         return _SumForward.apply(ce_local, self.group), target_count(batch)
 
-    def loss_terms_many(self, inputs, batches):
-        """K prompts, one sharded ``loss_terms`` each (the same gathers on every rank, prompt after prompt)."""
-        return _many(self, inputs, batches)
+    def loss_terms_many(self, inputs, batches, encoders=None):
+        """K prompts in the inner engine's one pass where it has one (the fused engine): every layer gathered
+        once for all K, not once a prompt (GCG's candidates, a sweep's points). Every rank computes its
+        shard of every batch; where one of the shards is empty, every rank computes the whole batches and
+        ranks other than 0 count zero (lockstep, as ``loss_terms``). The K summed CEs are all-reduced
+        together and the K gradients in one all-reduce. Elsewhere one sharded ``loss_terms`` a prompt."""
+        if len(inputs) != len(batches):
+            raise ValueError(f"{len(inputs)} prompts but {len(batches)} batches")
+        if not self.many_in_one_pass:
+            return _many(self, inputs, batches)
+        from .sharding import _ReshardAfterBackward
 
-    many_in_one_pass = False
-    joins = _joins
+        inputs = _summed_backward([as_inputs(x) for x in inputs], self.group,
+                                  wrap=lambda t: _ReshardAfterBackward.apply(t, self.weights))
+        shards = [[DataParallelEngine(None, r, self.world_size).shard(b) for r in range(self.world_size)]
+                  for b in batches]
+        paths = {path_signature(self.inner, x, s) for x, per in zip(inputs, shards) for s in per}
+        replicated = None in paths or len(paths) != 1
+        mine = list(batches) if replicated else [per[self.rank] for per in shards]
+        self.replicated_batches += replicated
+        with self.weights.saving():
+            terms = self.inner.loss_terms_many(inputs, mine, encoders)
+        ces = [ce * 0.0 if replicated and self.rank != 0 else ce for ce, _ in terms]
+        if not (torch.is_grad_enabled() and any(ce.requires_grad for ce in ces)):
+            self.weights.reshard()
+        total = _SumForward.apply(torch.stack(ces), self.group)
+        return [(total[k], target_count(batch)) for k, batch in enumerate(batches)]
+
+    many_in_one_pass, many_lengths, joins = _inner_many_in_one_pass, _inner_many_lengths, _joins
 
     def describe(self) -> str:
         return f"{self.inner.describe()} x {self.world_size} processes, weights sharded"

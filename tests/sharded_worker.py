@@ -79,6 +79,47 @@ def tuner(m, engine, method, template, options):
                        **options, **kwargs)
 
 
+def count_gathers(weights):
+    """A counter of the layers' all-gathers (``FSDPModule.unshard`` calls)."""
+    counts = [0]
+    for layer in weights.layers:
+        def unshard(*args, _real=layer.unshard, **kwargs):
+            counts[0] += 1
+            return _real(*args, **kwargs)
+        layer.unshard = unshard
+    return counts
+
+
+def one_pass_checks(one, many, weights, batch):
+    """The sharded fused engine's ``loss_terms_many``: 4 prompts without grad (GCG's candidates) gather every
+    layer as often as one prompt does, at the unsharded losses; two prompts with grad where one batch of one
+    example leaves a rank an empty shard (every rank computes the whole batches) at the unsharded losses and
+    gradients. Returns ``([gathers of one prompt, of 4], worst relative error)``."""
+    counts = count_gathers(weights)
+    scales = (1.0, 0.5, -0.3, 2.0)
+    with torch.no_grad():
+        want = [one.engine.loss_terms(one.prompt * s, batch)[0] for s in scales]
+        start = counts[0]
+        many.engine.loss_terms(many.prompt, batch)
+        single = counts[0] - start
+        start = counts[0]
+        terms = many.engine.loss_terms_many([many.prompt * s for s in scales], [batch] * len(scales))
+        several = counts[0] - start
+    worst = max(rel_err(ce, w) for (ce, _), w in zip(terms, want))
+    batches = [batch[:1], batch]
+    xs_one, xs_many = [one.prompt * 1.0, one.prompt * 0.5], [many.prompt * 1.0, many.prompt * 0.5]
+    terms_one = one.engine.loss_terms_many(xs_one, batches)
+    replicated = many.engine.replicated_batches
+    terms_many = many.engine.loss_terms_many(xs_many, batches)
+    assert many.engine.replicated_batches == replicated + 1  # the empty shard: the whole batches on every rank
+    grads_one = torch.autograd.grad(sum(ce for ce, _ in terms_one), xs_one)
+    grads_many = torch.autograd.grad(sum(ce for ce, _ in terms_many), xs_many)
+    for (ce_a, n_a), (ce_b, n_b), g_a, g_b in zip(terms_one, terms_many, grads_one, grads_many):
+        assert n_a == n_b
+        worst = max(worst, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
+    return [single, several], worst
+
+
 def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -125,11 +166,17 @@ def main():
                 assert n_a == n_b
                 many_err = max(many_err, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
             freed = freed and all_sharded(weights, sharded_model)
+        replicated = many.engine.replicated_batches
+        gathers = None
+        if engine == "fused" and method == "soft":  # K prompts in one pass: each layer gathered once for all K
+            gathers, err = one_pass_checks(one, many, weights, batch)
+            many_err = max(many_err, err)
+            freed = freed and all_sharded(weights, sharded_model)
         with torch.no_grad():
             eval_one, eval_many = one.evaluate(examples, generation=True), many.evaluate(examples, generation=True)
         if rank == 0:
             print(json.dumps({"case": [kind, engine, method, template, shown], "engine": many.engine.name, "init": init, "worst": worst,
-                              "replicated": many.engine.replicated_batches, "freed": freed, "many": many_err, "eval": [eval_one, eval_many],
+                              "replicated": replicated, "freed": freed, "many": many_err, "gathers": gathers, "eval": [eval_one, eval_many],
                               "tables": len(weights.tables), "tied": tied}),
                   flush=True)
     dist.destroy_process_group()

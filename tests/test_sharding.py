@@ -54,6 +54,27 @@ def test_every_engine_shards():
     assert [check_engine(e) for e in ("auto", "naive", "generic", "fused")] == ["auto", "naive", "generic", "fused"]
 
 
+def worker_rows(n, tmp_path, engines=None):
+    """tests/sharded_worker.py on ``n`` processes (``engines``: only the cases of these engines), its rows
+    checked: the sharded computation is the unsharded one, and every layer is sharded again after it."""
+    env = {"SHARD_TMP": str(tmp_path / str(n)), **({"SHARD_ENGINES": ",".join(engines)} if engines else {})}
+    result = torchrun(n, script=os.path.join(HERE, "sharded_worker.py"), timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        assert row["init"] == 0.0, row["case"]
+        assert row["freed"], row  # every layer sharded again after each forward and each backward
+        assert row["engine"] == (row["case"][1] if row["case"][1] != "auto" else "fused"), row
+        assert row["worst"] <= 1e-5, row  # loss and gradient over 3 steps
+        assert row["many"] is None or row["many"] <= 1e-5, row  # prompts through loss_terms_many
+        if row["gathers"] is not None:  # the fused engine's K prompts: one pass, each layer gathered once
+            assert row["gathers"][1] == row["gathers"][0] > 0, row
+        assert row["replicated"] <= 1, row  # only the first batch (layout check) ran whole on every rank
+        a, b = row["eval"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and a["exact_match"] == b["exact_match"], row
+    return rows
+
+
 @pytest.mark.slow
 def test_every_engine_path_and_method_matches_one_process(tmp_path):
     """tests/sharded_worker.py: generic (packed, padded, several packs, a field before the prompt), naive,
@@ -61,20 +82,14 @@ def test_every_engine_path_and_method_matches_one_process(tmp_path):
     chunk; the packed engine (soft, prefix, prefix after a field; GPT-2, Llama, Gemma 3; auto); 2 and 3
     processes, batch 7."""
     for n in (2, 3):
-        result = torchrun(n, script=os.path.join(HERE, "sharded_worker.py"), timeout=900,
-                          env={"SHARD_TMP": str(tmp_path / str(n))})
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-        assert len(rows) == 21
-        for row in rows:
-            assert row["init"] == 0.0, row["case"]
-            assert row["freed"], row  # every layer sharded again after each forward and each backward
-            assert row["engine"] == (row["case"][1] if row["case"][1] != "auto" else "fused"), row
-            assert row["worst"] <= 1e-5, row  # loss and gradient over 3 steps
-            assert row["many"] is None or row["many"] <= 1e-5, row  # two prompts through loss_terms_many
-            assert row["replicated"] <= 1, row  # only the first batch (layout check) ran whole on every rank
-            a, b = row["eval"]
-            assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and a["exact_match"] == b["exact_match"], row
+        assert len(worker_rows(n, tmp_path)) == 21
+
+
+def test_the_packed_engine_sharded_matches_one_process_and_gathers_once_for_k_prompts(tmp_path):
+    """The worker's packed-engine cases on 2 processes (~20 s; all cases at 2 and 3: the slow test above):
+    GPT-2, Llama, Gemma 3, soft and prefix; K prompts in one pass gather each layer once (GCG's candidates)."""
+    rows = worker_rows(2, tmp_path, engines=["fused"])
+    assert len(rows) == 6 and sum(row["gathers"] is not None for row in rows) == 3
 
 
 @pytest.mark.slow
