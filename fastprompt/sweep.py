@@ -161,13 +161,18 @@ def plot_sweep(path: str, rows: list[dict], histories: dict[str, list[dict]]) ->
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = 0
     for r in rows:
         h = [e for e in histories.get(r["point"], []) if "test_loss" in e]
         if h:
             ax.plot([e["epoch"] for e in h], [e["test_loss"] for e in h], label=r["point"])
+            curves += 1
     ax.set_xlabel("epoch")
     ax.set_ylabel("test target cross-entropy")
-    ax.legend(fontsize="small")
+    if curves:
+        ax.legend(fontsize="small")
+    else:  # no point finished an epoch with a test split (a budget stop in the first epoch, --test-size 0)
+        ax.text(0.5, 0.5, "no epoch's test loss yet", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

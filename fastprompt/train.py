@@ -98,13 +98,13 @@ def run(config: TrainConfig) -> dict:
 def run_many(config) -> dict:
     """``--sweep`` / several ``--data`` (fastprompt/sweep.py): every point trained together (``PromptTuner.fit_many``), then each point's outputs and the sweep's.
     Returns the sweep summary (``sweep.json``'s content)."""
-    from . import PromptTuner, load_model
+    from . import PromptTuner
     from .guard import Abandoned, Interrupted, StopSignals
     from .step import shares_one_pass
     from .sweep import best_point, final_line, plot_sweep, points_of, row_of, write_table
 
-    for flag, bad in (("--peft-out", config.peft_out is not None), ("--shard-weights", config.shard_weights),
-                      ("--baseline", bool(config.baseline)), ("--report-to", config.report_to != "none")):
+    for flag, bad in (("--peft-out", config.peft_out is not None), ("--baseline", bool(config.baseline)),
+                      ("--report-to", config.report_to != "none")):
         if bad:
             raise ConfigError(f"{flag} does not work with --sweep or several --data (yet): run the point alone")
     if config.resume and not config.out:
@@ -115,13 +115,15 @@ def run_many(config) -> dict:
         raise ConfigError(f"--out {out} is not empty: pass --resume to continue the sweep, --overwrite to replace "
                           "it, or choose another --out")
     device = resolve_device(config.device)
-    loaded = load_model(config.model, seed=config.seed, device=device)
-    opened, signals, bases = [], StopSignals(), {}
+    loaded, opened, signals, bases = None, [], StopSignals(), {}
     for name, settings in points:
         point = validate(dataclasses.replace(config, sweep=None, out=os.path.join(out, name),
                                              **{k: v for k, v in settings.items() if k != "task"}))
+        # the model is loaded once, by the first point (its session sets up torchrun's process group and this
+        # rank's device first), with the run's --seed
         session, tuner, train, test, reporter = open_run(point, point.out, device, loaded=loaded,
-                                                         base=bases.get(point.prompt_len))
+                                                         base=bases.get(point.prompt_len), model_seed=config.seed)
+        loaded = loaded or (tuner.model, tuner.tokenizer)
         bases.setdefault(point.prompt_len, tuner)  # a prompt length: one engine (the first's pass takes all)
         session.signals = signals  # one handler for all points: a signal checkpoints every point
         opened.append((name, settings, point, session, tuner, train, test, reporter))
@@ -143,6 +145,9 @@ def run_many(config) -> dict:
         except Interrupted as e:  # every point has checkpointed: the sweep's folder resumes them all
             raise Interrupted(e.signum, f"stopped by {StopSignals.name(e.signum)}; every point's checkpoint is "
                                         f"written under {out}; continue with --resume --out {out}") from None
+        finally:
+            for o in opened:  # as session.fit: the outputs' forwards run unwrapped (rank 0, or all ranks sharded)
+                o[3].ctx.unwrap(o[4])
     rows, stopped = [], []
     for (name, settings, point, session, tuner, train, test, reporter), result in zip(opened, results):
         if isinstance(result, NonFiniteError):
@@ -170,11 +175,11 @@ def run_many(config) -> dict:
     return summary
 
 
-def open_run(config: TrainConfig, out: str, device, loaded=None, base=None):
+def open_run(config: TrainConfig, out: str, device, loaded=None, base=None, model_seed: int | None = None):
     """Everything before training, for one run in ``out``: the session (``--out`` / ``--resume`` checks), data,
-    model (or ``loaded``: ``(model, tokenizer)``), tuner (or a ``base.variant`` sharing its engine: a sweep's
-    point), every input checked, the checkpoint restored, the run header written. Returns
-    ``(session, tuner, train, test, reporter)``."""
+    model (or ``loaded``: ``(model, tokenizer)``; loaded with ``model_seed``, default ``config.seed``), tuner
+    (or a ``base.variant`` sharing its engine: a sweep's point), every input checked, the checkpoint restored,
+    the run header written. Returns ``(session, tuner, train, test, reporter)``."""
     from . import PromptTuner, load_model, load_pairs, subsample, train_test_split
     from .reporters import make_reporter
     from .session import Session
@@ -192,19 +197,21 @@ def open_run(config: TrainConfig, out: str, device, loaded=None, base=None):
     if eval_examples is not None:  # the test set; a --test-size split's share of --data is only kept from training
         test = eval_examples
     train = subsample(train, config.train_size, seed=config.seed)
-    engine = config.engine
-    if config.shard_weights:  # the layers sharded at load: a safetensors directory is read chunk by chunk
-        from .engines.base import resolve_precision
-        from .sharding import check_engine, load_sharded
+    engine, seed = config.engine, config.seed if model_seed is None else model_seed
+    if config.shard_weights:
+        from .sharding import check_engine
 
         engine = check_engine(engine)
-        low = resolve_precision(config.precision, device, engine) == "bf16"  # weights loaded in bf16: no copy
-        model, tokenizer = load_sharded(config.model, seed=config.seed, device=device,
-                                        dtype=torch.bfloat16 if low else None)
-    elif loaded is None:
-        model, tokenizer = load_model(config.model, seed=config.seed, device=device)
-    else:
+    if loaded is not None:
         model, tokenizer = loaded
+    elif config.shard_weights:  # the layers sharded at load: a safetensors directory is read chunk by chunk
+        from .engines.base import resolve_precision
+        from .sharding import load_sharded
+
+        low = resolve_precision(config.precision, device, engine) == "bf16"  # weights loaded in bf16: no copy
+        model, tokenizer = load_sharded(config.model, seed=seed, device=device, dtype=torch.bfloat16 if low else None)
+    else:
+        model, tokenizer = load_model(config.model, seed=seed, device=device)
     if base is not None:
         tuner = base.variant(init=config.init, seed=config.seed)
     else:
@@ -218,7 +225,9 @@ def open_run(config: TrainConfig, out: str, device, loaded=None, base=None):
 
         check_peft_out(tuner, config.peft_out, out)
     session.prepare(tuner)  # checkpoint restored, first forward checked, --out locked, engine sharded
-    # nothing has been written so far
+    # nothing has been written so far; torchrun: every rank has checked this --out before rank 0 writes in it
+    # (a sweep's points open one after another, with no other collective between one point's checks and writes)
+    session.ctx.barrier()
     metrics_path = os.path.join(out, "metrics.jsonl")
     if session.is_main:
         os.makedirs(out, exist_ok=True)

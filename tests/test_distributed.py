@@ -68,19 +68,30 @@ def test_a_nan_stop_in_two_processes_is_reported_once(tmp_path):
 
 
 @needs_torchrun
-def test_a_sweep_of_two_lengths_in_two_processes_is_one_pass_and_matches_one_process(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_sweep_of_two_lengths_in_two_processes_is_one_pass_and_matches_one_process(tmp_path, sharded):
     """Every point of a sweep over two prompt lengths and two learning rates, trained by 2 processes in one
-    pass a step (each rank's shards of the 4 prompts' batches, an empty one in the last batch), ends at the
-    prompt of the same sweep in one process; rank 0 alone prints and writes the sweep's table."""
+    pass a step (each rank's shards of the 4 prompts' batches, an empty one in the last batch), replicated or
+    with sharded weights, ends at the prompt and the final test loss of the same sweep in one process; rank 0
+    alone prints and writes the sweep's table. ``--max-steps 2`` stops inside the epoch: the final test loss
+    is computed after training (the engines unwrapped, as after a single run: no collective on rank 0 alone)."""
     args = [a for a in ARGS if a not in ("--lr", "1e-2")] + ["--sweep", "lr=1e-2,3e-2", "--sweep", "prompt_len=2,3"]
+    i = args.index("--test-size")
+    args[i + 1] = "0.002"
+    args += ["--max-steps", "2", "--eval-size", "2"]
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert main([*args, "--out", str(single)]) == 0
-    result = two_processes([*args, "--out", str(multi)])
+    result = two_processes([*args, "--out", str(multi), *(["--shard-weights"] if sharded else [])])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sweep of 4 prompts of 2 prompt lengths in one pass") == 1
     assert result.stdout.count("| point |") == 1
+    assert ("weights sharded" in result.stdout) == sharded
     names = [f"lr-{lr}_prompt_len-{n}" for lr in ("0.01", "0.03") for n in (2, 3)]
+    points_a = {p["point"]: p for p in json.loads((single / "sweep.json").read_text())["points"]}
+    points_b = {p["point"]: p for p in json.loads((multi / "sweep.json").read_text())["points"]}
     for name in names:
         a = load_file(str(single / name / "prompt.safetensors"))["prompt"]
         b = load_file(str(multi / name / "prompt.safetensors"))["prompt"]
         assert ((a - b).norm() / a.norm()).item() <= 1e-6, name
+        assert points_a[name]["steps"] == points_b[name]["steps"] == 2
+        assert abs(points_a[name]["test_loss"] - points_b[name]["test_loss"]) <= 1e-6 * points_a[name]["test_loss"]

@@ -187,3 +187,17 @@ def test_a_signal_mid_sweep_of_two_lengths_checkpoints_every_point(tmp_path, dat
                      "--eval-size", "3", "--samples", "1", "--no-progress", "--out", str(alone), "--epochs", "2",
                      "--data", data[0], "--lr", lr]) == 0
         assert rel_err(prompt(out / name / "prompt.safetensors"), prompt(alone / "prompt.safetensors")) <= 1e-5
+
+
+def test_the_sweep_plot_without_any_epochs_test_loss_says_so(tmp_path):
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from fastprompt.sweep import plot_sweep
+
+    path = tmp_path / "sweep.png"
+    rows = [{"point": "lr-0.01"}, {"point": "lr-0.03"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned of a legend without artists
+        plot_sweep(str(path), rows, {"lr-0.01": [{"epoch": 1, "train_loss": 3.0}], "lr-0.03": []})
+    assert path.stat().st_size > 0
