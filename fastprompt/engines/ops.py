@@ -99,7 +99,86 @@ def tree_attention(q, k, v, n_trunk, cu_seqlens, scale=None):
     if q.is_cuda:
         return _sdpa(q, k, v, tree_mask(n_queries, n_keys, int(n_trunk), cu_seqlens), scale)
     group = q.shape[1] // k.shape[1]
+    if n_queries * n_keys >= SEGMENTED_MIN_SCORES:
+        return _segmented_attention(q, k, v, int(n_trunk), cu_seqlens, scale)
     return _grouped_attention(q, k, v, tree_mask_bias(n_queries, n_keys, int(n_trunk), cu_seqlens, group), scale)
+
+
+# From this many (query, key) pairs a block the CPU tree attention runs per segment (``_segmented_attention``:
+# work in Nq x (trunk + longest segment)) instead of over the dense mask (Nq x Nk, almost all of it masked
+# once a block holds many examples); below it the dense form's two GEMMs are cheaper than the gathers.
+# Measured at SmolLM2's heads (9, GQA 3, D 64; forward + backward, AMD EPYC, 2 cores): 32 examples (146 x 149)
+# dense 2.0 ms, segmented 2.8; 64 (268 x 271) 6.6 against 3.3; 256 (1143 x 1146) 163 against 14 ms.
+SEGMENTED_MIN_SCORES = 48 * 1024
+_SEGMENT_CACHE: list = []
+
+
+def _segment_layout(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor, group: int, n_kv: int):
+    """What ``_segmented_attention`` needs of a block's tree (cached per ``cu_seqlens``, as the masks): the
+    non-empty segments padded to the longest, ``index`` (S, T) their key rows (a padding slot repeats the
+    segment's first row), ``valid`` (S T,) the real slots, ``own`` (G S, group T, T) the additive causal bias
+    within a segment, ``trunk_bias`` (group tq, n_trunk) the trunk queries' causal bias (None without any)."""
+    def build():
+        cu = cu_seqlens.to(torch.long).tolist()
+        starts = [a for a, b in zip(cu[:-1], cu[1:]) if b > a]
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:]) if b > a]
+        T = max(lengths, default=0)
+        device = cu_seqlens.device
+        slot = torch.arange(T, device=device)
+        length = torch.tensor(lengths, dtype=torch.long, device=device)
+        valid = slot[None, :] < length[:, None]  # (S, T)
+        index = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.where(valid, slot[None, :], 0)
+        allowed = (slot[None, :] <= slot[:, None])[None] & valid[:, None, :]  # (S, T query, T key)
+        own = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+        own = own[None, :, None].expand(n_kv, -1, group, -1, -1).reshape(n_kv * len(lengths), group * T, T)
+        first = n_keys - n_queries  # the key row of query row 0
+        tq = max(n_trunk - first, 0)  # queries in the trunk: causal over the trunk alone
+        trunk_bias = None
+        if tq:
+            keys = torch.arange(n_trunk, device=device)
+            trunk_bias = _additive(keys[None, :] <= (first + torch.arange(tq, device=device))[:, None], group)
+        return index, valid.reshape(-1), own, trunk_bias
+
+    return _cached_mask(_SEGMENT_CACHE, (cu_seqlens,), ("segments", n_queries, n_keys, n_trunk, group, n_kv), build)
+
+
+def _segmented_attention(q, k, v, n_trunk: int, cu_seqlens, scale):
+    """The CPU tree attention computed per segment, exactly the dense form's softmax over the same keys: a
+    query in a segment attends to every trunk key and causally to its own segment's keys, so its scores are
+    the trunk's (one GEMM per K/V head over all segments' queries) beside its segment's (one small batched
+    GEMM per segment and K/V head), softmaxed together; the trunk's queries attend causally to the trunk.
+    Query rows ``[tq, Nq)`` are the segments' key rows in order (``cu[0] = n_trunk``, ``cu[-1] = Nk``)."""
+    n_queries, H, D = q.shape
+    n_keys, G = k.shape[0], k.shape[1]
+    group, out_dtype = H // G, q.dtype
+    index, valid, own, trunk_bias = _segment_layout(n_queries, n_keys, n_trunk, cu_seqlens, group, G)
+    S, T = index.shape
+    first = n_keys - n_queries
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        outs = []
+        if trunk_bias is not None:  # the trunk's own queries (e.g. the prompt's rows): dense and small
+            tq = trunk_bias.shape[0] // group
+            outs.append(_grouped_attention(q[:tq], k[:n_trunk], v[:n_trunk], trunk_bias.to(dtype), scale))
+        if S:
+            flat = index.reshape(-1)
+            # (G S, group T, D): segment s's padded queries, the query heads of K/V head g stacked
+            qs = q.index_select(0, flat - first).view(S, T, G, group, D).permute(2, 0, 3, 1, 4).reshape(G * S, group * T, D)
+            ks = k.index_select(0, flat).view(S, T, G, D).permute(2, 0, 1, 3).reshape(G * S, T, D)
+            vs = v.index_select(0, flat).view(S, T, G, D).permute(2, 0, 1, 3).reshape(G * S, T, D)
+            k_trunk, v_trunk = k[:n_trunk].transpose(0, 1), v[:n_trunk].transpose(0, 1)  # (G, n_trunk, D)
+            s_trunk = torch.bmm(qs.view(G, S * group * T, D), k_trunk.transpose(1, 2)).mul_(scale)
+            s_own = torch.baddbmm(own.to(dtype), qs, ks.transpose(1, 2), alpha=scale)  # (G S, group T, T)
+            p = torch.softmax(torch.cat([s_trunk.view(G * S, group * T, n_trunk), s_own], dim=-1), dim=-1)
+            out = torch.bmm(p[..., n_trunk:], vs)  # (G S, group T, D)
+            if n_trunk:
+                p_trunk = p[..., :n_trunk].reshape(G, S * group * T, n_trunk)
+                out = out + torch.bmm(p_trunk, v_trunk).view(G * S, group * T, D)
+            out = out.view(G, S, group, T, D).permute(1, 3, 0, 2, 4).reshape(S * T, H, D)
+            outs.append(out[valid])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.to(out_dtype)
 
 
 def repeat_kv(q, k, v):
