@@ -303,7 +303,10 @@ def test_segmented_cpu_attention_is_the_dense_tree_attention(n_context, trunk_ro
 
 
 SEGMENTED_CASES = [("gpt2", "middle"), ("gpt2", "json"), ("llama-gqa3-untied", "json"), ("llama-mha", "end"),
-                   ("qwen3-qknorm", "start"), ("qwen2-bias", "middle"), ("gemma3", "end"), ("llama3-rope", "start")]
+                   ("qwen3-qknorm", "start"), ("qwen2-bias", "middle"), ("gemma3", "end"), ("llama3-rope", "start"),
+                   ("gemma3-wide-window", "middle"), ("mistral-wide-window", "json")]
+CONFIGS["gemma3-wide-window"] = ("gemma3", dict(sliding_window=64))  # windows past every sequence here
+CONFIGS["mistral-wide-window"] = ("mistral", dict(sliding_window=64))
 
 
 @pytest.mark.parametrize("name,template", SEGMENTED_CASES)
@@ -320,5 +323,27 @@ def test_packed_engine_with_segmented_cpu_attention_matches_naive_fp32(name, tem
     seed = SEGMENTED_CASES.index((name, template))
     loss_err, grad_err = compare(model, TEMPLATES[template], prompt_len=2 + seed % 3, batch_size=6 + seed % 5,
                                  seed=seed)
-    assert calls  # the segmented form ran (gemma3: its full-attention layers; sliding ones stay dense)
+    assert calls  # the segmented form ran (gemma3: in its full layers; the window of 4 binds in its sliding one)
     assert loss_err <= FP32_TOL and grad_err <= FP32_TOL, (loss_err, grad_err)
+
+
+def test_a_window_past_every_key_is_the_tree_attention(monkeypatch):
+    """CPU: a sliding layer whose window reaches past every key of the block is the tree attention itself
+    (per segment where large); a window that binds keeps its own mask."""
+    from fastprompt.engines import ops
+
+    calls = []
+    real = ops._segmented_attention
+    monkeypatch.setattr(ops, "SEGMENTED_MIN_SCORES", 0)
+    monkeypatch.setattr(ops, "_segmented_attention", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    lengths, n_trunk = [3, 5, 2], 4
+    cu = torch.tensor([4, 7, 12, 14], dtype=torch.int32)
+    positions = torch.tensor(list(range(4)) + [4 + i for n in lengths for i in range(n)])  # each segment after the trunk
+    q = torch.randn(14, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(14, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dense = ops._grouped_attention(q, k, v, ops._additive(ops.tree_mask(14, 14, n_trunk, cu), 2), 0.3)
+    wide = ops.window_attention(q, k, v, n_trunk, cu, 0.3, 9, positions)  # positions 0 .. 8: nothing out of reach
+    assert calls == [1] and rel_err(wide, dense) <= 1e-12
+    narrow = ops.window_attention(q, k, v, n_trunk, cu, 0.3, 3, positions)
+    assert calls == [1] and rel_err(narrow, dense) > 1e-3  # the window of 3 masks keys the tree allows

@@ -222,6 +222,10 @@ def window_attention(q, k, v, n_trunk, cu_seqlens, scale, window, key_positions)
     position of every key row (layout.PackedBatch.key_positions). Same shapes and dtypes as tree_attention."""
     n_queries, n_keys = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
+    if not q.is_cuda and int(key_positions.max() - key_positions.min()) < window:
+        # the window reaches past every key of the block (Gemma 3's 512 over prompts of a few dozen tokens):
+        # the tree attention itself, per segment where the block is large (a host read: CPU only)
+        return tree_attention(q, k, v, n_trunk, cu_seqlens, scale)
     key = (n_queries, n_keys, int(n_trunk), int(window), group)
 
     def build():
