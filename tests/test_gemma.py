@@ -1,4 +1,4 @@
-"""Gemma 3 270M (GGUF from the optional `gemma` extra) through the generic engine. Opt-in: -m gemma.
+"""Gemma 3 270M (GGUF from the optional `gemma` extra) through the packed and generic engines. Opt-in: -m gemma.
 Weights under the Gemma Terms of Use; never a default dependency. ~1-3 minutes to load on 2 cores."""
 import functools
 import os
@@ -21,16 +21,52 @@ def gemma():
     return fp.load_model("gemma3-270m")
 
 
-def test_load_by_name_and_generic_equals_naive():
+def test_the_engines_match_the_float64_naive_loop():
+    """Gemma 3 270M (18 layers, sliding layers, GQA 4, head dim 256, tied 262k head): against the float64
+    naive loop, ``auto`` (the packed engine, the Gemma 3 family) and ``generic`` give the fp32 loss and prompt
+    gradient within 1e-5, or within 3x the fp32 naive loop's own error, whichever is larger (issue 27's rule
+    for real models; measured 2026-12-08: naive fp32 off by 7.0e-5 / 9.1e-5, generic 6.8e-5 / 8.9e-5, the
+    packed engine 3.7e-7 / 4.4e-6). The float64 copy's norms run in float64 (Hugging Face's Gemma3RMSNorm
+    computes in fp32 whatever the dtype; see tests/test_families.py's SmolLM2 test)."""
+    import copy
+    import types
+
+    from fastprompt.engines.naive import NaiveEngine
+
     model, tok = gemma()
     assert model.config.model_type.startswith("gemma3") and not any(p.requires_grad for p in model.parameters())
     naive = fp.PromptTuner(model, tok, prompt_len=3, engine="naive", init="text:antonyms")
-    generic = fp.PromptTuner(model, tok, prompt_len=3, engine="auto", prompt=naive.prompt.detach())
-    assert generic.engine.name == "generic"
-    a, b = naive.loss(PAIRS), generic.loss(PAIRS)
-    (ga,) = torch.autograd.grad(a, naive.prompt)
-    (gb,) = torch.autograd.grad(b, generic.prompt)
-    assert abs(a.item() - b.item()) / a.item() < 1e-4 and ((ga - gb).norm() / ga.norm()).item() < 1e-3
+    prompt = naive.prompt.detach()
+    model64 = copy.deepcopy(model).double()
+
+    def rms_norm64(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    for module in model64.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm64, module)
+    batch = naive.encode(PAIRS)
+
+    def loss_and_grad(engine, x):
+        x = x.clone().requires_grad_(True)
+        ce, n = engine.loss_terms(x, batch)
+        (g,) = torch.autograd.grad(ce / n, x)
+        return (ce / n).detach().double(), g.double()
+
+    truth = loss_and_grad(NaiveEngine(model64, naive.encoder), prompt.double())
+    own = loss_and_grad(naive.engine, prompt)
+    for engine, name in (("auto", "fused"), ("generic", "generic")):
+        tuner = fp.PromptTuner(model, tok, prompt_len=3, engine=engine, prompt=prompt)
+        assert tuner.engine.name == name
+        got = loss_and_grad(tuner.engine, prompt)
+        for i, what in enumerate(("loss", "gradient")):
+            err, base = rel(got[i], truth[i]), rel(own[i], truth[i])
+            assert err <= max(1e-5, 3 * base), (name, what, err, base)
+    del model64
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
 
 
 def test_hand_written_prompt_beats_chance_and_hard_readout():
