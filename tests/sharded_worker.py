@@ -106,18 +106,26 @@ def one_pass_checks(one, many, weights, batch):
         terms = many.engine.loss_terms_many([many.prompt * s for s in scales], [batch] * len(scales))
         several = counts[0] - start
     worst = max(rel_err(ce, w) for (ce, _), w in zip(terms, want))
-    batches = [batch[:1], batch]
+    replicated = many.engine.replicated_batches
+    worst = max(worst, many_error(one, many, [batch[:1], batch]))
+    assert many.engine.replicated_batches == replicated + 1  # the empty shard: the whole batches on every rank
+    return [single, several], worst
+
+
+def many_error(one, many, batches):
+    """Two prompts (the prompt and half of it) on ``batches`` through both engines' ``loss_terms_many``: the
+    worst relative error of the sharded losses and gradients. One backward a side (a one-pass engine's K
+    losses share a graph; prompt k's loss reads x_k only)."""
     xs_one, xs_many = [one.prompt * 1.0, one.prompt * 0.5], [many.prompt * 1.0, many.prompt * 0.5]
     terms_one = one.engine.loss_terms_many(xs_one, batches)
-    replicated = many.engine.replicated_batches
     terms_many = many.engine.loss_terms_many(xs_many, batches)
-    assert many.engine.replicated_batches == replicated + 1  # the empty shard: the whole batches on every rank
     grads_one = torch.autograd.grad(sum(ce for ce, _ in terms_one), xs_one)
     grads_many = torch.autograd.grad(sum(ce for ce, _ in terms_many), xs_many)
+    worst = 0.0
     for (ce_a, n_a), (ce_b, n_b), g_a, g_b in zip(terms_one, terms_many, grads_one, grads_many):
         assert n_a == n_b
         worst = max(worst, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
-    return [single, several], worst
+    return worst
 
 
 def main():
@@ -153,18 +161,8 @@ def main():
                 one.prompt -= 0.5 * grad_one / grad_one.norm()
                 many.prompt.copy_(one.prompt)
         many_err = None
-        if method == "soft":  # K prompts through loss_terms_many: each its own sharded step
-            xs_one = [one.prompt, one.prompt * 0.5]
-            xs_many = [many.prompt, many.prompt * 0.5]
-            terms_one = one.engine.loss_terms_many(xs_one, [batch, batch])
-            terms_many = many.engine.loss_terms_many(xs_many, [batch, batch])
-            many_err = 0.0
-            # one backward a side (a one-pass engine's K losses share a graph); prompt k's loss reads x_k only
-            grads_one = torch.autograd.grad(sum(ce for ce, _ in terms_one), xs_one)
-            grads_many = torch.autograd.grad(sum(ce for ce, _ in terms_many), xs_many)
-            for (ce_a, n_a), (ce_b, n_b), g_a, g_b in zip(terms_one, terms_many, grads_one, grads_many):
-                assert n_a == n_b
-                many_err = max(many_err, rel_err(ce_b, ce_a), rel_err(g_b, g_a))
+        if method == "soft":  # K prompts through loss_terms_many
+            many_err = many_error(one, many, [batch, batch])
             freed = freed and all_sharded(weights, sharded_model)
         replicated = many.engine.replicated_batches
         gathers = None

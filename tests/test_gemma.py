@@ -9,6 +9,8 @@ import torch
 
 import fastprompt as fp
 
+from helpers import rel_err
+
 pytestmark = pytest.mark.gemma
 
 PAIRS = [("hot", "cold"), ("up", "down"), ("good", "bad"), ("big", "small")]
@@ -60,13 +62,9 @@ def test_the_engines_match_the_float64_naive_loop():
         assert tuner.engine.name == name
         got = loss_and_grad(tuner.engine, prompt)
         for i, what in enumerate(("loss", "gradient")):
-            err, base = rel(got[i], truth[i]), rel(own[i], truth[i])
+            err, base = rel_err(got[i], truth[i]), rel_err(own[i], truth[i])
             assert err <= max(1e-5, 3 * base), (name, what, err, base)
     del model64
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_hand_written_prompt_beats_chance_and_hard_readout():

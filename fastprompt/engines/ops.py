@@ -115,8 +115,9 @@ _SEGMENT_CACHE: list = []
 
 def _segment_layout(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch.Tensor, group: int, n_kv: int):
     """What ``_segmented_attention`` needs of a block's tree (cached per ``cu_seqlens``, as the masks): the
-    non-empty segments padded to the longest, ``index`` (S, T) their key rows (a padding slot repeats the
-    segment's first row), ``valid`` (S T,) the real slots, ``own`` (G S, group T, T) the additive causal bias
+    non-empty segments padded to the longest (S of them, T slots each), ``keys`` (S T,) their key rows (a
+    padding slot repeats the segment's first row), ``queries`` (S T,) the same as query rows, ``valid`` (S T,)
+    the real slots, ``own`` (G S, group T, T) the additive causal bias
     within a segment, ``trunk_bias`` (group tq, n_trunk) the trunk queries' causal bias (None without any)."""
     def build():
         cu = cu_seqlens.to(torch.long).tolist()
@@ -137,7 +138,8 @@ def _segment_layout(n_queries: int, n_keys: int, n_trunk: int, cu_seqlens: torch
         if tq:
             keys = torch.arange(n_trunk, device=device)
             trunk_bias = _additive(keys[None, :] <= (first + torch.arange(tq, device=device))[:, None], group)
-        return index, valid.reshape(-1), own, trunk_bias
+        keys_index = index.reshape(-1)
+        return len(lengths), T, keys_index, keys_index - first, valid.reshape(-1), own, trunk_bias
 
     return _cached_mask(_SEGMENT_CACHE, (cu_seqlens,), ("segments", n_queries, n_keys, n_trunk, group, n_kv), build)
 
@@ -151,9 +153,7 @@ def _segmented_attention(q, k, v, n_trunk: int, cu_seqlens, scale):
     n_queries, H, D = q.shape
     n_keys, G = k.shape[0], k.shape[1]
     group, out_dtype = H // G, q.dtype
-    index, valid, own, trunk_bias = _segment_layout(n_queries, n_keys, n_trunk, cu_seqlens, group, G)
-    S, T = index.shape
-    first = n_keys - n_queries
+    S, T, keys, queries, valid, own, trunk_bias = _segment_layout(n_queries, n_keys, n_trunk, cu_seqlens, group, G)
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -162,11 +162,10 @@ def _segmented_attention(q, k, v, n_trunk: int, cu_seqlens, scale):
             tq = trunk_bias.shape[0] // group
             outs.append(_grouped_attention(q[:tq], k[:n_trunk], v[:n_trunk], trunk_bias.to(dtype), scale))
         if S:
-            flat = index.reshape(-1)
             # (G S, group T, D): segment s's padded queries, the query heads of K/V head g stacked
-            qs = q.index_select(0, flat - first).view(S, T, G, group, D).permute(2, 0, 3, 1, 4).reshape(G * S, group * T, D)
-            ks = k.index_select(0, flat).view(S, T, G, D).permute(2, 0, 1, 3).reshape(G * S, T, D)
-            vs = v.index_select(0, flat).view(S, T, G, D).permute(2, 0, 1, 3).reshape(G * S, T, D)
+            qs = q.index_select(0, queries).view(S, T, G, group, D).permute(2, 0, 3, 1, 4).reshape(G * S, group * T, D)
+            ks = k.index_select(0, keys).view(S, T, G, D).permute(2, 0, 1, 3).reshape(G * S, T, D)
+            vs = v.index_select(0, keys).view(S, T, G, D).permute(2, 0, 1, 3).reshape(G * S, T, D)
             k_trunk, v_trunk = k[:n_trunk].transpose(0, 1), v[:n_trunk].transpose(0, 1)  # (G, n_trunk, D)
             s_trunk = torch.bmm(qs.view(G, S * group * T, D), k_trunk.transpose(1, 2)).mul_(scale)
             s_own = torch.baddbmm(own.to(dtype), qs, ks.transpose(1, 2), alpha=scale)  # (G S, group T, T)
